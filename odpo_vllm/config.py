@@ -1,0 +1,180 @@
+"""`OnlineDPOConfig`: every argument of the reference trainer, validated at construction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .objective import LOSS_TYPES
+
+logger = logging.getLogger(__name__)
+
+TIE_BREAKS = ("first",)
+
+
+def _gpu_supports_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class OnlineDPOConfig(TrainingArguments):
+    r"""Configuration of [`OnlineDPOTrainer`]. Standard `TrainingArguments` apply too.
+
+    Defaults that differ from `TrainingArguments` (as in the reference):
+    `logging_steps=10`, `gradient_checkpointing=True`, `learning_rate=5e-7`,
+    `remove_unused_columns=False`, and `bf16=True` unless `fp16` is set.
+
+    bf16 on a machine without a GPU: when `bf16` is left at its default, it resolves to True only
+    where a CUDA device supports bf16, and to False (fp32) elsewhere, so the defaults train on a
+    laptop. Asking for `bf16=True` explicitly on CPU is honoured (CPU autocast, slower than fp32).
+    """
+
+    # --- the reference's changed defaults
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps (float < 1: ratio)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: True on a bf16-capable GPU unless fp16, else False."},
+    )
+    learning_rate: float = field(default=5e-7, metadata={"help": "Initial AdamW learning rate."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Kept False: extra dataset columns are passed to reward functions."}
+    )
+
+    # --- models and rewards
+    reward_model_path: str | None = field(default=None, metadata={"help": "Path or hub id of the reward model."})
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when `model` is a string."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function (default: all 1.0)."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of completions without EOS. Must be >= 0."}
+    )
+
+    # --- generation
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per completion."})
+    max_length: int = field(
+        default=256,
+        metadata={"help": "Max prompt+completion tokens for the logprob pass; the prompt is cut from the left."},
+    )
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass, in (0, 1]."})
+    top_k: int | None = field(default=None, metadata={"help": "Keep the k most likely tokens (None or 0: all)."})
+    min_p: float | None = field(default=None, metadata={"help": "Minimum token probability relative to the top."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens."})
+    generation_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Extra sampling settings; they override the fields above."}
+    )
+    num_samples: int = field(
+        default=2, metadata={"help": "Completions per prompt (k). k > 2 pairs the best against the worst."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per generate call (default: the whole step's prompts at once)."},
+    )
+
+    # --- objective
+    beta: list[float] = field(
+        default_factory=lambda: [0.1],
+        metadata={"help": "KL coefficient; a list gives one value per epoch, the last one after."},
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
+    logprob_chunk_rows: int = field(
+        default=4, metadata={"help": "Rows per fp32 log-softmax chunk in the logprob pass (memory bound)."}
+    )
+
+    # --- logging
+    log_completions: bool = field(
+        default=True, metadata={"help": "Write sampled pairs to <output_dir>/completions.jsonl at each log."}
+    )
+    plot_at_end: bool = field(default=True, metadata={"help": "Save the reward and KL curves as a PNG at the end."})
+
+    def __post_init__(self):
+        if isinstance(self.beta, (int, float)):
+            self.beta = [float(self.beta)]
+        if self.bf16 is None:
+            self.bf16 = (not self.fp16) and _gpu_supports_bf16()
+            if not self.bf16 and not self.fp16:
+                logger.info("bf16 left at its default and no bf16-capable GPU here: training in fp32.")
+        if self.bf16 and not torch.cuda.is_available():
+            # An explicit bf16 request on CPU: run it with CPU autocast instead of refusing.
+            self.use_cpu = True
+
+        for name in ("generation_kwargs", "model_init_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{name}: not valid JSON ({err}); pass a dict or a JSON object string") from err
+        self._validate()
+        super().__post_init__()
+
+    def _validate(self):
+        def fail(name, message):
+            raise ValueError(f"OnlineDPOConfig.{name}: {message}")
+
+        if self.loss_type not in LOSS_TYPES:
+            fail("loss_type", f"{self.loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
+        if not self.beta:
+            fail("beta", "the list is empty; give at least one value, e.g. beta=0.1")
+        for value in self.beta:
+            if not value > 0:
+                fail("beta", f"every value must be > 0, got {value}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            fail("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
+        if self.max_new_tokens < 1:
+            fail("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens >= self.max_length:
+            fail(
+                "max_new_tokens",
+                f"{self.max_new_tokens} leaves no room for the prompt in max_length={self.max_length}; "
+                "raise max_length or lower max_new_tokens",
+            )
+        if not self.temperature > 0:
+            fail("temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            fail("top_k", f"must be >= 0 or None, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if self.num_samples < 2:
+            fail("num_samples", f"Online DPO needs at least 2 completions per prompt, got {self.num_samples}")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            fail("generation_batch_size", f"must be >= 1, got {self.generation_batch_size}")
+        if self.logprob_chunk_rows < 1:
+            fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
+        if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
+            fail("reward_weights", "must be a list of numbers")
+        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
+            fail("generation_kwargs", "must be a dict")
+
+    def beta_at(self, epoch: float) -> float:
+        from .objective import beta_for_epoch
+
+        return beta_for_epoch(self.beta, epoch)
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The sampling parameters, `generation_kwargs` last so that it wins."""
+        settings = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k or 0,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        settings.update(self.generation_kwargs or {})
+        return settings

@@ -1,0 +1,182 @@
+"""Prompt datasets: loading, validation, tokenization, and a resumable batch order."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_prompt_dataset(name_or_path: str, split: str = "train", config_name: str | None = None):
+    """A `datasets.Dataset` from a hub name, a local data file, or a local dataset directory."""
+    import datasets
+
+    if os.path.isfile(name_or_path):
+        ext = os.path.splitext(name_or_path)[1].lower()
+        if ext not in DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"dataset_name: {name_or_path!r} has extension {ext!r}; use one of {sorted(DATA_FILE_BUILDERS)}"
+            )
+        return datasets.load_dataset(DATA_FILE_BUILDERS[ext], data_files={split: name_or_path}, split=split)
+    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
+        loaded = datasets.load_from_disk(name_or_path)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(name_or_path, config_name, split=split)
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+@dataclass
+class PromptEncoder:
+    """Turns a dataset row into prompt token ids, applying the chat template to conversations.
+
+    Prompt ids are produced once, here, for every generation backend, so no backend adds or
+    drops a BOS differently.
+    """
+
+    tokenizer: Any
+    max_prompt_tokens: int  # the model's context minus the tokens reserved for the completion
+    max_new_tokens: int
+    dataset_name: str = "train_dataset"
+
+    def text(self, prompt: Any, row_index: int) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if is_conversational(prompt):
+            if self.tokenizer.chat_template is None:
+                raise ValueError(
+                    f"{self.dataset_name} row {row_index}: the prompt is a conversation but the tokenizer has no "
+                    "chat_template; set processing_class.chat_template or use plain-text prompts"
+                )
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        raise ValueError(
+            f"{self.dataset_name} row {row_index}: 'prompt' must be a string or a list of "
+            f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
+        )
+
+    def encode(self, row: dict, row_index: int) -> list[int]:
+        if "prompt" not in row:
+            raise ValueError(
+                f"{self.dataset_name} row {row_index}: no 'prompt' column (columns: {sorted(row)}); "
+                "rename your prompt column to 'prompt'"
+            )
+        text = self.text(row["prompt"], row_index)
+        if not text.strip():
+            raise ValueError(f"{self.dataset_name} row {row_index}: the prompt is empty; drop or fill that row")
+        # Chat templates carry their own special tokens; plain text gets the tokenizer's defaults.
+        add_special = not is_conversational(row["prompt"])
+        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if not ids:
+            raise ValueError(f"{self.dataset_name} row {row_index}: the prompt tokenizes to nothing")
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"{self.dataset_name} row {row_index}: the prompt has {len(ids)} tokens, which leaves no room for "
+                f"max_new_tokens={self.max_new_tokens} in the model's context; shorten or drop the prompt, "
+                "or lower max_new_tokens"
+            )
+        return ids
+
+
+def encode_dataset(dataset, encoder: PromptEncoder):
+    """Validate every row and add a `prompt_ids` column, before any training starts."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset  # encoded lazily, batch by batch; errors still name the row
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"{encoder.dataset_name}: no 'prompt' column (columns: {dataset.column_names}); "
+            "rename your prompt column to 'prompt'"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{encoder.dataset_name}: the dataset has no rows")
+    return dataset.map(
+        lambda row, index: {"prompt_ids": encoder.encode(row, index)},
+        with_indices=True,
+        desc=f"Tokenizing {encoder.dataset_name}",
+    )
+
+
+@dataclass
+class PromptBatches:
+    """The order prompts are drawn in: a seeded permutation per epoch, resumable by position.
+
+    `epoch` and `position` (batches already taken in the epoch) are all the state needed to
+    continue a run exactly where it stopped.
+    """
+
+    dataset: Any
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+    _order: list[int] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:  # batches per epoch
+        return -(-len(self.dataset) // self.batch_size)
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def next(self) -> tuple[list[int], list[dict]]:
+        """The next batch's row indices and rows; rolls over to a new epoch when one is used up."""
+        if self.position >= len(self):
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        if self._order is None:
+            self._order = self._epoch_order()
+        start = self.position * self.batch_size
+        indices = self._order[start : start + self.batch_size]
+        self.position += 1
+        return indices, [self.dataset[i] for i in indices]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self._order = None
+
+
+class IterablePromptBatches:
+    """Batches from a streaming `IterableDataset`; resumes by skipping rows already taken."""
+
+    def __init__(self, dataset, batch_size: int, encoder: PromptEncoder):
+        self.dataset, self.batch_size, self.encoder = dataset, batch_size, encoder
+        self.epoch, self.rows_taken, self._iterator = 0, 0, None
+
+    def next(self) -> tuple[list[int], list[dict]]:
+        if self._iterator is None:
+            self._iterator = iter(self.dataset.skip(self.rows_taken) if self.rows_taken else self.dataset)
+        indices, rows = [], []
+        while len(rows) < self.batch_size:
+            try:
+                row = dict(next(self._iterator))
+            except StopIteration:
+                if rows:
+                    break
+                self.epoch, self.rows_taken = self.epoch + 1, 0
+                self._iterator = iter(self.dataset)
+                continue
+            row["prompt_ids"] = self.encoder.encode(row, self.rows_taken)
+            indices.append(self.rows_taken)
+            rows.append(row)
+            self.rows_taken += 1
+        return indices, rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows_taken": self.rows_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.rows_taken, self._iterator = state["epoch"], state["rows_taken"], None

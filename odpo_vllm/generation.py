@@ -1,0 +1,113 @@
+"""Generators: sample k completions per prompt. The transformers backend lives here; the vLLM
+engine implements the same `generate` / `update_weights` contract."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .objective import truncate_after_eos
+
+
+@dataclass
+class Rollouts:
+    """Completions of one batch of prompts, in block layout (row j*B + i = sample j of prompt i)."""
+
+    prompt_ids: list[list[int]]  # B prompts
+    completion_ids: list[list[int]]  # k*B completions, cut after the first EOS (kept)
+    contains_eos: torch.Tensor  # (k*B,) bool
+    num_samples: int
+    policy_version: int
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The sampling seed of one step: the same (seed, step) always samples the same completions,
+    which is what makes a resumed run repeat the uninterrupted one."""
+    return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**31 - 1)
+
+
+def finish_rollouts(raw_completions, prompt_ids, num_samples, eos_token_ids, policy_version) -> Rollouts:
+    """Shared by every backend: cut at the first EOS, record which completions ended."""
+    completions, ended = [], []
+    for ids in raw_completions:
+        kept, has_eos = truncate_after_eos(ids, eos_token_ids)
+        completions.append(kept)
+        ended.append(has_eos)
+    return Rollouts(prompt_ids, completions, torch.tensor(ended, dtype=torch.bool), num_samples, policy_version)
+
+
+class TransformersGenerator:
+    """Samples with `model.generate` on the learner's own model (always in sync, version = step).
+
+    The reference generates in training mode under gradient checkpointing, which turns the KV
+    cache off; here generation runs in eval mode with the cache on, then training mode returns.
+    """
+
+    def __init__(self, model, eos_token_ids: set[int], pad_token_id: int, sampling: dict[str, Any],
+                 batch_size: int | None = None, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.eos_token_ids = set(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.sampling = dict(sampling)
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.policy_version = 0
+
+    def _generation_config(self):
+        from transformers import GenerationConfig
+
+        settings = dict(self.sampling)
+        settings.setdefault("do_sample", True)
+        if not settings.get("top_k"):
+            settings["top_k"] = None
+        return GenerationConfig(
+            eos_token_id=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            **settings,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
+        device = next(self.model.parameters()).device
+        block = [ids for _ in range(num_samples) for ids in prompt_ids]  # block layout
+        config = self._generation_config()
+        chunk = self.batch_size * num_samples if self.batch_size else len(block)
+        was_training = self.model.training
+        self.model.eval()
+        raw = []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for start in range(0, len(block), chunk):
+                    raw += self._sample(block[start : start + chunk], config, device)
+        finally:
+            self.model.train(was_training)
+        return finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
+
+    def _sample(self, prompts: list[list[int]], config, device) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(prompts):  # left padding, as decoder-only generation wants
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+        return [row.tolist() for row in out[:, width:].cpu()]
+
+    def update_weights(self, learner) -> dict[str, float]:
+        """Shares the learner's parameters: nothing moves, only the version advances."""
+        self.policy_version += 1
+        return {}

@@ -1,0 +1,192 @@
+"""The in-process learner: policy and reference logprobs, the loss, one optimizer step per call.
+
+A Ray/DeepSpeed learner group implements the same `step` / `evaluate` / `save` / `load`
+contract; the controller loop does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .objective import completion_token_logprobs, dpo_loss, pack_sequences, policy_metrics
+
+
+@dataclass
+class PairBatch:
+    """Chosen and rejected completions of the same prompts (token ids)."""
+
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def slice(self, start: int, stop: int) -> "PairBatch":
+        return PairBatch(self.prompt_ids[start:stop], self.chosen_ids[start:stop], self.rejected_ids[start:stop])
+
+
+def build_optimizer(model, args):
+    """The optimizer named by `args.optim` (transformers' names), weight decay off for biases and norms."""
+    from transformers import Trainer
+
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+
+
+def build_scheduler(optimizer, args, num_training_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )
+
+
+class Learner:
+    """Owns the policy, the reference, the optimizer and the scheduler of one process.
+
+    `ref_model=None` with a PEFT policy means "the policy with its adapter disabled".
+    """
+
+    def __init__(self, model, ref_model, args, pad_token_id: int, num_training_steps: int,
+                 optimizer=None, scheduler=None):
+        self.model, self.ref_model, self.args = model, ref_model, args
+        self.pad_token_id = pad_token_id
+        self.device = next(model.parameters()).device
+        self.optimizer = optimizer or build_optimizer(model, args)
+        self.scheduler = scheduler or build_scheduler(self.optimizer, args, num_training_steps)
+        self.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
+
+    # ---------------------------------------------------------------- logprobs
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _reference_context(self):
+        if self.ref_model is None:
+            return self.model.disable_adapter()  # PEFT: the base model is the reference
+        return contextlib.nullcontext()
+
+    def token_logprobs(self, model, packed):
+        with self._autocast():
+            logits = model(
+                input_ids=packed.input_ids.to(self.device),
+                attention_mask=packed.attention_mask.to(self.device),
+                use_cache=False,
+            ).logits
+        return completion_token_logprobs(logits, packed, self.args.logprob_chunk_rows)
+
+    def _pair_pass(self, batch: PairBatch, beta: float, total_pairs: int, train: bool):
+        """Loss (scaled so micro-batches add up to the mean over `total_pairs`) and metric sums."""
+        packed = pack_sequences(
+            batch.prompt_ids + batch.prompt_ids, batch.chosen_ids + batch.rejected_ids,
+            self.args.max_length, self.pad_token_id,
+        )
+        with torch.no_grad(), self._reference_context():
+            ref_model = self.ref_model if self.ref_model is not None else self.model
+            ref_logps, _ = self.token_logprobs(ref_model, packed)
+        with torch.set_grad_enabled(train):
+            policy_logps, mask = self.token_logprobs(self.model, packed)
+            n = len(batch)
+            seq_policy, seq_ref = policy_logps.sum(1), ref_logps.sum(1)
+            losses = dpo_loss(seq_policy[:n], seq_policy[n:], seq_ref[:n], seq_ref[n:], beta, self.args.loss_type)
+            loss = losses.sum() / total_pairs
+        sums = policy_metrics(policy_logps.detach(), ref_logps, mask, n, beta)
+        sums["loss"] = losses.detach().sum()
+        return loss, sums, packed.num_truncated_prompts
+
+    # ---------------------------------------------------------------- training
+    def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        """One optimizer step over all pairs, in micro-batches of `per_device_train_batch_size`
+        (gradient accumulation); the loss is the mean over pairs whatever the split."""
+        self.model.train()
+        micro = self.args.per_device_train_batch_size
+        totals: dict[str, float] = defaultdict(float)
+        truncated = 0
+        for start in range(0, len(batch), micro):
+            loss, sums, cut = self._pair_pass(batch.slice(start, start + micro), beta, len(batch), train=True)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            truncated += cut
+            for key, value in sums.items():
+                totals[key] += float(value)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {key: value / len(batch) for key, value in totals.items()}
+        metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate, truncated_prompts=truncated)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        self.model.eval()
+        totals: dict[str, float] = defaultdict(float)
+        micro = self.args.per_device_eval_batch_size
+        for start in range(0, len(batch), micro):
+            _, sums, _ = self._pair_pass(batch.slice(start, start + micro), beta, len(batch), train=False)
+            for key, value in sums.items():
+                totals[key] += float(value)
+        self.model.train()
+        return {key: value / len(batch) for key, value in totals.items()}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, directory: str) -> None:
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+
+    def load(self, directory: str) -> None:
+        load_model_weights(self.model, directory)
+        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
+        if self.scaler and os.path.exists(os.path.join(directory, "scaler.pt")):
+            self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt")))
+
+
+def load_model_weights(model, directory: str) -> None:
+    """Load weights written by `save_pretrained` (full model or PEFT adapter) into `model` in place."""
+    from safetensors.torch import load_file
+
+    adapter = os.path.join(directory, "adapter_model.safetensors")
+    if os.path.exists(adapter):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter, device=str(next(model.parameters()).device)))
+        return
+    files = sorted(f for f in os.listdir(directory) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model weights (*.safetensors) in checkpoint {directory}")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,221 @@
+"""The mathematics of Online DPO as pure functions of tensors.
+
+Nothing here does I/O, touches a process group or holds state: every function maps tensors (or
+plain lists) to tensors, so the whole algorithm can be checked by hand in `tests/test_objective.py`.
+
+Conventions
+- Completions of one step are in *block layout*: with B prompts and k samples each, row
+  ``j * B + i`` is sample ``j`` of prompt ``i``.
+- Token tensors are right-padded; a mask of 1 marks a real completion token. Padding never
+  enters a sum or a mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+# --------------------------------------------------------------------------------------------
+# Completions
+# --------------------------------------------------------------------------------------------
+def truncate_after_eos(completion_ids: list[int], eos_token_ids: set[int]) -> tuple[list[int], bool]:
+    """Cut a sampled completion just after its first EOS token.
+
+    Returns the kept tokens (EOS included) and whether an EOS was found. Samplers may keep
+    going after EOS (a batched `generate` pads, some engines stop); both end up the same here.
+    """
+    for position, token in enumerate(completion_ids):
+        if token in eos_token_ids:
+            return list(completion_ids[: position + 1]), True
+    return list(completion_ids), False
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, contains_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract `penalty` from the score of every completion that did not emit EOS."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~contains_eos.bool()).to(scores.dtype)
+
+
+def beta_for_epoch(beta: float | list[float], epoch: float) -> float:
+    """A list of betas gives one value per epoch (0-based), the last one for every later epoch."""
+    if isinstance(beta, (int, float)):
+        return float(beta)
+    index = min(int(epoch), len(beta) - 1)
+    return float(beta[index])
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------
+def select_pairs(scores: torch.Tensor, num_prompts: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick chosen and rejected rows from block-layout scores of shape (num_samples * num_prompts,).
+
+    Chosen is the best sample of its prompt, rejected the worst. Ties go to the earlier sample for
+    chosen and the later sample for rejected, so with k=2 a tie chooses sample 0 over sample 1 (as
+    the reference does) and chosen and rejected are never the same row.
+    Returns row indices (into the block layout) of shape (num_prompts,) each.
+    """
+    if scores.numel() != num_prompts * num_samples:
+        raise ValueError(f"expected {num_prompts * num_samples} scores, got {scores.numel()}")
+    if num_samples < 2:
+        raise ValueError("pairing needs at least two samples per prompt")
+    per_prompt = scores.reshape(num_samples, num_prompts).t()  # (B, k)
+    best = per_prompt.max(dim=1, keepdim=True).values
+    worst = per_prompt.min(dim=1, keepdim=True).values
+    sample_index = torch.arange(num_samples, device=scores.device).expand_as(per_prompt)
+    big = num_samples + 1
+    # first sample reaching the max; last sample reaching the min
+    chosen_sample = torch.where(per_prompt == best, sample_index, big).min(dim=1).values
+    rejected_sample = torch.where(per_prompt == worst, sample_index, -1).max(dim=1).values
+    # all samples equal: first vs last
+    same = chosen_sample == rejected_sample
+    rejected_sample = torch.where(same, torch.full_like(rejected_sample, num_samples - 1), rejected_sample)
+    chosen_sample = torch.where(same, torch.zeros_like(chosen_sample), chosen_sample)
+    prompt_index = torch.arange(num_prompts, device=scores.device)
+    return chosen_sample * num_prompts + prompt_index, rejected_sample * num_prompts + prompt_index
+
+
+# --------------------------------------------------------------------------------------------
+# Sequences for the logprob pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PackedSequences:
+    """Right-padded prompt+completion rows; `completion_mask` marks completion tokens."""
+
+    input_ids: torch.Tensor  # (N, T) long
+    attention_mask: torch.Tensor  # (N, T) long
+    completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens only
+    num_truncated_prompts: int
+
+
+def pack_sequences(
+    prompts: list[list[int]], completions: list[list[int]], max_length: int, pad_token_id: int
+) -> PackedSequences:
+    """Join each prompt with its completion, keep at most `max_length` tokens.
+
+    The prompt is cut from the left so the completion survives whole (a completion longer than
+    `max_length` keeps its first tokens; config validation prevents that case).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError("prompts and completions must have the same length")
+    rows, masks, truncated = [], [], 0
+    for prompt, completion in zip(prompts, completions):
+        completion = list(completion)[:max_length]
+        room = max_length - len(completion)
+        kept_prompt = list(prompt)[-room:] if room > 0 else []
+        if len(kept_prompt) < len(prompt):
+            truncated += 1
+        rows.append(kept_prompt + completion)
+        masks.append([0] * len(kept_prompt) + [1] * len(completion))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
+    return PackedSequences(input_ids, attention_mask, completion_mask, truncated)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """Log-probability of each next token: out[:, t] = log p(input_ids[:, t+1] | prefix).
+
+    The log-softmax runs in fp32 a few rows at a time, so a large vocabulary never needs a full
+    fp32 copy of the batch's logits. Shape (N, T-1).
+    """
+    targets = input_ids[:, 1:]
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        rows = logits[start : start + chunk_rows, :-1].float()
+        picked = rows.gather(-1, targets[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    return torch.cat(out, dim=0)
+
+
+def completion_token_logprobs(logits: torch.Tensor, packed: PackedSequences, chunk_rows: int = 4):
+    """Per-token logprobs of completion tokens and their mask, both (N, T-1), padding zeroed."""
+    mask = packed.completion_mask[:, 1:].to(logits.device)
+    logps = token_logprobs(logits, packed.input_ids.to(logits.device), chunk_rows)
+    return logps * mask, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> torch.Tensor:
+    """Per-pair loss from sequence logprobs (sums over completion tokens), shape (N,).
+
+    sigmoid (DPO): -log sigmoid(beta * h);  ipo: (h - 1 / (2 beta))^2,
+    with h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected).
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def policy_metrics(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    num_pairs: int,
+    beta: float,
+) -> dict[str, torch.Tensor]:
+    """Metrics of the implicit reward and the policy, from per-token logprobs of the pairs.
+
+    Rows are [chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}]; `mask` zeroes padding, which
+    therefore never counts toward KL, entropy or logps. Returns sums over pairs (not means), so
+    that callers can add micro-batches and divide once; keys match the reference's metric names.
+    """
+    mask = mask.to(policy_logps.dtype)
+    seq_policy = (policy_logps * mask).sum(1)
+    seq_ref = (ref_logps * mask).sum(1)
+    kl = seq_policy - seq_ref  # per sequence, sum over real tokens of log pi - log ref
+    chosen_policy, rejected_policy = seq_policy[:num_pairs], seq_policy[num_pairs:]
+    chosen_ref, rejected_ref = seq_ref[:num_pairs], seq_ref[num_pairs:]
+    chosen_rewards = beta * (chosen_policy - chosen_ref)
+    rejected_rewards = beta * (rejected_policy - rejected_ref)
+    # per pair: average over its two sequences
+    kl_pair = (kl[:num_pairs] + kl[num_pairs:]) / 2
+    entropy_pair = -(seq_policy[:num_pairs] + seq_policy[num_pairs:]) / 2
+    return {
+        "objective/kl": kl_pair.sum(),
+        "objective/entropy": entropy_pair.sum(),
+        "objective/non_score_reward": (beta * kl_pair).sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": chosen_policy.sum(),
+        "logps/rejected": rejected_policy.sum(),
+    }
+
+
+def score_metrics(
+    scores: torch.Tensor, chosen_rows: torch.Tensor, rejected_rows: torch.Tensor, contains_eos: torch.Tensor
+) -> dict[str, float]:
+    """Metrics of the external reward: means over all sampled completions and over pairs."""
+    return {
+        "objective/scores": scores.float().mean().item(),
+        "objective/scores_margin": (scores[chosen_rows] - scores[rejected_rows]).float().mean().item(),
+        "val/contain_eos_token": contains_eos.float().mean().item(),
+    }

@@ -1,0 +1,173 @@
+"""Rewards: reward models, Python callables and pairwise judges -> one score per completion."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+
+from .data import is_conversational
+from .objective import apply_missing_eos_penalty
+
+logger = logging.getLogger(__name__)
+
+RewardFunc = str | Callable | torch.nn.Module
+
+
+def _is_judge(obj) -> bool:
+    return hasattr(obj, "judge") and callable(obj.judge)
+
+
+class Rewards:
+    """Scores completions with every reward function and combines them.
+
+    - a reward model (path, hub id or `PreTrainedModel` with one label) reads the prompt and
+      completion through its own tokenizer and chat template;
+    - a callable `f(prompts, completions, completion_ids, **columns) -> list[float | None]`; None
+      means "no opinion" and is left out of the weighted sum;
+    - a pairwise judge (object with `.judge(prompts, [[a, b], ...]) -> [0 or 1, ...]`, index of the
+      better completion) replaces reward functions: the preferred completion scores 1, the other 0.
+    """
+
+    def __init__(self, reward_funcs, reward_processing_classes=None, reward_weights=None,
+                 missing_eos_penalty: float | None = None, model_init_kwargs: dict | None = None,
+                 trust_remote_code: bool = False, device: torch.device | str = "cpu"):
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs: give at least one reward model, callable or judge")
+        self.device = torch.device(device)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.judge = None
+        if any(_is_judge(f) for f in funcs):
+            if len(funcs) != 1:
+                raise ValueError("reward_funcs: a pairwise judge cannot be combined with other reward functions")
+            self.judge = funcs[0]
+            self.funcs, self.tokenizers, self.names = [], [], ["judge"]
+            self.weights = torch.ones(1)
+            return
+
+        processing = reward_processing_classes
+        if processing is not None and not isinstance(processing, (list, tuple)):
+            processing = [processing]
+        if processing is not None and len(processing) != len(funcs):
+            raise ValueError(
+                f"reward_processing_classes: got {len(processing)} for {len(funcs)} reward functions; "
+                "give one per reward function (None for callables)"
+            )
+        self.funcs, self.tokenizers, self.names = [], [], []
+        for i, func in enumerate(funcs):
+            tokenizer = processing[i] if processing is not None else None
+            if isinstance(func, str):
+                func, tokenizer = self._load_reward_model(func, tokenizer, model_init_kwargs or {}, trust_remote_code)
+            if isinstance(func, torch.nn.Module):
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(func.config._name_or_path)
+                if tokenizer.pad_token is None:
+                    tokenizer.pad_token = tokenizer.eos_token
+                func = func.to(self.device).eval().requires_grad_(False)
+                if func.config.pad_token_id is None:
+                    func.config.pad_token_id = tokenizer.pad_token_id
+                self.names.append(func.config._name_or_path.rstrip("/").split("/")[-1] or f"model_{i}")
+            elif callable(func):
+                self.names.append(getattr(func, "__name__", f"func_{i}"))
+            else:
+                raise ValueError(
+                    f"reward_funcs[{i}]: {type(func).__name__} is neither a model path, a model, a callable nor a judge"
+                )
+            self.funcs.append(func)
+            self.tokenizers.append(tokenizer)
+        if reward_weights is None:
+            self.weights = torch.ones(len(self.funcs))
+        else:
+            if len(reward_weights) != len(self.funcs):
+                raise ValueError(
+                    f"reward_weights: got {len(reward_weights)} weights for {len(self.funcs)} reward functions; "
+                    "give one weight per reward function"
+                )
+            self.weights = torch.tensor(reward_weights, dtype=torch.float32)
+
+    @staticmethod
+    def _load_reward_model(path, tokenizer, init_kwargs, trust_remote_code):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        kwargs = {k: v for k, v in init_kwargs.items() if k not in ("num_labels",)}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model, tokenizer
+
+    # ----------------------------------------------------------------------------------------
+    def score(self, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
+              columns: dict[str, list], contains_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scores of k*B completions (block layout; `prompts` and `columns` already repeated k
+        times to match). Returns the combined scores and the mean of each reward function."""
+        conversational = is_conversational(prompts[0])
+        shown = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
+        if self.judge is not None:
+            scores = self._judge(prompts, completions)
+            per_func = {"rewards/judge": scores.mean().item()}
+        else:
+            table = torch.full((len(completions), len(self.funcs)), math.nan)
+            for j, func in enumerate(self.funcs):
+                if isinstance(func, torch.nn.Module):
+                    table[:, j] = self._model_scores(func, self.tokenizers[j], prompts, completions)
+                else:
+                    values = func(prompts=prompts, completions=shown, completion_ids=completion_ids, **columns)
+                    if len(values) != len(completions):
+                        raise ValueError(
+                            f"reward function {self.names[j]!r} returned {len(values)} values for "
+                            f"{len(completions)} completions"
+                        )
+                    table[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+            unscored = torch.isnan(table).all(dim=1)
+            if unscored.any():
+                logger.warning(
+                    "%d completions got None from every reward function; they score 0", int(unscored.sum())
+                )
+            scores = torch.nansum(table * self.weights, dim=1)
+            per_func = {f"rewards/{name}": torch.nanmean(table[:, j]).item() for j, name in enumerate(self.names)}
+        return apply_missing_eos_penalty(scores, contains_eos, self.missing_eos_penalty), per_func
+
+    @torch.no_grad()
+    def _model_scores(self, model, tokenizer, prompts, completions) -> torch.Tensor:
+        if is_conversational(prompts[0]):
+            texts = [
+                tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+                for p, c in zip(prompts, completions)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False, padding_side="right")
+        logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits
+        return logits[:, 0].float().cpu()
+
+    def _judge(self, prompts, completions) -> torch.Tensor:
+        half = len(completions) // 2
+        if half * 2 != len(completions):
+            raise ValueError("a pairwise judge needs num_samples=2")
+        pairs = [[completions[i], completions[half + i]] for i in range(half)]
+        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts[:half]]
+        better = self.judge.judge(texts, pairs)
+        scores = torch.zeros(len(completions))
+        for i, b in enumerate(better):
+            if b not in (0, 1):
+                raise ValueError(f"judge returned {b!r} for pair {i}; expected 0 or 1 (index of the better one)")
+            scores[i if b == 0 else half + i] = 1.0
+        return scores
+
+
+class PairwiseJudge:
+    """Wraps `fn(prompts, [[completion_a, completion_b], ...]) -> [0 | 1, ...]` (index of the
+    better completion of each pair) so it can be passed as `reward_funcs`."""
+
+    def __init__(self, fn: Callable[[list[str], list[list[str]]], list[int]]):
+        self.fn = fn
+
+    def judge(self, prompts: list[str], completions: list[list[str]]) -> list[int]:
+        return list(self.fn(prompts, completions))
