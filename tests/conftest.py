@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny models built once per session, and fast training arguments."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from odpo_vllm import OnlineDPOConfig, toy
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def model_path(models_dir):
+    """A random-init tiny causal LM (Qwen2-shaped, max_position_embeddings=512) with its tokenizer."""
+    return toy.build_model(models_dir / "policy")
+
+
+@pytest.fixture(scope="session")
+def reward_model_path(models_dir):
+    """A 1-label sequence-classification reward model with the same tokenizer."""
+    return toy.build_model(models_dir / "reward", seed=1, reward_model=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture
+def model(model_path):
+    """A fresh copy of the tiny policy for each test (training mutates it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path)
+
+
+@pytest.fixture
+def fresh_tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+FAST = dict(
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=2,
+    gradient_accumulation_steps=1,
+    max_steps=2,
+    max_new_tokens=8,
+    learning_rate=3e-3,
+    logging_steps=1,
+    report_to="none",
+    disable_tqdm=True,
+    save_strategy="no",
+    plot_at_end=False,
+    seed=0,
+)
+
+
+def make_args(tmp_path, **overrides) -> OnlineDPOConfig:
+    """An OnlineDPOConfig with fast test settings; keyword arguments override them."""
+    settings = dict(FAST)
+    settings["output_dir"] = str(overrides.pop("output_dir", tmp_path / "out"))
+    settings.update(overrides)
+    return OnlineDPOConfig(**settings)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], model) -> set[str]:
+    now = dict(model.named_parameters())
+    return {name for name, value in before.items() if not torch.equal(value, now[name].detach())}
+
+
+def train_rows(trainer) -> list[dict]:
+    """Training log rows (those with the per-step metrics)."""
+    return [row for row in trainer.state.log_history if "objective/scores" in row and "loss" in row]

@@ -1,0 +1,127 @@
+"""OnlineDPOConfig: validation names the field, defaults match the reference, CLI parsing works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from odpo_vllm import OnlineDPOConfig
+
+
+def config(tmp_path, **kwargs):
+    return OnlineDPOConfig(output_dir=str(tmp_path / "out"), report_to="none", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("loss_type", {"loss_type": "hinge"}),
+        ("loss_type", {"loss_type": "SIGMOID"}),
+        ("beta", {"beta": 0.0}),
+        ("beta", {"beta": -0.1}),
+        ("beta", {"beta": [0.1, 0.0]}),
+        ("beta", {"beta": [0.1, -1.0, 0.2]}),
+        ("beta", {"beta": []}),
+        ("missing_eos_penalty", {"missing_eos_penalty": -1.0}),
+        ("missing_eos_penalty", {"missing_eos_penalty": -1e-9}),
+        ("max_new_tokens", {"max_new_tokens": 256, "max_length": 256}),
+        ("max_new_tokens", {"max_new_tokens": 300}),
+        ("max_new_tokens", {"max_new_tokens": 0}),
+        ("temperature", {"temperature": 0.0}),
+        ("temperature", {"temperature": -0.5}),
+        ("top_p", {"top_p": 0.0}),
+        ("top_p", {"top_p": 1.5}),
+        ("top_p", {"top_p": -0.1}),
+        ("num_samples", {"num_samples": 1}),
+        ("num_samples", {"num_samples": 0}),
+        ("top_k", {"top_k": -1}),
+        ("min_p", {"min_p": 1.5}),
+        ("repetition_penalty", {"repetition_penalty": 0.0}),
+        ("generation_batch_size", {"generation_batch_size": 0}),
+        ("logprob_chunk_rows", {"logprob_chunk_rows": 0}),
+    ],
+)
+def test_invalid_value_raises_naming_field(tmp_path, field, kwargs):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, **kwargs)
+    assert f"OnlineDPOConfig.{field}" in str(info.value)
+
+
+def test_generation_kwargs_bad_json_names_field(tmp_path):
+    with pytest.raises(ValueError, match="generation_kwargs"):
+        config(tmp_path, generation_kwargs="{not json")
+
+
+def test_generation_kwargs_json_string_is_parsed_and_overrides(tmp_path):
+    args = config(tmp_path, generation_kwargs='{"max_new_tokens": 3, "top_k": 5}', max_new_tokens=8)
+    assert args.generation_kwargs == {"max_new_tokens": 3, "top_k": 5}
+    settings = args.sampling_settings()
+    assert settings["max_new_tokens"] == 3 and settings["top_k"] == 5
+    assert settings["temperature"] == args.temperature
+
+
+def test_valid_edge_values_construct(tmp_path):
+    args = config(tmp_path, top_p=1.0, max_new_tokens=255, max_length=256, missing_eos_penalty=0.0, num_samples=2)
+    assert args.top_p == 1.0 and args.max_new_tokens == 255 and args.missing_eos_penalty == 0.0
+
+
+def test_defaults_match_reference(tmp_path):
+    args = OnlineDPOConfig(output_dir=str(tmp_path / "out"))
+    assert args.logging_steps == 10
+    assert args.gradient_checkpointing is True
+    assert args.learning_rate == 5e-7
+    assert args.remove_unused_columns is False
+    assert args.max_new_tokens == 64
+    assert args.max_length == 256
+    assert args.temperature == 0.9
+    assert args.beta == [0.1]
+    assert args.loss_type == "sigmoid"
+    assert args.disable_dropout is True
+    assert args.missing_eos_penalty is None
+    assert args.reward_model_path is None
+    assert args.num_samples == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only default")
+def test_bf16_default_resolves_to_false_on_cpu(tmp_path):
+    args = OnlineDPOConfig(output_dir=str(tmp_path / "out"))
+    assert args.bf16 is False
+    assert args.fp16 is False
+
+
+def test_scalar_beta_becomes_list(tmp_path):
+    args = config(tmp_path, beta=0.2)
+    assert args.beta == [0.2]
+    assert args.beta_at(0) == 0.2 and args.beta_at(5) == 0.2
+
+
+def test_beta_list_per_epoch(tmp_path):
+    args = config(tmp_path, beta=[0.1, 0.05])
+    assert args.beta_at(0) == 0.1 and args.beta_at(1) == 0.05 and args.beta_at(2) == 0.05
+
+
+def test_hf_argument_parser(tmp_path):
+    parser = HfArgumentParser(OnlineDPOConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path / "out"),
+            "--beta", "0.1", "0.05",
+            "--max_new_tokens", "53",
+            "--missing_eos_penalty", "1.0",
+            "--warmup_steps", "0.1",
+            "--report_to", "none",
+        ]
+    )
+    assert args.beta == [0.1, 0.05]
+    assert args.max_new_tokens == 53
+    assert args.missing_eos_penalty == 1.0
+    assert args.warmup_steps == pytest.approx(0.1)
+    # a warmup below 1 is a ratio of the training steps
+    assert args.get_warmup_steps(100) == 10
+
+
+def test_hf_argument_parser_rejects_invalid(tmp_path):
+    parser = HfArgumentParser(OnlineDPOConfig)
+    with pytest.raises(ValueError, match="OnlineDPOConfig.loss_type"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path / "out"), "--loss_type", "kto"])
