@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-REWARD_KEYS = ("objective/scores", "objective/rlhf_reward", "rewards/chosen", "rewards/rejected")
+SCORE_KEYS = ("objective/scores", "objective/rlhf_reward")
+IMPLICIT_KEYS = ("rewards/chosen", "rewards/rejected")
 KL_KEYS = ("objective/kl",)
 
 
 def plot_training_curves(log_history: list[dict], path: str) -> str | None:
-    """Two panels: external reward (and the implicit DPO rewards) and KL, against step."""
+    """Three panels against step: external reward, DPO's implicit rewards, KL."""
     rows = [row for row in log_history if "objective/scores" in row]
     if not rows:
         return None
@@ -17,18 +18,19 @@ def plot_training_curves(log_history: list[dict], path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for key in REWARD_KEYS:
-        top.plot(steps, [row.get(key) for row in rows], marker=".", label=key)
-    top.set_ylabel("reward")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3)
-    for key in KL_KEYS:
-        bottom.plot(steps, [row.get(key) for row in rows], marker=".", color="tab:red", label=key)
-    bottom.set_ylabel("KL (nats, per sequence)")
-    bottom.set_xlabel("step")
-    bottom.legend(fontsize=8)
-    bottom.grid(alpha=0.3)
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    panels = [
+        (SCORE_KEYS, "reward (external)"),
+        (IMPLICIT_KEYS, "implicit DPO reward"),
+        (KL_KEYS, "KL (nats / sequence)"),
+    ]
+    for axis, (keys, label) in zip(axes, panels):
+        for key in keys:
+            axis.plot(steps, [row.get(key) for row in rows], marker=".", label=key)
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
     fig.suptitle("Online DPO training")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

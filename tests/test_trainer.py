@@ -384,7 +384,7 @@ def test_eval_dataset(model, tmp_path):
         if name != "beta":
             assert f"eval_{name}" in results, name
     assert results["eval_custom"] == 1.5 and seen
-    assert trainer.state.log_history[-1]["eval_loss"] == results["eval_loss"]
+    assert trainer.state.log_history[-1]["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-6)
 
 
 def test_eval_dataset_dict(model, tmp_path):
