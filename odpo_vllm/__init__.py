@@ -1,5 +1,12 @@
 """odpo_vllm: Online DPO with a vLLM generator, DeepSpeed learners and Ray coordination."""
 
+import os as _os
+
+# vLLM's CPU kernels and torch share the cores: OpenMP threads that spin after a parallel region
+# slowed the learner's step 50x beside an in-process engine (0.03 s -> 1.8 s measured on 2 cores).
+# It only takes effect if set before the OpenMP runtime starts, i.e. before torch is imported.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .config import OnlineDPOConfig
 from .rewards import PairwiseJudge
 from .trainer import OnlineDPOTrainer

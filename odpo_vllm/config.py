@@ -81,6 +81,32 @@ class OnlineDPOConfig(TrainingArguments):
         metadata={"help": "Prompts per generate call (default: the whole step's prompts at once)."},
     )
 
+    # --- vLLM engine
+    use_vllm: bool | None = field(
+        default=None, metadata={"help": "Sample with a vLLM engine. Default: True where vLLM is installed."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.55, metadata={"help": "Share of GPU memory the engine may take (weights + KV cache)."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per engine (tensor parallel)."})
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={"help": "Free the engine's GPU memory while the learner trains (GPU only; no-op on CPU)."},
+    )
+    vllm_kv_cache_memory_bytes: int | None = field(
+        default=None, metadata={"help": "KV-cache size in bytes (default on CPU: 64 MiB; on GPU: from utilization)."}
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None, metadata={"help": "Disable CUDA graphs (default: True on CPU, False on GPU)."}
+    )
+    vllm_max_model_len: int | None = field(
+        default=None, metadata={"help": "Engine context (default: longest prompt + max_new_tokens, capped by the model)."}
+    )
+    vllm_sync_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Warn when engine and learner logprobs of the probe differ by more (default 1e-3 fp32, 0.1 bf16)."},
+    )
+
     # --- objective
     beta: list[float] = field(
         default_factory=lambda: [0.1],
@@ -154,6 +180,14 @@ class OnlineDPOConfig(TrainingArguments):
             fail("num_samples", f"Online DPO needs at least 2 completions per prompt, got {self.num_samples}")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             fail("generation_batch_size", f"must be >= 1, got {self.generation_batch_size}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            fail("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            fail("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.vllm_kv_cache_memory_bytes is not None and self.vllm_kv_cache_memory_bytes < 1 << 20:
+            fail("vllm_kv_cache_memory_bytes", f"{self.vllm_kv_cache_memory_bytes} is below 1 MiB; give bytes, e.g. 67108864")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len <= self.max_new_tokens:
+            fail("vllm_max_model_len", f"must exceed max_new_tokens={self.max_new_tokens}")
         if self.logprob_chunk_rows < 1:
             fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):

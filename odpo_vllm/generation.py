@@ -21,6 +21,7 @@ class Rollouts:
     contains_eos: torch.Tensor  # (k*B,) bool
     num_samples: int
     policy_version: int
+    sampling_logprobs: list[list[float]] | None = None  # per completion token, where the backend gives them
 
     @property
     def num_prompts(self) -> int:
@@ -65,8 +66,9 @@ class TransformersGenerator:
 
         settings = dict(self.sampling)
         settings.setdefault("do_sample", True)
-        if not settings.get("top_k"):
-            settings["top_k"] = None
+        # 0, not None: generate() fills None from the model's defaults (top_k=50), which would
+        # truncate the distribution that vLLM samples in full.
+        settings["top_k"] = settings.get("top_k") or 0
         return GenerationConfig(
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .objective import completion_token_logprobs, dpo_loss, pack_sequences, policy_metrics
+from .objective import completion_token_logprobs, dpo_loss, pack_sequences, policy_metrics, token_logprobs
 
 
 @dataclass
@@ -111,6 +111,17 @@ class Learner:
         sums = policy_metrics(policy_logps.detach(), ref_logps, mask, n, beta)
         sums["loss"] = losses.detach().sum()
         return loss, sums, packed.num_truncated_prompts
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the policy (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        ids = torch.tensor([token_ids], device=self.device)
+        with self._autocast():
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        self.model.train(was_training)
+        return token_logprobs(logits, ids)[0].float().cpu()
 
     # ---------------------------------------------------------------- training
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:

