@@ -261,13 +261,13 @@ class OnlineDPOTrainer:
         train_start, first_step = time.time(), state.global_step
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         while state.global_step < self.max_steps and not self.control.should_training_stop:
-            if getattr(self.batches, "position", None) == 0:
+            # a new epoch starts when the previous one is used up (position == steps_per_epoch)
+            if getattr(self.batches, "position", None) in (0, self.steps_per_epoch):
                 self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
             self.control = self.callback_handler.on_step_begin(args, state, self.control)
             step_start = time.perf_counter()
-            epoch = self.batches.epoch
-            beta = args.beta_at(epoch)
             _, rows = self.batches.next()
+            beta = args.beta_at(self.batches.epoch)  # after next(), which rolls the epoch over
             rows = self._rows(rows)
 
             # sample -> score -> pair
@@ -363,7 +363,7 @@ class OnlineDPOTrainer:
                 results.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return results
         args = self.args
-        beta = args.beta_at(int(self.state.epoch or 0))
+        beta = args.beta_at(self.batches.epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
         batches = PromptBatches(dataset, args.per_device_eval_batch_size * args.gradient_accumulation_steps,
                                 args.seed, shuffle=False)
         sums, total = defaultdict(float), 0

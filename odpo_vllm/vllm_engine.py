@@ -136,20 +136,22 @@ class VLLMGenerator:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
         if self.sleep_mode:
             self.llm.wake_up(tags=["kv_cache"])
-        # one seed per prompt, so a prompt's samples do not depend on its batch neighbours
-        params = [self._sampling_params(num_samples, seed + i) for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        raw, logprobs = [None] * (num_samples * len(prompt_ids)), [None] * (num_samples * len(prompt_ids))
-        for i, output in enumerate(outputs):
-            for j, sample in enumerate(sorted(output.outputs, key=lambda c: c.index)):
-                ids = list(sample.token_ids)
-                if sample.finish_reason == "stop" and isinstance(sample.stop_reason, int) and (
-                        not ids or ids[-1] != sample.stop_reason):
-                    ids.append(sample.stop_reason)  # a stop id that vLLM left out
-                raw[j * len(prompt_ids) + i] = ids  # block layout
-                logprobs[j * len(prompt_ids) + i] = [
-                    step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)
-                ]
+        # One request per completion (n=1), in block layout, each with its own seed. With n=k and
+        # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
+        # sample the stream of prompt i+1's first, i.e. duplicate completions for equal prompts.
+        # The prefix cache still computes each prompt once.
+        requests = [{"prompt_token_ids": ids} for _ in range(num_samples) for ids in prompt_ids]
+        params = [self._sampling_params(1, seed + row) for row in range(len(requests))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        raw, logprobs = [], []
+        for output in outputs:
+            sample = output.outputs[0]
+            ids = list(sample.token_ids)
+            if sample.finish_reason == "stop" and isinstance(sample.stop_reason, int) and (
+                    not ids or ids[-1] != sample.stop_reason):
+                ids.append(sample.stop_reason)  # a stop id that vLLM left out
+            raw.append(ids)
+            logprobs.append([step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)])
         if self.sleep_mode:
             self.llm.sleep(level=1)
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)

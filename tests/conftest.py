@@ -65,6 +65,7 @@ FAST = dict(
     save_strategy="no",
     plot_at_end=False,
     seed=0,
+    use_vllm=False,  # the transformers sampler; tests/test_vllm*.py cover the engine
 )
 
 

@@ -365,6 +365,22 @@ def test_generation_is_seeded_and_block_layout(model, tmp_path):
     assert a.contains_eos.tolist() == [trainer.processing_class.eos_token_id in ids for ids in a.completion_ids]
 
 
+@pytest.mark.parametrize("top_k, bound", [(None, None), (0, None), (10, 10)])
+def test_top_k_none_samples_from_whole_vocabulary(model, tmp_path, top_k, bound):
+    """top_k None (or 0) means no top-k filter: at a very high temperature the tiny random model's
+    next-token distribution is close to uniform over ~320 tokens, so 400 draws from one prompt hit
+    far more than 50 distinct tokens (transformers' default top_k). An explicit top_k caps them."""
+    trainer = make_trainer(model, tmp_path, top_k=top_k, temperature=100.0,
+                           generation_kwargs={"max_new_tokens": 1})
+    prompt = trainer.train_dataset["prompt_ids"][0]
+    rollouts = trainer.generator.generate([prompt] * 200, 2, 0)
+    distinct = {ids[0] for ids in rollouts.completion_ids}
+    if bound is None:
+        assert len(distinct) > 100, f"only {len(distinct)} distinct tokens: a top-k filter is active"
+    else:
+        assert len(distinct) <= bound
+
+
 # ------------------------------------------------------------------------------------- evaluation
 def test_eval_dataset(model, tmp_path):
     seen = []
@@ -531,6 +547,46 @@ def test_callback_can_stop_training(model, tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_epoch_callbacks_once_per_epoch(model, tmp_path):
+    class Epochs(TrainerCallback):
+        def __init__(self):
+            self.events = []
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.events.append("begin")
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.events.append("end")
+
+    recorder = Epochs()
+    trainer = make_trainer(model, tmp_path, dataset=toy.prompt_dataset(4), num_train_epochs=2, max_steps=-1,
+                           callbacks=[recorder])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert recorder.events == ["begin", "end", "begin", "end"]
+
+
+def test_logging_strategy_epoch(model, tmp_path):
+    trainer = make_trainer(model, tmp_path, dataset=toy.prompt_dataset(4), num_train_epochs=2, max_steps=-1,
+                           logging_strategy="epoch")
+    trainer.train()
+    rows = train_rows(trainer)
+    assert [row["step"] for row in rows] == [2, 4]  # one row per epoch, averaging its 2 steps
+    assert rows[0]["loss"] != pytest.approx(LN2, abs=1e-6)  # mean of step 1 (log 2) and step 2
+
+
+def test_explicit_bf16_on_cpu_trains(model, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    trainer = make_trainer(model, tmp_path, bf16=True, max_steps=1)
+    assert trainer.args.use_cpu and trainer.learner.autocast_dtype == torch.bfloat16
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed(before, trainer.model)
+    assert math.isfinite(train_rows(trainer)[0]["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, fp32 master weights
+
+
 def test_more_than_two_samples(model, tmp_path):
     trainer = make_trainer(model, tmp_path, reward_funcs=toy.short_reward, num_samples=4, max_steps=2)
     before = snapshot(trainer.model)
@@ -553,3 +609,37 @@ def test_iterable_dataset(model, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2
     assert changed(before, trainer.model)
+
+
+# ------------------------------------------------------------------------------------- Rewards unit
+def test_rewards_combination_by_hand():
+    from odpo_vllm.rewards import Rewards
+
+    def f1(prompts, completions, completion_ids, **kwargs):
+        return [1.0, None, 3.0, None]
+
+    def f2(prompts, completions, completion_ids, **kwargs):
+        return [10.0, 20.0, None, None]
+
+    rewards = Rewards([f1, f2], reward_weights=[0.5, 2.0], missing_eos_penalty=1.0)
+    scores, per_function = rewards.score(["p"] * 4, ["a", "b", "c", "d"], [[1], [2], [3], [4]], {},
+                                         torch.tensor([True, False, True, False]))
+    # weighted sums skipping None: 0.5+20, 40, 1.5, 0 (no opinion at all); minus 1 where no EOS
+    torch.testing.assert_close(scores, torch.tensor([20.5, 39.0, 1.5, -1.0]))
+    assert per_function == {"rewards/f1": pytest.approx(2.0), "rewards/f2": pytest.approx(15.0)}
+
+
+def test_rewards_wrong_number_of_values_raises():
+    from odpo_vllm.rewards import Rewards
+
+    rewards = Rewards(lambda prompts, completions, completion_ids, **kw: [0.0])
+    with pytest.raises(ValueError, match="returned 1 values for 2"):
+        rewards.score(["p", "p"], ["a", "b"], [[1], [2]], {}, torch.tensor([False, False]))
+
+
+def test_judge_invalid_answer_raises():
+    from odpo_vllm.rewards import Rewards
+
+    rewards = Rewards(PairwiseJudge(lambda prompts, pairs: [2] * len(pairs)))
+    with pytest.raises(ValueError, match="judge returned 2"):
+        rewards.score(["p", "p"], ["a", "b"], [[1], [2]], {}, torch.tensor([False, False]))

