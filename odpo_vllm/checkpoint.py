@@ -55,7 +55,7 @@ def load(trainer, directory: str) -> None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     # The generator must serve the resumed weights before it samples again.
-    trainer.generator.update_weights(trainer.learner)
+    trainer.generator.sync_weights(trainer.learner)
     trainer.generator.policy_version = run["policy_version"]
 
 

@@ -1,5 +1,5 @@
 """Generators: sample k completions per prompt. The transformers backend lives here; the vLLM
-engine implements the same `generate` / `update_weights` contract."""
+engine implements the same `generate` / `sync_weights` contract."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class TransformersGenerator:
             )
         return [row.tolist() for row in out[:, width:].cpu()]
 
-    def update_weights(self, learner) -> dict[str, float]:
+    def sync_weights(self, learner) -> dict[str, float]:
         """Shares the learner's parameters: nothing moves, only the version advances."""
         self.policy_version += 1
         return {}

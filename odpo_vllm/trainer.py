@@ -195,7 +195,7 @@ class OnlineDPOTrainer:
         probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
         generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
                                   probe_ids=probe[: max_model_len - 1])
-        generator.update_weights(self.learner)  # the engine starts with dummy weights
+        generator.sync_weights(self.learner)  # the engine starts with dummy weights
         return generator
 
     # ------------------------------------------------------------------------------ helpers
@@ -278,7 +278,7 @@ class OnlineDPOTrainer:
             metrics = self.learner.step(pairs.batch, beta)
             metrics["time/train"] = time.perf_counter() - start
             # sync: the generator serves the new weights before it samples again
-            metrics.update(self.generator.update_weights(self.learner))
+            metrics.update(self.generator.sync_weights(self.learner))
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
             metrics["beta"] = beta

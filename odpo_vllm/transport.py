@@ -110,9 +110,13 @@ class LearnerWeights(_weight_source_base()):
         return self._meta()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # Merged LoRA weights are unmerged in place afterwards: hand out copies of those, so a
+        # consumer that keeps a tensor past the iteration still holds the merged values.
+        copy = hasattr(self.model, "peft_config")
         with torch.no_grad(), merged_adapter(self.model):
             for name, tensor in _base_weights(self.model):
-                yield name, tensor.detach().to(self.dtype) if self.dtype else tensor.detach()
+                tensor = tensor.detach().to(self.dtype) if self.dtype else tensor.detach()
+                yield name, tensor.clone() if copy else tensor
 
 
 def validate_weights(metas: list[TensorMeta], expected: dict[str, tuple[int, ...]], engine: str) -> None:

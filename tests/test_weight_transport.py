@@ -1,0 +1,152 @@
+"""Weight transport across processes: a vLLM engine in a Ray actor receives the learner's weights
+over our `odpo_gloo` backend (vLLM's weight-transfer API, packed size-capped buckets)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+from odpo_vllm.transport import (
+    DEFAULT_BUCKET_BYTES,
+    LearnerWeights,
+    TensorMeta,
+    pack,
+    plan_buckets,
+    unpack,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------- pure parts
+def test_plan_buckets_caps_size_and_keeps_order():
+    sizes = [40, 30, 50, 100, 10, 10, 90]
+    buckets = plan_buckets(sizes, cap_bytes=80)
+    assert buckets == [[0, 1], [2], [3], [4, 5], [6]]
+    assert [i for b in buckets for i in b] == list(range(len(sizes)))
+    for bucket in buckets:  # only a single oversized tensor may exceed the cap
+        assert sum(sizes[i] for i in bucket) <= 80 or len(bucket) == 1
+    assert plan_buckets([], 10) == []
+
+
+def test_pack_unpack_roundtrip_mixed_dtypes():
+    tensors = [torch.randn(3, 4), torch.arange(5, dtype=torch.int64), torch.randn(2).to(torch.bfloat16)]
+    metas = [TensorMeta(f"t{i}", t.dtype, tuple(t.shape)) for i, t in enumerate(tensors)]
+    buffer = pack(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == sum(m.nbytes for m in metas)
+    for (name, got), want in zip(unpack(buffer, metas), tensors):
+        assert torch.equal(got, want)
+
+
+def test_learner_weights_cover_tied_head_and_merge_lora(model):
+    names = [name for name, _ in LearnerWeights(model)]
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.1)
+    merged = dict(LearnerWeights(peft_model))
+    assert set(merged) == set(names)  # adapter names mapped back to base names
+    base = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    lora_delta = base.lora_B["default"].weight @ base.lora_A["default"].weight * base.scaling["default"]
+    expected = base.base_layer.weight + lora_delta
+    assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
+    # after the export the adapter is unmerged again
+    assert not torch.allclose(base.base_layer.weight, expected)
+
+
+def test_rendezvous_timeout_names_the_engine():
+    """An engine that never joins fails the learner within the timeout, naming the engine."""
+    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+
+    class SilentEngine:  # accepts the init call but never opens its end of the group
+        def init_weight_transfer_engine(self, info):
+            return None
+
+    info = GlooTrainerInitInfo(master_port=free_port(), world_size=2, timeout_s=3, engine_name="engine-7", rank=0)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="engine-7"):
+        GlooTrainerWeightTransferEngine.trainer_init(info, client=SilentEngine(), source=[])
+    assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------------------------- across processes
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "PYTHONPATH") if k in os.environ}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
+    ray = ray_cluster
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from odpo_vllm import OnlineDPOConfig
+    from odpo_vllm.learner import Learner
+    from odpo_vllm.transport import register_gloo_backend
+    from odpo_vllm.transport_vllm import GlooTrainerInitInfo
+    from odpo_vllm.vllm_engine import VLLMGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    args = OnlineDPOConfig(output_dir=str(tmp_path), report_to="none", use_vllm=True)
+    probe = tokenizer("Review the film: it was")["input_ids"] * 2
+    Engine = ray.remote(num_cpus=1)(VLLMGenerator)
+    engine = Engine.options(name="vllm-engine-0").remote(
+        AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 128,
+        probe_ids=probe, name="vllm-engine-0", weight_transfer_backend="odpo_gloo",
+    )
+
+    # The learner (this process) holds weights the engine has never seen.
+    policy = AutoModelForCausalLM.from_pretrained(model_path)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    learner = Learner(policy, None, args, tokenizer.pad_token_id, num_training_steps=1)
+    source = LearnerWeights(policy)
+    bucket_bytes = 64 << 10  # small, so the tiny model goes in several buckets
+    sizes = [m.nbytes for m in source.tensor_meta()]
+    assert len(plan_buckets(sizes, bucket_bytes)) > 3
+    assert bucket_bytes < DEFAULT_BUCKET_BYTES
+
+    register_gloo_backend()
+    info = GlooTrainerInitInfo(master_port=free_port(), world_size=2, bucket_bytes=bucket_bytes, timeout_s=120,
+                               engine_name="vllm-engine-0", rank=0)
+    sender = WeightTransferTrainerFactory.trainer_init(info, client=RayVLLMWeightSyncClient(engine), source=source)
+    sender.send_weights()
+    assert sender.last_bytes == sum(sizes)
+
+    served = ray.get(engine.sequence_logprobs.remote(probe), timeout=120)
+    expected = learner.sequence_logprobs(probe)
+    assert (served - expected).abs().max().item() < 1e-4
+    rollouts = ray.get(engine.generate.remote([probe[:8]], 2, 0), timeout=120)
+    assert rollouts.policy_version == 0  # the first update made version 0
+
+    # a second round moves new weights again (the group is reused)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(1.5)
+    sender.send_weights()
+    served = ray.get(engine.sequence_logprobs.remote(probe), timeout=120)
+    assert (served - learner.sequence_logprobs(probe)).abs().max().item() < 1e-4
+    ray.kill(engine)
