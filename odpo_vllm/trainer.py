@@ -180,15 +180,14 @@ class OnlineDPOTrainer:
                 self.model, self.eos_token_ids, self.processing_class.pad_token_id, args.sampling_settings(),
                 args.generation_batch_size, self.learner.autocast_dtype,
             )
-        longest = context - args.max_new_tokens
+        from datasets import Dataset
+
+        longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
         first_prompt = None
-        if hasattr(self.train_dataset, "column_names"):
-            lengths = [len(ids) for ids in self.train_dataset["prompt_ids"]]
-            for part in ([self.eval_dataset] if not isinstance(self.eval_dataset, dict) else
-                         list(self.eval_dataset.values())):
-                if part is not None and hasattr(part, "column_names"):
-                    lengths += [len(ids) for ids in part["prompt_ids"]]
-            longest = max(lengths)
+        if isinstance(self.train_dataset, Dataset):
+            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            parts = [self.train_dataset] + [part for part in evals if isinstance(part, Dataset)]
+            longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
             first_prompt = self.train_dataset[0]["prompt_ids"]
         max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
         # probe: a fixed sequence scored by engine and learner after every sync

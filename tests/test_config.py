@@ -40,6 +40,11 @@ def config(tmp_path, **kwargs):
         ("repetition_penalty", {"repetition_penalty": 0.0}),
         ("generation_batch_size", {"generation_batch_size": 0}),
         ("logprob_chunk_rows", {"logprob_chunk_rows": 0}),
+        ("vllm_gpu_memory_utilization", {"vllm_gpu_memory_utilization": 0.0}),
+        ("vllm_gpu_memory_utilization", {"vllm_gpu_memory_utilization": 1.2}),
+        ("vllm_tensor_parallel_size", {"vllm_tensor_parallel_size": 0}),
+        ("vllm_kv_cache_memory_bytes", {"vllm_kv_cache_memory_bytes": 64}),
+        ("vllm_max_model_len", {"vllm_max_model_len": 64, "max_new_tokens": 64}),
     ],
 )
 def test_invalid_value_raises_naming_field(tmp_path, field, kwargs):

@@ -199,3 +199,24 @@ def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path
     trained = first.learner.sequence_logprobs(first.generator.probe_ids)
     assert (resumed.generator.sequence_logprobs(resumed.generator.probe_ids) - trained).abs().max() < 1e-4
     resumed.generator.close()
+
+
+def test_use_vllm_without_vllm_names_the_setting(model_path, tmp_path, monkeypatch):
+    import odpo_vllm.vllm_engine as vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    from transformers import AutoConfig, AutoTokenizer
+
+    with pytest.raises(ImportError, match="use_vllm=False"):
+        VLLMGenerator(AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path),
+                      make_args(tmp_path, use_vllm=True), {0}, max_model_len=64)
+
+
+def test_engine_start_failure_names_settings(model_path, tmp_path):
+    """A context the model cannot serve fails with the settings to change, not vLLM's traceback."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    args = make_args(tmp_path, use_vllm=True)
+    with pytest.raises(RuntimeError, match="vllm_max_model_len"):
+        VLLMGenerator(AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path),
+                      args, {0}, max_model_len=100_000)

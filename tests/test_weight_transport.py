@@ -150,3 +150,18 @@ def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
     served = ray.get(engine.sequence_logprobs.remote(probe), timeout=120)
     assert (served - learner.sequence_logprobs(probe)).abs().max().item() < 1e-4
     ray.kill(engine)
+
+
+def test_engine_failure_surfaces_at_once_naming_the_engine():
+    """An engine whose init call fails does not leave the learner waiting for the full timeout."""
+    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+
+    class BrokenEngine:
+        def init_weight_transfer_engine(self, info):
+            raise ConnectionError("actor died")
+
+    info = GlooTrainerInitInfo(master_port=free_port(), world_size=2, timeout_s=60, engine_name="engine-3", rank=0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine-3 failed: actor died"):
+        GlooTrainerWeightTransferEngine.trainer_init(info, client=BrokenEngine(), source=[])
+    assert time.monotonic() - start < 20
