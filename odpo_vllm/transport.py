@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -223,24 +224,33 @@ class SyncStats:
         return {"sync/seconds": self.seconds, "sync/bytes": float(self.bytes)}
 
 
+def _in_daemon_thread(fn, *args) -> Future:
+    """Run fn in a daemon thread: one stuck in a collective must not hold the process at exit."""
+    future: Future = Future()
+
+    def target():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # handed to the waiting side
+            future.set_exception(error)
+
+    threading.Thread(target=target, daemon=True).start()
+    return future
+
+
 def run_with_peer(call, args: tuple, work, timeout_s: float, peer: str):
     """Run `call(*args)` (an RPC to `peer` that returns once its side of the transfer is done)
     beside `work()` (this side of the same collective). Fails as soon as either side fails, and
     names `peer` if the pair has not finished within `timeout_s`."""
-    executor = ThreadPoolExecutor(max_workers=2)
-    try:
-        remote, local = executor.submit(call, *args), executor.submit(work)
-        done, pending = wait([remote, local], timeout=timeout_s, return_when=FIRST_EXCEPTION)
-        for future in (remote, local):
-            if future in done and future.exception() is not None:
-                error = future.exception()
-                if isinstance(error, TimeoutError):
-                    raise error
-                side = f"{peer} failed" if future is remote else "the sending side failed"
-                raise RuntimeError(f"weight transport: {side}: {error}") from error
-        if pending:
-            raise TimeoutError(f"weight transport: {peer} did not finish the transfer within {timeout_s:.0f}s")
-        return remote.result()
-    finally:
-        # Never join a thread stuck in a collective: it ends with the group's own timeout.
-        executor.shutdown(wait=False)
+    remote, local = _in_daemon_thread(call, *args), _in_daemon_thread(work)
+    done, pending = wait([remote, local], timeout=timeout_s, return_when=FIRST_EXCEPTION)
+    for future in (remote, local):
+        if future in done and future.exception() is not None:
+            error = future.exception()
+            if isinstance(error, TimeoutError):
+                raise error
+            side = f"{peer} failed" if future is remote else "the sending side failed"
+            raise RuntimeError(f"weight transport: {side}: {error}") from error
+    if pending:
+        raise TimeoutError(f"weight transport: {peer} did not finish the transfer within {timeout_s:.0f}s")
+    return remote.result()
