@@ -1,0 +1,73 @@
+"""The user-facing entry points: the reference's quick start (import line changed, local paths
+in place of hub ids) and the command line with a YAML config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odpo_vllm import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_reference_quickstart_runs_offline(model_path, reward_model_path, tmp_path):
+    prompts = toy.write_prompts(tmp_path / "prompts.jsonl", n=16)
+    script = (ROOT / "examples" / "quickstart.py").read_text()
+    assert "from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer" in script
+    offline = (
+        script.replace('"Qwen/Qwen2-0.5B-Instruct"', repr(str(model_path)))
+        .replace('"trl-lib/Qwen2-0.5B-Reward"', repr(str(reward_model_path)))
+        .replace('load_dataset("trl-lib/ultrafeedback-prompt", split="train")',
+                 f'load_dataset("json", data_files={prompts!r}, split="train")')
+    )
+    assert offline.count(str(model_path)) == 2 and "trl-lib" not in offline
+    (tmp_path / "train_online_dpo.py").write_text(offline)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "train_online_dpo.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "Qwen2-0.5B-OnlineDPO"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # defaults: 3 epochs of 16 prompts at 8 per step = 6 steps, then the summary row
+    assert rows[-1]["step"] == 6 and "train_loss" in rows[-1]
+    assert (out / "checkpoint-6" / "model.safetensors").exists()
+
+
+def test_cli_yaml_config_with_overrides_and_lora(model_path, tmp_path):
+    from odpo_vllm.train import main
+
+    prompts = toy.write_prompts(tmp_path / "prompts.jsonl", n=8)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        (ROOT / "examples" / "configs" / "toy_demo.yaml").read_text()
+        .replace("output_dir: runs/toy_from_yaml", f"output_dir: {tmp_path / 'from_yaml'}")
+    )
+    trainer, result = main([
+        "--config", str(config), "--model_name_or_path", str(model_path), "--dataset_name", prompts,
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--logging_steps", "1", "--use_vllm", "false", "--use_peft", "--lora_r", "4",
+        "--lora_target_modules", "q_proj", "v_proj", "--beta", "0.2",
+    ])
+    assert result.global_step == 2  # the command line (2) won over the file (80)
+    assert trainer.args.learning_rate == 3e-3 and trainer.args.max_new_tokens == 16  # from the file
+    assert [r["beta"] for r in trainer.state.log_history if "beta" in r] == [0.2, 0.2]
+    assert (tmp_path / "from_yaml" / "adapter_model.safetensors").exists()
+    assert trainer.model.peft_config["default"].r == 4
+
+
+def test_cli_rejects_unknown_yaml_key_and_missing_reward(model_path, tmp_path):
+    from odpo_vllm.train import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1.0e-3\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        main(["--config", str(bad), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="reward_model_path"):
+        main(["--model_name_or_path", str(model_path), "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)])
