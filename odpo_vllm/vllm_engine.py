@@ -35,12 +35,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _set_cpu_defaults() -> None:
-    # Measured traps on CPU (ENVIRONMENT.md): loopback addresses; in-process engine core so
-    # tensors can be handed over by reference.
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
+def _set_engine_env(on_gpu: bool) -> None:
+    # The engine core runs in this process, so the model runner (and `reload_weights`) is
+    # reachable and tensors are handed over by reference, on GPU as on CPU.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not on_gpu:  # a CPU machine may have no routable interface: stay on loopback
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
 
 
 class VLLMGenerator:
@@ -58,8 +59,7 @@ class VLLMGenerator:
                 "(CPU), or set use_vllm=False to sample with transformers"
             )
         on_gpu = torch.cuda.is_available() and not args.use_cpu
-        if not on_gpu:
-            _set_cpu_defaults()
+        _set_engine_env(on_gpu)
         import vllm
 
         self.args, self.name = args, name
