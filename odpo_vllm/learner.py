@@ -131,12 +131,24 @@ class Learner:
         micro = self.args.per_device_train_batch_size
         totals: dict[str, float] = defaultdict(float)
         truncated = 0
-        for start in range(0, len(batch), micro):
+        starts = range(0, len(batch), micro)
+        for start in starts:
             loss, sums, cut = self._pair_pass(batch.slice(start, start + micro), beta, len(batch), train=True)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self._backward(loss, last=start == starts[-1])
             truncated += cut
             for key, value in sums.items():
                 totals[key] += float(value)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        grad_norm = self._apply_update()
+        metrics = {key: value / len(batch) for key, value in totals.items()}
+        metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate, truncated_prompts=truncated)
+        return metrics
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _apply_update(self) -> float:
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the grad norm."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -146,12 +158,9 @@ class Learner:
             self.scaler.update()
         else:
             self.optimizer.step()
-        learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {key: value / len(batch) for key, value in totals.items()}
-        metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate, truncated_prompts=truncated)
-        return metrics
+        return float(grad_norm)
 
     @torch.no_grad()
     def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:

@@ -1,0 +1,145 @@
+"""A DeepSpeed learner rank (ZeRO stage 2 or 3): the same contract as `Learner`, one process per
+rank; a Ray learner group runs N of them data-parallel.
+
+The loss and metrics are `Learner`'s; DeepSpeed owns the backward, the gradient reduction across
+ranks, clipping and the optimizer step. Each rank gets its own shard of the step's pairs and
+normalises by its shard size, so DeepSpeed's average over ranks is the mean over all pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from .learner import Learner, build_optimizer, build_scheduler
+from .transport import TensorMeta, checkpoint_name
+
+
+def import_deepspeed():
+    """deepspeed, without the C++ op that `init_distributed` would JIT-compile for 1-2 minutes on
+    CPU and that ZeRO training never uses (ENVIRONMENT.md)."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(args, zero_stage: int, world_size: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "gradient_clipping": args.max_grad_norm or 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        # the optimizer is built from `optim` like the in-process learner (torch AdamW, SGD, ...)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if args.bf16:
+        config["bf16"] = {"enabled": True}
+    elif args.fp16:
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+class DeepSpeedLearner(Learner):
+    """One data-parallel rank. The process must have RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT set (a Ray learner actor sets them before constructing this)."""
+
+    def __init__(self, model, ref_model, args, pad_token_id: int, num_training_steps: int, zero_stage: int = 2):
+        if zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage: 2 or 3, got {zero_stage}")
+        deepspeed = import_deepspeed()
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise RuntimeError(f"DeepSpeedLearner: environment variable {name} is not set for this rank")
+        world_size = int(os.environ["WORLD_SIZE"])
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            model, ref_model = model.cuda(), ref_model.cuda() if ref_model is not None else None
+        optimizer = build_optimizer(model, args)
+        scheduler = build_scheduler(optimizer, args, num_training_steps)
+        self.engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(args, zero_stage, world_size),
+        )
+        self.zero_stage, self.rank, self.world_size = zero_stage, int(os.environ["RANK"]), world_size
+        # The loop's forwards go through the engine, not the bare module: under ZeRO-3 with
+        # gradient accumulation, calling the module directly gave wrong gradients (grad norm
+        # about 1/sqrt(2) of the single-process one, weights off by 0.025; measured).
+        super().__init__(self.engine, ref_model, args, pad_token_id, num_training_steps, optimizer, scheduler)
+        self.autocast_dtype = None  # DeepSpeed runs the module in its own precision
+        self.scaler = None
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if last != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"rank {self.rank}: got a step whose micro-batch count does not match "
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}; give each rank "
+                "per_device_train_batch_size * gradient_accumulation_steps pairs per step"
+            )
+        # The loss is already divided by this rank's pair count; DeepSpeed must not divide again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        # Counts micro-steps; at the boundary: reduce across ranks, clip, optimizer and
+        # scheduler step, zero the gradients.
+        self.engine.step()
+
+    def _apply_update(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ---------------------------------------------------------------- weights for the engines
+    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights in checkpoint names. Under ZeRO-3 each size-capped group of parameters is
+        gathered, copied out and released before the next (never the whole model at once). Every
+        rank must iterate in lockstep: gathering is a collective."""
+        deepspeed = import_deepspeed()
+        model = self.engine.module
+        names_of: dict[int, list[str]] = {}
+        params = []
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied: every name
+            if id(param) not in names_of:
+                names_of[id(param)] = []
+                params.append(param)
+            names_of[id(param)].append(name)
+        group, used = [], 0
+        for param in params + [None]:
+            size = 0 if param is None else _full_numel(param) * param.element_size()
+            if group and (param is None or used + size > bucket_bytes):
+                with deepspeed.zero.GatheredParameters(group, modifier_rank=None,
+                                                       enabled=self.zero_stage == 3):
+                    copies = [(p, p.detach().clone()) for p in group]
+                for p, tensor in copies:
+                    for name in names_of[id(p)]:
+                        mapped = checkpoint_name(name)
+                        if mapped is not None:
+                            yield mapped, tensor
+                group, used = [], 0
+            if param is not None:
+                group.append(param)
+                used += size
+
+    def weights_meta(self) -> list[TensorMeta]:
+        metas = []
+        for name, param in self.engine.module.named_parameters(remove_duplicate=False):
+            mapped = checkpoint_name(name)
+            if mapped is not None:
+                shape = tuple(getattr(param, "ds_shape", param.shape))
+                metas.append(TensorMeta(mapped, param.dtype, shape))
+        return metas
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="deepspeed")
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="deepspeed")
+
+
+def _full_numel(param) -> int:
+    shape = getattr(param, "ds_shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()

@@ -1,0 +1,146 @@
+"""A learner group on Ray: N DeepSpeed ranks, one actor each, driven as one `Learner`.
+
+The driver shards each step's pairs across the ranks, waits for all of them with a timeout that
+names the rank that did not answer, and combines their metrics into the step's means.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any
+
+import torch
+
+from .learner import PairBatch
+
+
+class LearnerWorker:
+    """One rank (a Ray actor): loads the policy, builds the reference, runs `DeepSpeedLearner`."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+                 args, pad_token_id: int, num_training_steps: int, zero_stage: int, threads: int = 1):
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        torch.set_num_threads(threads)  # oversubscribed ranks ran 10x slower on 2 cores
+        torch.manual_seed(args.seed)
+        from transformers import AutoModelForCausalLM
+
+        from .deepspeed_learner import DeepSpeedLearner
+        from .trainer import disable_dropout
+
+        policy = AutoModelForCausalLM.from_pretrained(model_path)
+        if args.disable_dropout:
+            disable_dropout(policy)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if args.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        self.learner = DeepSpeedLearner(policy, reference, args, pad_token_id, num_training_steps, zero_stage)
+
+    def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        return self.learner.step(batch, beta)
+
+    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        return self.learner.evaluate(batch, beta)
+
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return self.learner.sequence_logprobs(token_ids)
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
+        return dict(self.learner.named_weights())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard(batch: PairBatch, parts: int) -> list[PairBatch]:
+    """Contiguous, as-even-as-possible slices (ranks get equal shares when the step divides)."""
+    size, extra = divmod(len(batch), parts)
+    out, start = [], 0
+    for rank in range(parts):
+        stop = start + size + (rank < extra)
+        out.append(batch.slice(start, stop))
+        start = stop
+    return out
+
+
+class LearnerGroup:
+    """N `LearnerWorker` actors in a placement group, used like a `Learner` by the loop."""
+
+    def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
+                 zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
+                 timeout_s: float = 600.0, name: str = "learner"):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ray, self.timeout_s, self.name = ray, timeout_s, name
+        bundle: dict[str, Any] = {"CPU": cpus_per_rank}
+        if gpus_per_rank:
+            bundle["GPU"] = gpus_per_rank
+        self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
+        port = free_port()
+        Worker = ray.remote(LearnerWorker)
+        self.workers = [
+            Worker.options(
+                name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            ).remote(rank, num_ranks, "127.0.0.1", port, model_path, args, pad_token_id, num_training_steps,
+                     zero_stage, max(int(cpus_per_rank), 1))
+            for rank in range(num_ranks)
+        ]
+        self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
+        # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
+        self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start")
+
+    def _wait(self, refs, what: str):
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise TimeoutError(f"{what} did not answer within {self.timeout_s:.0f}s")
+        return self.ray.get(ready)
+
+    def _gather(self, refs, call: str) -> list:
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            late = [self.names[refs.index(ref)] for ref in pending]
+            raise TimeoutError(f"learner group: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
+        return self.ray.get(refs)
+
+    def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        shards = shard(batch, len(self.workers))
+        results = self._gather([w.step.remote(s, beta) for w, s in zip(self.workers, shards)], "step")
+        return _combine(results, [len(s) for s in shards])
+
+    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        shards = shard(batch, len(self.workers))
+        results = self._gather([w.evaluate.remote(s, beta) for w, s in zip(self.workers, shards)], "evaluate")
+        return _combine(results, [len(s) for s in shards])
+
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return self._gather([w.sequence_logprobs.remote(token_ids) for w in self.workers], "sequence_logprobs")[0]
+
+    def full_weights(self) -> list[dict[str, torch.Tensor]]:
+        return self._gather([w.full_weights.remote() for w in self.workers], "full_weights")
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.ray.util.remove_placement_group(self.placement)
+
+
+def _combine(results: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
+    """Pair-weighted means of per-rank means; global quantities (grad norm, lr) from rank 0."""
+    total = sum(sizes)
+    combined = {key: sum(r[key] * n for r, n in zip(results, sizes)) / total for key in results[0]}
+    for key in ("grad_norm", "learning_rate"):
+        if key in results[0]:
+            combined[key] = results[0][key]
+    combined["truncated_prompts"] = sum(r.get("truncated_prompts", 0) for r in results)
+    return combined
