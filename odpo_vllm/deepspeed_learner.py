@@ -98,14 +98,7 @@ class DeepSpeedLearner(Learner):
         gathered, copied out and released before the next (never the whole model at once). Every
         rank must iterate in lockstep: gathering is a collective."""
         deepspeed = import_deepspeed()
-        model = self.engine.module
-        names_of: dict[int, list[str]] = {}
-        params = []
-        for name, param in model.named_parameters(remove_duplicate=False):  # tied: every name
-            if id(param) not in names_of:
-                names_of[id(param)] = []
-                params.append(param)
-            names_of[id(param)].append(name)
+        names_of, params = _parameters_with_names(self.engine.module)
         group, used = [], 0
         for param in params + [None]:
             size = 0 if param is None else _full_numel(param) * param.element_size()
@@ -124,13 +117,36 @@ class DeepSpeedLearner(Learner):
                 used += size
 
     def weights_meta(self) -> list[TensorMeta]:
+        """What `named_weights` yields, in the same order, without gathering anything."""
+        names_of, params = _parameters_with_names(self.engine.module)
         metas = []
-        for name, param in self.engine.module.named_parameters(remove_duplicate=False):
-            mapped = checkpoint_name(name)
-            if mapped is not None:
-                shape = tuple(getattr(param, "ds_shape", param.shape))
-                metas.append(TensorMeta(mapped, param.dtype, shape))
+        for param in params:
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            for name in names_of[id(param)]:
+                mapped = checkpoint_name(name)
+                if mapped is not None:
+                    metas.append(TensorMeta(mapped, param.dtype, shape))
         return metas
+
+    def push_weights(self, engines: list, init_info: dict | None = None) -> dict[str, float]:
+        """Send the weights to vLLM engines (Ray actor handles) over `odpo_gloo`. Every rank calls
+        this together (ZeRO-3 gathers are collectives); rank 0 sends and drives the engines. The
+        first call opens the transfer group (`init_info`: GlooTrainerInitInfo fields)."""
+        import time
+
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+
+        from .transport import register_gloo_backend
+        from .transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+
+        if getattr(self, "_sender", None) is None:
+            register_gloo_backend()
+            info = GlooTrainerInitInfo(**{**(init_info or {}), "rank": self.rank})
+            self._sender = GlooTrainerWeightTransferEngine.trainer_init(
+                info, client=RayVLLMWeightSyncClient(list(engines)), source=_EngineWeights(self, info.bucket_bytes))
+        start = time.perf_counter()
+        self._sender.send_weights()
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self._sender.last_bytes)}
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
@@ -140,6 +156,34 @@ class DeepSpeedLearner(Learner):
         self.engine.load_checkpoint(directory, tag="deepspeed")
 
 
+def _parameters_with_names(model) -> tuple[dict[int, list[str]], list]:
+    """Unique parameters in first-appearance order, each with all its names (tied weights have
+    several, and vLLM needs every one)."""
+    names_of: dict[int, list[str]] = {}
+    params = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in names_of:
+            names_of[id(param)] = []
+            params.append(param)
+        names_of[id(param)].append(name)
+    return names_of, params
+
+
 def _full_numel(param) -> int:
     shape = getattr(param, "ds_shape", None)
     return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+class _EngineWeights:
+    """The `WeightSource` of a DeepSpeed rank: metadata without gathering, gathered iteration."""
+
+    def __init__(self, learner: DeepSpeedLearner, bucket_bytes: int):
+        self.learner, self.bucket_bytes = learner, bucket_bytes
+
+    def metadata(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
+
+    def __iter__(self):
+        return self.learner.named_weights(self.bucket_bytes)

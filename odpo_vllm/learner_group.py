@@ -48,6 +48,9 @@ class LearnerWorker:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self.learner.sequence_logprobs(token_ids)
 
+    def push_weights(self, engines: list, init_info: dict) -> dict[str, float]:
+        return self.learner.push_weights(engines, init_info)
+
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
         return dict(self.learner.named_weights())
@@ -125,6 +128,16 @@ class LearnerGroup:
 
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self._gather([w.sequence_logprobs.remote(token_ids) for w in self.workers], "sequence_logprobs")[0]
+
+    def push_weights(self, engines: list, engine_names: list[str], bucket_bytes: int = 256 << 20) -> dict[str, float]:
+        """All ranks send together; rank 0's timing and byte count are the step's figures."""
+        if not hasattr(self, "_transfer"):
+            self._transfer = {"master_port": free_port(), "world_size": 1 + len(engines),
+                              "bucket_bytes": bucket_bytes, "timeout_s": self.timeout_s,
+                              "engine_name": ", ".join(engine_names)}
+        results = self._gather([w.push_weights.remote(engines, self._transfer) for w in self.workers],
+                               "push_weights")
+        return results[0]
 
     def full_weights(self) -> list[dict[str, torch.Tensor]]:
         return self._gather([w.full_weights.remote() for w in self.workers], "full_weights")

@@ -49,7 +49,7 @@ class VLLMGenerator:
 
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
-                 weight_transfer_backend: str | None = None):
+                 weight_transfer_backend: str | None = None, engine_index: int = 0):
         """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
         process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
         weight-transfer API for a learner in another process; in-process updates need none."""
@@ -62,7 +62,7 @@ class VLLMGenerator:
         _set_engine_env(on_gpu)
         import vllm
 
-        self.args, self.name = args, name
+        self.args, self.name, self.engine_index = args, name, engine_index
         self.eos_token_ids = set(eos_token_ids)
         self.on_gpu = on_gpu
         self.sleep_mode = bool(args.vllm_enable_sleep_mode and on_gpu)
@@ -237,7 +237,12 @@ class VLLMGenerator:
     # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
     # learner in another process drives this engine through vLLM's trainer-side engines.
     def init_weight_transfer_engine(self, request) -> None:
-        self.llm.init_weight_transfer_engine(request)
+        # One learner sends to several engines in one group: vLLM's clients give every engine
+        # the same init info, so each engine moves its workers past the engines before it.
+        info = dict(request["init_info"] if isinstance(request, dict) else request.init_info)
+        if "rank_offset" in info:
+            info["rank_offset"] += self.engine_index * self.args.vllm_tensor_parallel_size
+        self.llm.init_weight_transfer_engine({"init_info": info})
 
     def start_weight_update(self) -> None:
         self._wake("weights")

@@ -79,3 +79,37 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
     moved = max((ranks[0][n] - t).abs().max().item()
                 for n, t in AutoModelForCausalLM.from_pretrained(model_path).state_dict().items())
     assert moved > 1e-4  # the step did change the weights
+
+
+def test_zero3_group_pushes_gathered_buckets_to_two_engines(ray_cluster, model_path, tokenizer, tmp_path):
+    """Learner ranks (ZeRO-3) -> two vLLM engine actors over odpo_gloo in size-capped buckets;
+    both engines then serve the trained weights."""
+    from transformers import AutoConfig
+
+    from odpo_vllm.vllm_engine import VLLMGenerator
+
+    ray = ray_cluster
+    args = make_args(tmp_path, optim="sgd", learning_rate=0.5, per_device_train_batch_size=1,
+                     gradient_accumulation_steps=2, gradient_checkpointing=False, use_vllm=True)
+    probe = tokenizer("Review the film: it was")["input_ids"] * 2
+    Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
+    engines = [
+        Engine.options(name=f"engine-{i}").remote(
+            AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
+            probe_ids=probe, name=f"engine-{i}", weight_transfer_backend="odpo_gloo", engine_index=i)
+        for i in range(2)
+    ]
+    group = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps=4, num_ranks=2,
+                         zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher")
+    try:
+        group.step(pairs(tokenizer), beta=0.1)
+        stats = group.push_weights(engines, ["engine-0", "engine-1"], bucket_bytes=64 << 10)
+        learner_logprobs = group.sequence_logprobs(probe)
+        served = ray.get([e.sequence_logprobs.remote(probe) for e in engines], timeout=300)
+    finally:
+        group.shutdown()
+        for engine in engines:
+            ray.kill(engine)
+    assert stats["sync/bytes"] > 64 << 10  # more than one bucket
+    for engine_logprobs in served:
+        assert (engine_logprobs - learner_logprobs).abs().max().item() < 1e-4
