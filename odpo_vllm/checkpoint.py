@@ -35,7 +35,8 @@ def save(trainer) -> str:
 
 
 def load(trainer, directory: str) -> None:
-    for name in (STATE_FILE, RUN_FILE, "optimizer.pt", "scheduler.pt"):
+    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else ()  # Ray: DeepSpeed's own
+    for name in (STATE_FILE, RUN_FILE) + learner_files:
         if not os.path.exists(os.path.join(directory, name)):
             raise FileNotFoundError(
                 f"resume_from_checkpoint: {directory} has no {name}; point it at a checkpoint-<step> folder "

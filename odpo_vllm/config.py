@@ -14,7 +14,7 @@ from .objective import LOSS_TYPES
 
 logger = logging.getLogger(__name__)
 
-TIE_BREAKS = ("first",)
+PLACEMENTS = ("in_process", "dedicated")
 
 
 def _gpu_supports_bf16() -> bool:
@@ -107,6 +107,19 @@ class OnlineDPOConfig(TrainingArguments):
         metadata={"help": "Warn when engine and learner logprobs of the probe differ by more (default 1e-3 fp32, 0.1 bf16)."},
     )
 
+    # --- placement
+    placement: str = field(
+        default="in_process",
+        metadata={"help": "in_process (one process), or dedicated (Ray: vLLM engine actors and DeepSpeed learner ranks)."},
+    )
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start a local one)."})
+    ray_num_cpus: int | None = field(default=None, metadata={"help": "CPUs of a local Ray cluster (default: all)."})
+    ray_learner_ranks: int = field(default=1, metadata={"help": "DeepSpeed data-parallel learner ranks."})
+    ray_zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage of the learners: 2 or 3."})
+    ray_num_engines: int = field(default=1, metadata={"help": "vLLM engine actors."})
+    ray_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per learner rank and per engine (fractions allowed)."})
+    ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+
     # --- objective
     beta: list[float] = field(
         default_factory=lambda: [0.1],
@@ -188,6 +201,17 @@ class OnlineDPOConfig(TrainingArguments):
             fail("vllm_kv_cache_memory_bytes", f"{self.vllm_kv_cache_memory_bytes} is below 1 MiB; give bytes, e.g. 67108864")
         if self.vllm_max_model_len is not None and self.vllm_max_model_len <= self.max_new_tokens:
             fail("vllm_max_model_len", f"must exceed max_new_tokens={self.max_new_tokens}")
+        if self.placement not in PLACEMENTS:
+            fail("placement", f"{self.placement!r} is not supported; use one of {', '.join(PLACEMENTS)}")
+        if self.ray_zero_stage not in (2, 3):
+            fail("ray_zero_stage", f"must be 2 or 3, got {self.ray_zero_stage}")
+        for name in ("ray_learner_ranks", "ray_num_engines"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.ray_cpus_per_actor > 0:
+            fail("ray_cpus_per_actor", f"must be > 0, got {self.ray_cpus_per_actor}")
+        if not self.ray_timeout_s > 0:
+            fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
         if self.logprob_chunk_rows < 1:
             fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):

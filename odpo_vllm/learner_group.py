@@ -51,6 +51,17 @@ class LearnerWorker:
     def push_weights(self, engines: list, init_info: dict) -> dict[str, float]:
         return self.learner.push_weights(engines, init_info)
 
+    def save_pretrained(self, directory: str) -> None:
+        weights = dict(self.learner.named_weights())  # a collective under ZeRO-3: every rank joins
+        if self.learner.rank == 0:
+            self.learner.engine.module.save_pretrained(directory, state_dict=weights)
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.learner.load(directory)
+
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
         return dict(self.learner.named_weights())
@@ -138,6 +149,17 @@ class LearnerGroup:
         results = self._gather([w.push_weights.remote(engines, self._transfer) for w in self.workers],
                                "push_weights")
         return results[0]
+
+    def save_pretrained(self, directory: str) -> None:
+        """The policy as a `from_pretrained` folder (rank 0 writes the gathered weights)."""
+        self._gather([w.save_pretrained.remote(directory) for w in self.workers], "save_pretrained")
+
+    def save(self, directory: str) -> None:
+        """DeepSpeed checkpoint of every rank (weights, optimizer, scheduler) under `directory`."""
+        self._gather([w.save.remote(directory) for w in self.workers], "save")
+
+    def load(self, directory: str) -> None:
+        self._gather([w.load.remote(directory) for w in self.workers], "load")
 
     def full_weights(self) -> list[dict[str, torch.Tensor]]:
         return self._gather([w.full_weights.remote() for w in self.workers], "full_weights")

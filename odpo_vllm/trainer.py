@@ -60,8 +60,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _model_context_length(model) -> int:
-    config = getattr(model, "config", None)
+def _model_context_length(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 
@@ -90,10 +90,20 @@ class OnlineDPOTrainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
         torch.manual_seed(args.seed)
 
+        if args.placement != "in_process":
+            model = self._model_path_for_ray(model, peft_config, ref_model)
         # ---- models
-        if isinstance(model, str):
+        if isinstance(model, str) and args.placement != "in_process":
+            from transformers import AutoConfig, AutoTokenizer
+
+            config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
+            self._ray_model_path, model, ref_model = model, None, None
+        elif isinstance(model, str):
             model = _load_causal_lm(model, args)
-        if not isinstance(model, torch.nn.Module):
+        if model is None:
+            pass  # the learner ranks load the policy themselves
+        elif not isinstance(model, torch.nn.Module):
             raise ValueError(f"model: expected a hub id, a path or a PreTrainedModel, got {type(model).__name__}")
         if processing_class is None:
             from transformers import AutoTokenizer
@@ -102,6 +112,115 @@ class OnlineDPOTrainer:
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self.processing_class = processing_class
+        if model is not None:
+            model, ref_model = self._prepare_models(model, ref_model, peft_config)
+        self.model, self.ref_model = model, ref_model
+        self.eos_token_ids = self._eos_token_ids(config if model is None else model)
+
+        # ---- rewards
+        self.rewards = Rewards(
+            reward_funcs if reward_funcs is not None else args.reward_model_path,
+            reward_processing_classes, args.reward_weights, args.missing_eos_penalty,
+            args.model_init_kwargs, args.trust_remote_code, self.device,
+        ) if (reward_funcs is not None or args.reward_model_path) else None
+        if self.rewards is None:
+            raise ValueError("reward_funcs: give a reward model, a callable or a judge (or set reward_model_path)")
+
+        # ---- data
+        context = _model_context_length(config if model is None else model)
+        self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens)
+        self.train_dataset = encode_dataset(train_dataset, self.encoder)
+        self.eval_dataset = self._encode_eval(eval_dataset)
+        ranks = args.ray_learner_ranks if args.placement != "in_process" else 1
+        self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * ranks
+        if hasattr(self.train_dataset, "__len__"):
+            self.batches = PromptBatches(self.train_dataset, self.prompts_per_step, args.data_seed or args.seed)
+            steps_per_epoch = len(self.batches)
+        else:
+            if args.max_steps <= 0:
+                raise ValueError("max_steps: a streaming (iterable) train_dataset has no length; set max_steps > 0")
+            self.batches = IterablePromptBatches(self.train_dataset, self.prompts_per_step, self.encoder)
+            steps_per_epoch = args.max_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+        # ---- roles: who samples and who learns (this process, or Ray actors)
+        if args.placement == "in_process":
+            optimizer, scheduler = optimizers
+            self.learner = Learner(model, ref_model, args, processing_class.pad_token_id, self.max_steps,
+                                   optimizer, scheduler)
+            self.generator = self._build_generator(context)
+        else:
+            from .placement import build_dedicated
+
+            max_model_len, probe = self._engine_context(context)
+            self.learner, self.generator = build_dedicated(
+                self._ray_model_path, processing_class, args, self.eos_token_ids, max_model_len, probe,
+                self.max_steps)
+            self.generator.sync_weights(self.learner)  # engines start with dummy weights
+
+        # ---- callbacks, state
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        default = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
+        default.append(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        self.callback_handler = CallbackHandler(
+            default + list(callbacks or []), self.model, processing_class,
+            getattr(self.learner, "optimizer", None), getattr(self.learner, "scheduler", None),
+        )
+        self.state = TrainerState(is_local_process_zero=True, is_world_process_zero=True)
+        self.control = TrainerControl()
+        self.control = self.callback_handler.on_init_end(args, self.state, self.control)
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    def _build_generator(self, context: int):
+        """vLLM where it is installed (or asked for), else transformers' `generate` on the policy."""
+        args = self.args
+        use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+        if not use_vllm:
+            return TransformersGenerator(
+                self.model, self.eos_token_ids, self.processing_class.pad_token_id, args.sampling_settings(),
+                args.generation_batch_size, self.learner.autocast_dtype,
+            )
+        max_model_len, probe = self._engine_context(context)
+        generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
+                                  probe_ids=probe)
+        generator.sync_weights(self.learner)  # the engine starts with dummy weights
+        return generator
+
+    def _engine_context(self, context: int) -> tuple[int, list[int]]:
+        """The engines' max_model_len (longest prompt + max_new_tokens, capped by the model) and the
+        probe: a fixed sequence scored by engine and learner after every sync."""
+        from datasets import Dataset
+
+        args = self.args
+        longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
+        first_prompt = None
+        if isinstance(self.train_dataset, Dataset):
+            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            parts = [self.train_dataset] + [part for part in evals if isinstance(part, Dataset)]
+            longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
+            first_prompt = self.train_dataset[0]["prompt_ids"]
+        max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
+        probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
+        return max_model_len, probe[: max_model_len - 1]
+
+    def _model_path_for_ray(self, model, peft_config, ref_model):
+        """Learner ranks and engines load the policy themselves: they need a path."""
+        if peft_config is not None:
+            raise ValueError("peft_config: LoRA is supported with placement='in_process' only for now")
+        if ref_model is not None:
+            raise ValueError("ref_model: with a Ray placement the reference is a frozen copy of the policy; "
+                             "pass ref_model=None")
+        if isinstance(model, str):
+            return model
+        path = os.path.join(self.args.output_dir, "initial_policy")
+        model.save_pretrained(path)
+        return path
+
+    def _prepare_models(self, model, ref_model, peft_config):
+        """In-process policy and reference: PEFT, frozen copy, dropout off, device, checkpointing."""
+        args = self.args
         if isinstance(ref_model, str):
             ref_model = _load_causal_lm(ref_model, args)
         if peft_config is not None:
@@ -122,80 +241,7 @@ class OnlineDPOTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if peft_config is not None and kwargs.get("use_reentrant", True):
                 model.enable_input_require_grads()
-        self.model, self.ref_model = model, ref_model
-        self.eos_token_ids = self._eos_token_ids()
-
-        # ---- rewards
-        self.rewards = Rewards(
-            reward_funcs if reward_funcs is not None else args.reward_model_path,
-            reward_processing_classes, args.reward_weights, args.missing_eos_penalty,
-            args.model_init_kwargs, args.trust_remote_code, self.device,
-        ) if (reward_funcs is not None or args.reward_model_path) else None
-        if self.rewards is None:
-            raise ValueError("reward_funcs: give a reward model, a callable or a judge (or set reward_model_path)")
-
-        # ---- data
-        context = _model_context_length(model)
-        self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens)
-        self.train_dataset = encode_dataset(train_dataset, self.encoder)
-        self.eval_dataset = self._encode_eval(eval_dataset)
-        self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        if hasattr(self.train_dataset, "__len__"):
-            self.batches = PromptBatches(self.train_dataset, self.prompts_per_step, args.data_seed or args.seed)
-            steps_per_epoch = len(self.batches)
-        else:
-            if args.max_steps <= 0:
-                raise ValueError("max_steps: a streaming (iterable) train_dataset has no length; set max_steps > 0")
-            self.batches = IterablePromptBatches(self.train_dataset, self.prompts_per_step, self.encoder)
-            steps_per_epoch = args.max_steps
-        self.steps_per_epoch = steps_per_epoch
-        self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-
-        # ---- roles: who samples and who learns (in this process here)
-        optimizer, scheduler = optimizers
-        self.learner = Learner(model, ref_model, args, processing_class.pad_token_id, self.max_steps,
-                               optimizer, scheduler)
-        self.generator = self._build_generator(context)
-
-        # ---- callbacks, state
-        from transformers.integrations import get_reporting_integration_callbacks
-
-        default = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
-        default.append(PrinterCallback if args.disable_tqdm else ProgressCallback)
-        self.callback_handler = CallbackHandler(
-            default + list(callbacks or []), self.model, processing_class,
-            self.learner.optimizer, self.learner.scheduler,
-        )
-        self.state = TrainerState(is_local_process_zero=True, is_world_process_zero=True)
-        self.control = TrainerControl()
-        self.control = self.callback_handler.on_init_end(args, self.state, self.control)
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    def _build_generator(self, context: int):
-        """vLLM where it is installed (or asked for), else transformers' `generate` on the policy."""
-        args = self.args
-        use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
-        if not use_vllm:
-            return TransformersGenerator(
-                self.model, self.eos_token_ids, self.processing_class.pad_token_id, args.sampling_settings(),
-                args.generation_batch_size, self.learner.autocast_dtype,
-            )
-        from datasets import Dataset
-
-        longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
-        first_prompt = None
-        if isinstance(self.train_dataset, Dataset):
-            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-            parts = [self.train_dataset] + [part for part in evals if isinstance(part, Dataset)]
-            longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
-            first_prompt = self.train_dataset[0]["prompt_ids"]
-        max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
-        # probe: a fixed sequence scored by engine and learner after every sync
-        probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
-        generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
-                                  probe_ids=probe[: max_model_len - 1])
-        generator.sync_weights(self.learner)  # the engine starts with dummy weights
-        return generator
+        return model, ref_model
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -206,9 +252,10 @@ class OnlineDPOTrainer:
     def lr_scheduler(self):
         return self.learner.scheduler
 
-    def _eos_token_ids(self) -> set[int]:
+    def _eos_token_ids(self, model_or_config) -> set[int]:
         ids = {self.processing_class.eos_token_id}
-        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        source = getattr(model_or_config, "generation_config", model_or_config)
+        config_eos = getattr(source, "eos_token_id", None)
         if config_eos is not None:
             ids |= set(config_eos if isinstance(config_eos, list) else [config_eos])
         return {i for i in ids if i is not None}
@@ -395,8 +442,10 @@ class OnlineDPOTrainer:
         the tokenizer, loadable with `from_pretrained`."""
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model = self.model
-        model.save_pretrained(output_dir, safe_serialization=True)
+        if self.model is None:  # Ray placement: the learner ranks hold the policy
+            self.learner.save_pretrained(os.path.abspath(output_dir))
+        else:
+            self.model.save_pretrained(output_dir, safe_serialization=True)
         self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
