@@ -14,7 +14,7 @@ from .objective import LOSS_TYPES
 
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("in_process", "dedicated")
+PLACEMENTS = ("in_process", "dedicated", "colocated")
 
 
 def _gpu_supports_bf16() -> bool:
@@ -110,7 +110,8 @@ class OnlineDPOConfig(TrainingArguments):
     # --- placement
     placement: str = field(
         default="in_process",
-        metadata={"help": "in_process (one process), or dedicated (Ray: vLLM engine actors and DeepSpeed learner ranks)."},
+        metadata={"help": "in_process (one process); dedicated (Ray: vLLM engine actors apart from DeepSpeed "
+                          "learner ranks); colocated (Ray: one engine beside each rank, sharing its GPU)."},
     )
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start a local one)."})
     ray_num_cpus: int | None = field(default=None, metadata={"help": "CPUs of a local Ray cluster (default: all)."})

@@ -89,7 +89,9 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
                  zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
-                 timeout_s: float = 600.0, name: str = "learner"):
+                 timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None):
+        """`bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
+        engine share (`bundle_index` = rank)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -98,6 +100,8 @@ class LearnerGroup:
         bundle: dict[str, Any] = {"CPU": cpus_per_rank}
         if gpus_per_rank:
             bundle["GPU"] = gpus_per_rank
+        for key, value in (bundle_extra or {}).items():
+            bundle[key] = bundle.get(key, 0) + value
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
         self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
         port = free_port()

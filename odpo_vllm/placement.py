@@ -1,7 +1,7 @@
 """Ray placements: who samples and who learns when the roles live in Ray actors.
 
-`build_dedicated` starts vLLM engine actors and a DeepSpeed learner group on their own CPUs/GPUs
-and returns objects with the loop's contracts (`Learner`-like, generator-like), so
+`build_roles` starts vLLM engine actors and a DeepSpeed learner group (dedicated: apart;
+colocated: sharing each rank's bundle) and returns objects with the loop's contracts (`Learner`-like, generator-like), so
 `OnlineDPOTrainer.train` runs unchanged.
 """
 
@@ -93,32 +93,44 @@ class RemoteGenerator:
             self.ray.kill(engine)
 
 
-def build_dedicated(model_path: str, tokenizer, args, eos_token_ids, max_model_len: int, probe_ids,
-                    num_training_steps: int):
-    """Engines and learner ranks on separate resources (placement groups for the learners)."""
+def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: int, probe_ids,
+                num_training_steps: int):
+    """Learner ranks in a placement group (one bundle per rank) and vLLM engine actors.
+
+    dedicated: engines on resources of their own (`ray_num_engines` of them).
+    colocated: one engine per rank, inside that rank's bundle (same node, same GPU share); on a
+    GPU the engine sleeps while the learner trains (`vllm_enable_sleep_mode`).
+    """
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from transformers import AutoConfig
 
     from .vllm_engine import VLLMGenerator
 
     ensure_ray(args)
     on_gpu = torch.cuda.is_available() and not args.use_cpu
-    gpus = 1.0 if on_gpu else 0.0
+    colocated = args.placement == "colocated"
+    cpus = args.ray_cpus_per_actor
+    engine_gpus = (0.5 if colocated else 1.0) * args.vllm_tensor_parallel_size if on_gpu else 0.0
     learner = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps,
                            num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage,
-                           cpus_per_rank=args.ray_cpus_per_actor, gpus_per_rank=gpus,
-                           timeout_s=args.ray_timeout_s, name="learner")
-    Engine = ray.remote(VLLMGenerator)
+                           cpus_per_rank=cpus, gpus_per_rank=(0.5 if colocated else 1.0) if on_gpu else 0.0,
+                           timeout_s=args.ray_timeout_s, name="learner",
+                           bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None)
+    num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
+    names = [f"vllm-engine-{i}" for i in range(num_engines)]
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    names = [f"vllm-engine-{i}" for i in range(args.ray_num_engines)]
-    backend = "odpo_gloo"  # learners send over gloo on GPUs too for now; vLLM's nccl engine is the next step
-    engines = [
-        Engine.options(name=name, num_cpus=args.ray_cpus_per_actor,
-                       num_gpus=gpus * args.vllm_tensor_parallel_size).remote(
+    Engine = ray.remote(VLLMGenerator)
+    engines = []
+    for i, name in enumerate(names):
+        options = dict(name=name, num_cpus=cpus, num_gpus=engine_gpus)
+        if colocated:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                learner.placement, placement_group_bundle_index=i)
+        # learners send over gloo on GPUs too for now; vLLM's nccl/ipc engines are the next step
+        engines.append(Engine.options(**options).remote(
             config, tokenizer, args, eos_token_ids, max_model_len, probe_ids=probe_ids, name=name,
-            weight_transfer_backend=backend, engine_index=i)
-        for i, name in enumerate(names)
-    ]
+            weight_transfer_backend="odpo_gloo", engine_index=i))
     generator = RemoteGenerator(engines, names, probe_ids, args.ray_timeout_s, args.vllm_sync_tolerance,
                                 torch.bfloat16 if args.bf16 else torch.float32)
     return learner, generator

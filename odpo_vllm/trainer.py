@@ -151,10 +151,10 @@ class OnlineDPOTrainer:
                                    optimizer, scheduler)
             self.generator = self._build_generator(context)
         else:
-            from .placement import build_dedicated
+            from .placement import build_roles
 
             max_model_len, probe = self._engine_context(context)
-            self.learner, self.generator = build_dedicated(
+            self.learner, self.generator = build_roles(
                 self._ray_model_path, processing_class, args, self.eos_token_ids, max_model_len, probe,
                 self.max_steps)
             self.generator.sync_weights(self.learner)  # engines start with dummy weights

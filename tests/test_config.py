@@ -45,6 +45,10 @@ def config(tmp_path, **kwargs):
         ("vllm_tensor_parallel_size", {"vllm_tensor_parallel_size": 0}),
         ("vllm_kv_cache_memory_bytes", {"vllm_kv_cache_memory_bytes": 64}),
         ("vllm_max_model_len", {"vllm_max_model_len": 64, "max_new_tokens": 64}),
+        ("placement", {"placement": "ray"}),
+        ("ray_zero_stage", {"ray_zero_stage": 1}),
+        ("ray_learner_ranks", {"ray_learner_ranks": 0}),
+        ("ray_cpus_per_actor", {"ray_cpus_per_actor": 0}),
     ],
 )
 def test_invalid_value_raises_naming_field(tmp_path, field, kwargs):

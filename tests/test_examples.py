@@ -71,3 +71,13 @@ def test_cli_rejects_unknown_yaml_key_and_missing_reward(model_path, tmp_path):
         main(["--config", str(bad), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="reward_model_path"):
         main(["--model_name_or_path", str(model_path), "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(config):
+    """Every shipped config uses real flag names and valid values."""
+    from odpo_vllm.train import parse_args
+
+    script, args, model = parse_args(["--config", str(config), "--model_name_or_path", "m", "--dataset_name", "d",
+                                      "--reward_model_path", "r", "--bf16", "false"])
+    assert args.beta and args.max_new_tokens > 0 and script.dataset_name == "d"

@@ -85,3 +85,25 @@ def test_stalled_engine_fails_naming_it(ray_cluster, model_path, tmp_path):
     with pytest.raises(TimeoutError, match="vllm-engine-7 did not answer generate"):
         generator.generate([[1, 2, 3]], 2, seed=0)
     generator.shutdown()
+
+
+def _first_step(model_path, args):
+    trainer = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                               train_dataset=toy.prompt_dataset(16))
+    try:
+        trainer.train()
+    finally:
+        trainer.learner.shutdown()
+        trainer.generator.shutdown()
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+def test_colocated_gives_the_same_first_step_as_dedicated(ray_cluster, model_path, tmp_path):
+    common = dict(max_steps=1, ray_learner_ranks=2, ray_zero_stage=2, ray_cpus_per_actor=0.5, ray_timeout_s=300,
+                  save_strategy="no")
+    dedicated = _first_step(model_path, settings(tmp_path, "dedicated", placement="dedicated", ray_num_engines=2,
+                                                 **common))
+    colocated = _first_step(model_path, settings(tmp_path, "colocated", placement="colocated", **common))
+    for key in ("loss", "objective/scores", "objective/kl", "logps/chosen", "rewards/margins"):
+        assert colocated[0][key] == pytest.approx(dedicated[0][key], abs=1e-5), key
+    assert colocated[0]["sync/logprob_gap"] < 1e-4
