@@ -107,3 +107,27 @@ def test_colocated_gives_the_same_first_step_as_dedicated(ray_cluster, model_pat
     for key in ("loss", "objective/scores", "objective/kl", "logps/chosen", "rewards/margins"):
         assert colocated[0][key] == pytest.approx(dedicated[0][key], abs=1e-5), key
     assert colocated[0]["sync/logprob_gap"] < 1e-4
+
+
+def test_resume_under_ray_continues_the_run(ray_cluster, model_path, tmp_path):
+    """A dedicated run resumed from its checkpoint ends with the weights of the uninterrupted run,
+    and the engine serves the resumed weights before it samples again."""
+    common = dict(placement="dedicated", max_steps=4, ray_learner_ranks=2, ray_zero_stage=2,
+                  ray_cpus_per_actor=0.5, ray_timeout_s=300, save_strategy="steps", save_steps=2)
+
+    def run(name, resume=None):
+        trainer = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward,
+                                   args=settings(tmp_path, name, **common), train_dataset=toy.prompt_dataset(16))
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            return trainer.learner.full_weights()[0], [r for r in trainer.state.log_history if "loss" in r]
+        finally:
+            trainer.learner.shutdown()
+            trainer.generator.shutdown()
+
+    full, full_rows = run("full")
+    resumed, resumed_rows = run("full", resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert [r["step"] for r in resumed_rows][-2:] == [3, 4]
+    assert resumed_rows[-1]["loss"] == pytest.approx(full_rows[-1]["loss"], abs=1e-5)
+    assert resumed_rows[-2]["sync/logprob_gap"] < 1e-4
+    assert max((full[n] - t).abs().max().item() for n, t in resumed.items()) < 1e-5
