@@ -73,6 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_address() -> tuple[str, int, int]:
+    """This node's IP and two free ports on it (run as a task in rank 0's bundle)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port(), free_port()
+
+
 def shard(batch: PairBatch, parts: int) -> list[PairBatch]:
     """Contiguous, as-even-as-possible slices (ranks get equal shares when the step divides)."""
     size, extra = divmod(len(batch), parts)
@@ -104,13 +111,19 @@ class LearnerGroup:
             bundle[key] = bundle.get(key, 0) + value
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
         self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
-        port = free_port()
+        # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
+        # address and free ports on rank 0's node, which on a cluster is not the driver's.
+        locate = ray.remote(num_cpus=0)(_node_address).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
+        self.master_addr, port, self.transfer_port = self._wait([locate.remote()], "rank 0's node")[0]
+        if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
+            self.master_addr = "127.0.0.1"  # a one-node cluster: keep every rendezvous on loopback
         Worker = ray.remote(LearnerWorker)
         self.workers = [
             Worker.options(
                 name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-            ).remote(rank, num_ranks, "127.0.0.1", port, model_path, args, pad_token_id, num_training_steps,
+            ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
                      zero_stage, max(int(cpus_per_rank), 1))
             for rank in range(num_ranks)
         ]
@@ -147,7 +160,8 @@ class LearnerGroup:
     def push_weights(self, engines: list, engine_names: list[str], bucket_bytes: int = 256 << 20) -> dict[str, float]:
         """All ranks send together; rank 0's timing and byte count are the step's figures."""
         if not hasattr(self, "_transfer"):
-            self._transfer = {"master_port": free_port(), "world_size": 1 + len(engines),
+            self._transfer = {"master_address": self.master_addr, "master_port": self.transfer_port,
+                              "world_size": 1 + len(engines),
                               "bucket_bytes": bucket_bytes, "timeout_s": self.timeout_s,
                               "engine_name": ", ".join(engine_names)}
         results = self._gather([w.push_weights.remote(engines, self._transfer) for w in self.workers],
