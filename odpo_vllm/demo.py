@@ -1,7 +1,9 @@
 """Offline demo: `python -m odpo_vllm.demo`.
 
 Builds a tiny model and tokenizer locally, writes generated prompts to a JSONL file, and runs
-the real command line (`odpo_vllm.train`) on them with a programmatic sentiment reward. No
+the real command line (`odpo_vllm.train`) on them with a programmatic sentiment reward: by
+default the dedicated Ray placement (a vLLM engine actor and two DeepSpeed ZeRO-2 learner
+ranks on a local Ray cluster), or everything in this process with `--in_process`. No
 downloads. Prints the mean reward of the first and last logged steps and where the metrics
 and the reward-curve PNG are.
 """
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep an earlier run in output_dir (default: start over)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="one process (vLLM engine + learner) instead of Ray actors")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more odpo_vllm.train flags after --")
     options = parser.parse_args(argv)
 
@@ -37,7 +41,6 @@ def main(argv: list[str] | None = None):
         "--reward_funcs", "odpo_vllm.toy:sentiment_reward",
         "--output_dir", os.path.join(out, "train"),
         "--max_steps", str(options.max_steps),
-        "--per_device_train_batch_size", "8",
         "--gradient_accumulation_steps", "2",
         "--learning_rate", "3e-3",
         "--warmup_steps", "0.05",
@@ -48,10 +51,18 @@ def main(argv: list[str] | None = None):
         "--report_to", "none",
         "--seed", "0",
     ]
+    if options.in_process:
+        flags += ["--per_device_train_batch_size", "8"]
+    else:  # 16 prompts per step either way: 4 x 2 accumulation x 2 ranks
+        flags += ["--placement", "dedicated", "--ray_learner_ranks", "2", "--ray_zero_stage", "2",
+                  "--ray_cpus_per_actor", "0.5", "--ray_num_cpus", "2", "--per_device_train_batch_size", "4"]
     extra = options.extra[1:] if options.extra[:1] == ["--"] else options.extra
     from .train import main as train_main
 
     trainer, _ = train_main(flags + extra)
+    if not options.in_process:
+        trainer.learner.shutdown()
+        trainer.generator.shutdown()
     rows = [r for r in trainer.state.log_history if "objective/scores" in r]
     train_dir = trainer.args.output_dir
     print("\nOnline DPO demo finished")
