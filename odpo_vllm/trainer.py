@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel
 from transformers.trainer_callback import (
     CallbackHandler,
     DefaultFlowCallback,
