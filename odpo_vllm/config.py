@@ -15,6 +15,7 @@ from .objective import LOSS_TYPES
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("in_process", "dedicated", "colocated")
+WEIGHT_TRANSPORTS = ("auto", "nccl", "ipc", "odpo_gloo")
 
 
 def _gpu_supports_bf16() -> bool:
@@ -120,6 +121,12 @@ class OnlineDPOConfig(TrainingArguments):
     ray_num_engines: int = field(default=1, metadata={"help": "vLLM engine actors."})
     ray_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per learner rank and per engine (fractions allowed)."})
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+    weight_transport: str = field(
+        default="auto",
+        metadata={"help": "How learner ranks send weights to engine actors: nccl (GPUs, dedicated), ipc (CUDA IPC, "
+                          "colocated on one GPU), odpo_gloo (CPU, or anywhere as a fallback); auto picks by device "
+                          "and placement."},
+    )
 
     # --- objective
     beta: list[float] = field(
@@ -213,6 +220,8 @@ class OnlineDPOConfig(TrainingArguments):
             fail("ray_cpus_per_actor", f"must be > 0, got {self.ray_cpus_per_actor}")
         if not self.ray_timeout_s > 0:
             fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
+        if self.weight_transport not in WEIGHT_TRANSPORTS:
+            fail("weight_transport", f"{self.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
         if self.logprob_chunk_rows < 1:
             fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):

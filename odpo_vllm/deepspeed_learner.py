@@ -128,25 +128,34 @@ class DeepSpeedLearner(Learner):
                     metas.append(TensorMeta(mapped, param.dtype, shape))
         return metas
 
-    def push_weights(self, engines: list, init_info: dict | None = None) -> dict[str, float]:
-        """Send the weights to vLLM engines (Ray actor handles) over `odpo_gloo`. Every rank calls
-        this together (ZeRO-3 gathers are collectives); rank 0 sends and drives the engines. The
-        first call opens the transfer group (`init_info`: GlooTrainerInitInfo fields)."""
+    def push_weights(self, engines: list, init_info: dict) -> dict[str, float]:
+        """Send the weights to vLLM engines (Ray actor handles). Every rank calls this together
+        (ZeRO-3 gathers are collectives); rank 0 sends and drives the engines. The first call
+        opens the transfer (`init_info`: `backend` and `open_trainer_transport`'s fields)."""
         import time
 
         from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
 
-        from .transport import register_gloo_backend
-        from .transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+        from .transport import call_with_timeout
+        from .transport_vllm import open_trainer_transport
 
+        info = dict(init_info)
+        backend = info.pop("backend")
         if getattr(self, "_sender", None) is None:
-            register_gloo_backend()
-            info = GlooTrainerInitInfo(**{**(init_info or {}), "rank": self.rank})
-            self._sender = GlooTrainerWeightTransferEngine.trainer_init(
-                info, client=RayVLLMWeightSyncClient(list(engines)), source=_EngineWeights(self, info.bucket_bytes))
+            self._sender = open_trainer_transport(
+                backend, info, rank=self.rank, client=RayVLLMWeightSyncClient(list(engines)),
+                source=_EngineWeights(self, info["bucket_bytes"]))
+            self._sync_bytes = sum(m.nbytes for m in self.weights_meta())
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+        def send():
+            if device is not None:  # the current CUDA device is per thread
+                torch.cuda.set_device(device)
+            self._sender.send_weights()
+
         start = time.perf_counter()
-        self._sender.send_weights()
-        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self._sender.last_bytes)}
+        call_with_timeout(send, info["timeout_s"], f"{info['engine_name']} did not finish the {backend} weight update")
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self._sync_bytes)}
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:

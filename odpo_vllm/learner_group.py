@@ -157,11 +157,13 @@ class LearnerGroup:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self._gather([w.sequence_logprobs.remote(token_ids) for w in self.workers], "sequence_logprobs")[0]
 
-    def push_weights(self, engines: list, engine_names: list[str], bucket_bytes: int = 256 << 20) -> dict[str, float]:
+    def push_weights(self, engines: list, engine_names: list[str], backend: str, workers_per_engine: int = 1,
+                     bucket_bytes: int = 256 << 20) -> dict[str, float]:
         """All ranks send together; rank 0's timing and byte count are the step's figures."""
         if not hasattr(self, "_transfer"):
-            self._transfer = {"master_address": self.master_addr, "master_port": self.transfer_port,
-                              "world_size": 1 + len(engines),
+            self._transfer = {"backend": backend, "master_address": self.master_addr,
+                              "master_port": self.transfer_port,
+                              "world_size": 1 + len(engines) * workers_per_engine,
                               "bucket_bytes": bucket_bytes, "timeout_s": self.timeout_s,
                               "engine_name": ", ".join(engine_names)}
         results = self._gather([w.push_weights.remote(engines, self._transfer) for w in self.workers],

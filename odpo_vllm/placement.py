@@ -14,6 +14,7 @@ import torch
 
 from .generation import Rollouts
 from .learner_group import LearnerGroup
+from .transport import resolve_weight_transport
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +26,25 @@ def ensure_ray(args) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
-    if args.ray_address:
-        ray.init(address=args.ray_address, runtime_env={"env_vars": env})
-    else:  # a local cluster owned by this process
-        ray.init(num_cpus=args.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 object_store_memory=512 << 20)
+    # Inside `ray job submit`, RAY_ADDRESS names the cluster the job was submitted to.
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:  # a local cluster owned by this process, even if `ray start` left one running here
+        ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env}, object_store_memory=512 << 20)
 
 
 class RemoteGenerator:
     """vLLM engine actors used like one generator: prompts split across engines, completions
     merged back into one block layout; `sync_weights` has the learner group push to all of them."""
 
-    def __init__(self, engines, names, probe_ids, timeout_s: float, tolerance: float | None, dtype: torch.dtype):
+    def __init__(self, engines, names, probe_ids, timeout_s: float, tolerance: float | None, dtype: torch.dtype,
+                 transport: str = "odpo_gloo", workers_per_engine: int = 1):
         import ray
 
         self.ray, self.engines, self.names = ray, engines, names
+        self.transport, self.workers_per_engine = transport, workers_per_engine
         self.probe_ids, self.timeout_s = probe_ids, timeout_s
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.1)
         self.policy_version = -1
@@ -77,7 +82,7 @@ class RemoteGenerator:
         return Rollouts(prompt_ids, completions, ended, num_samples, self.policy_version, logprobs)
 
     def sync_weights(self, learner: LearnerGroup) -> dict[str, float]:
-        metrics = learner.push_weights(self.engines, self.names)
+        metrics = learner.push_weights(self.engines, self.names, self.transport, self.workers_per_engine)
         self.policy_version += 1
         if self.probe_ids is not None:
             served = self._get([self.engines[0].sequence_logprobs.remote(self.probe_ids)], "sequence_logprobs")[0]
@@ -108,8 +113,10 @@ def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: 
     from .vllm_engine import VLLMGenerator
 
     ensure_ray(args)
-    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    # The cluster's GPUs, not the driver's: a `ray job submit` driver often runs on a CPU-only head.
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and not args.use_cpu
     colocated = args.placement == "colocated"
+    transport = resolve_weight_transport(args.weight_transport, on_gpu, colocated)
     cpus = args.ray_cpus_per_actor
     engine_gpus = (0.5 if colocated else 1.0) * args.vllm_tensor_parallel_size if on_gpu else 0.0
     learner = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps,
@@ -127,10 +134,12 @@ def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: 
         if colocated:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 learner.placement, placement_group_bundle_index=i)
-        # learners send over gloo on GPUs too for now; vLLM's nccl/ipc engines are the next step
         engines.append(Engine.options(**options).remote(
             config, tokenizer, args, eos_token_ids, max_model_len, probe_ids=probe_ids, name=name,
-            weight_transfer_backend="odpo_gloo", engine_index=i))
+            weight_transfer_backend=transport, engine_index=i))
+    logger.info("%s placement: %d learner ranks (ZeRO-%d), %d engines, weights over %s", args.placement,
+                args.ray_learner_ranks, args.ray_zero_stage, num_engines, transport)
     generator = RemoteGenerator(engines, names, probe_ids, args.ray_timeout_s, args.vllm_sync_tolerance,
-                                torch.bfloat16 if args.bf16 else torch.float32)
+                                torch.bfloat16 if args.bf16 else torch.float32, transport,
+                                args.vllm_tensor_parallel_size)
     return learner, generator

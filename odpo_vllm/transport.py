@@ -237,6 +237,29 @@ def _in_daemon_thread(fn, *args) -> Future:
     return future
 
 
+def call_with_timeout(fn, timeout_s: float, what: str):
+    """`fn()` in a daemon thread; a TimeoutError saying `what` if it has not returned in time."""
+    future = _in_daemon_thread(fn)
+    done, _ = wait([future], timeout=timeout_s)
+    if not done:
+        raise TimeoutError(f"weight transport: {what} within {timeout_s:.0f}s")
+    return future.result()
+
+
+def resolve_weight_transport(requested: str, on_gpu: bool, colocated: bool) -> str:
+    """The backend that moves weights from learner ranks to engine actors. `auto`: CUDA IPC when
+    each engine shares its rank's GPU, NCCL between separate GPUs, odpo_gloo without GPUs."""
+    if requested == "auto":
+        return ("ipc" if colocated else "nccl") if on_gpu else GLOO_BACKEND
+    if requested in ("nccl", "ipc") and not on_gpu:
+        raise ValueError(f"OnlineDPOConfig.weight_transport: {requested!r} needs CUDA GPUs and the cluster has none; "
+                         f"use 'auto' or '{GLOO_BACKEND}'")
+    if requested == "ipc" and not colocated:
+        raise ValueError("OnlineDPOConfig.weight_transport: 'ipc' shares GPU memory, so each engine must sit on its "
+                         "learner rank's GPU: use placement='colocated', or 'nccl' for placement='dedicated'")
+    return requested
+
+
 def run_with_peer(call, args: tuple, work, timeout_s: float, peer: str):
     """Run `call(*args)` (an RPC to `peer` that returns once its side of the transfer is done)
     beside `work()` (this side of the same collective). Fails as soon as either side fails, and

@@ -173,3 +173,30 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def shutdown(self) -> None:
         self.group = None
+
+
+def open_trainer_transport(backend: str, info: dict, *, rank: int, client, source):
+    """The trainer-side engine of `backend` (odpo_gloo, vLLM's nccl or ipc), built and joined
+    through vLLM's factory. `info`: master_address, master_port, world_size (1 sender + every
+    engine worker), bucket_bytes, timeout_s, engine_name. Every trainer rank calls this; rank 0
+    sends, the others only take part in the gathers."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from .transport import call_with_timeout, register_gloo_backend
+
+    if backend == GLOO_BACKEND:
+        register_gloo_backend()
+        init = GlooTrainerInitInfo(**info, rank=rank)
+    elif backend == "nccl":
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        init = NCCLTrainerInitInfo(info["master_address"], info["master_port"], info["world_size"], rank=rank,
+                                   packed=True, packed_buffer_size_bytes=info["bucket_bytes"])
+    elif backend == "ipc":
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+        init = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=info["bucket_bytes"])
+    else:
+        raise ValueError(f"weight transport: unknown backend {backend!r}")
+    return call_with_timeout(lambda: WeightTransferTrainerFactory.trainer_init(init, client=client, source=source),
+                             info["timeout_s"], f"{info['engine_name']} did not join the {backend} weight transfer")

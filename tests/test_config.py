@@ -47,6 +47,7 @@ def config(tmp_path, **kwargs):
         ("vllm_max_model_len", {"vllm_max_model_len": 64, "max_new_tokens": 64}),
         ("placement", {"placement": "ray"}),
         ("ray_zero_stage", {"ray_zero_stage": 1}),
+        ("weight_transport", {"weight_transport": "tcp"}),
         ("ray_learner_ranks", {"ray_learner_ranks": 0}),
         ("ray_cpus_per_actor", {"ray_cpus_per_actor": 0}),
     ],

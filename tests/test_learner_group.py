@@ -29,7 +29,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY",) if k in os.environ}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
              runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
@@ -103,7 +103,7 @@ def test_zero3_group_pushes_gathered_buckets_to_two_engines(ray_cluster, model_p
                          zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher")
     try:
         group.step(pairs(tokenizer), beta=0.1)
-        stats = group.push_weights(engines, ["engine-0", "engine-1"], bucket_bytes=64 << 10)
+        stats = group.push_weights(engines, ["engine-0", "engine-1"], "odpo_gloo", bucket_bytes=64 << 10)
         learner_logprobs = group.sequence_logprobs(probe)
         served = ray.get([e.sequence_logprobs.remote(probe) for e in engines], timeout=300)
     finally:

@@ -16,10 +16,26 @@ from odpo_vllm.transport import (
     TensorMeta,
     pack,
     plan_buckets,
+    resolve_weight_transport,
     unpack,
 )
 
 pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.mark.parametrize("on_gpu, colocated, expected", [
+    (False, False, "odpo_gloo"), (False, True, "odpo_gloo"), (True, False, "nccl"), (True, True, "ipc")])
+def test_auto_transport_follows_device_and_placement(on_gpu, colocated, expected):
+    assert resolve_weight_transport("auto", on_gpu, colocated) == expected
+    assert resolve_weight_transport("odpo_gloo", on_gpu, colocated) == "odpo_gloo"  # a fallback anywhere
+
+
+def test_gpu_transports_refused_where_they_cannot_work():
+    with pytest.raises(ValueError, match="weight_transport: 'nccl' needs CUDA GPUs"):
+        resolve_weight_transport("nccl", on_gpu=False, colocated=False)
+    with pytest.raises(ValueError, match="weight_transport: 'ipc' .* placement='colocated'"):
+        resolve_weight_transport("ipc", on_gpu=True, colocated=False)
+    assert resolve_weight_transport("ipc", on_gpu=True, colocated=True) == "ipc"
 
 
 def free_port() -> int:
@@ -90,7 +106,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "PYTHONPATH") if k in os.environ}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
              runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
