@@ -183,14 +183,27 @@ def open_gloo_group(address: str, port: int, rank: int, world_size: int, timeout
         ) from err
 
 
-def gloo_broadcast(group, tensor: torch.Tensor, peer: str, timeout_s: float) -> None:
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    options.timeout = timedelta(seconds=timeout_s)
-    try:
-        group.broadcast([tensor], options).wait()
-    except Exception as err:
-        raise TimeoutError(f"weight transport: broadcast with {peer} failed or timed out after {timeout_s:.0f}s: {err}") from err
+class GlooBroadcast:
+    """One broadcast from rank 0 on a private gloo group, started now and waited for later, so a
+    side can pack or load one bucket while the next is on the wire."""
+
+    def __init__(self, group, tensor: torch.Tensor, peer: str, timeout_s: float):
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        options.timeout = timedelta(seconds=timeout_s)
+        self.tensor, self.peer, self.timeout_s = tensor, peer, timeout_s
+        try:
+            self.work = group.broadcast([tensor], options)
+        except Exception as err:
+            raise TimeoutError(f"weight transport: broadcast with {peer} failed: {err}") from err
+
+    def wait(self) -> torch.Tensor:
+        try:
+            self.work.wait()
+        except Exception as err:
+            raise TimeoutError(f"weight transport: broadcast with {self.peer} failed or timed out after "
+                               f"{self.timeout_s:.0f}s: {err}") from err
+        return self.tensor
 
 
 # --------------------------------------------------------------------------------------------

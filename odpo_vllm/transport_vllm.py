@@ -23,9 +23,9 @@ from vllm.distributed.weight_transfer.base import (
 from .transport import (
     DEFAULT_BUCKET_BYTES,
     GLOO_BACKEND,
+    GlooBroadcast,
     TensorMeta,
     _metas_from_update,
-    gloo_broadcast,
     open_gloo_group,
     pack,
     plan_buckets,
@@ -103,10 +103,18 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWorkerInitInfo, GlooUpda
         if self.group is None:
             raise RuntimeError("odpo_gloo: call init_weight_transfer_engine before update_weights")
         metas = _metas_from_update(update_info.names, update_info.dtype_names, update_info.shapes)
-        for bucket in plan_buckets([m.nbytes for m in metas], self.info.bucket_bytes):
-            bucket_metas = [metas[i] for i in bucket]
+        buckets = [[metas[i] for i in bucket] for bucket in plan_buckets([m.nbytes for m in metas],
+                                                                          self.info.bucket_bytes)]
+
+        def receive(bucket_metas):
             buffer = torch.empty(sum(m.nbytes for m in bucket_metas), dtype=torch.uint8)
-            gloo_broadcast(self.group, buffer, "the learner (trainer rank 0)", self.info.timeout_s)
+            return GlooBroadcast(self.group, buffer, "the learner (trainer rank 0)", self.info.timeout_s)
+
+        # Bucket k + 1 arrives while bucket k is loaded (at most two buffers alive).
+        incoming = receive(buckets[0]) if buckets else None
+        for index, bucket_metas in enumerate(buckets):
+            buffer = incoming.wait()
+            incoming = receive(buckets[index + 1]) if index + 1 < len(buckets) else None
             self.model.load_weights([(n, t.to(self.device)) for n, t in unpack(buffer, bucket_metas)])
 
     def shutdown(self) -> None:
@@ -154,7 +162,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
         def broadcast():
             tensors = iter(self.source)
-            sent = 0
+            sent, in_flight = 0, None
             for bucket in plan_buckets([m.nbytes for m in metas], info.bucket_bytes):
                 chunk = []
                 for index in bucket:
@@ -162,9 +170,13 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                     if name != metas[index].name:
                         raise RuntimeError(f"odpo_gloo: source yielded {name!r}, metadata said {metas[index].name!r}")
                     chunk.append(tensor.cpu())
-                buffer = pack(chunk)
-                gloo_broadcast(self.group, buffer, info.engine_name, info.timeout_s)
+                buffer = pack(chunk)  # packed while the previous bucket is on the wire
+                if in_flight is not None:
+                    in_flight.wait()
+                in_flight = GlooBroadcast(self.group, buffer, info.engine_name, info.timeout_s)
                 sent += buffer.numel()
+            if in_flight is not None:
+                in_flight.wait()
             self.last_bytes = sent
 
         self.client.start_weight_update()
