@@ -136,7 +136,11 @@ class OnlineDPOConfig(TrainingArguments):
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
     logprob_chunk_rows: int = field(
-        default=4, metadata={"help": "Rows per fp32 log-softmax chunk in the logprob pass (memory bound)."}
+        default=4,
+        metadata={
+            "help": "Rows per fp32 log-softmax chunk in the logprob pass, used only where logprobs cannot be "
+            "computed from hidden states (ZeRO-3, or an output layer that does not reproduce the logits)."
+        },
     )
 
     # --- logging

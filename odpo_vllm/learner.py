@@ -13,7 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .objective import completion_token_logprobs, dpo_loss, pack_sequences, policy_metrics, token_logprobs
+from .objective import (
+    completion_logprobs_from_hidden,
+    completion_token_logprobs,
+    dpo_loss,
+    pack_sequences,
+    policy_metrics,
+    token_logprobs,
+)
+
+# fp32 logits per chunk of completion tokens in the logprob pass (150k vocabulary: ~110 tokens)
+LOGPROB_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Learner:
         self.scheduler = scheduler or build_scheduler(self.optimizer, args, num_training_steps)
         self.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
+        self._hidden_path: dict[int, bool] = {}  # per model: logprobs from hidden states (see token_logprobs)
 
     # ---------------------------------------------------------------- logprobs
     def _autocast(self):
@@ -85,13 +96,61 @@ class Learner:
         return contextlib.nullcontext()
 
     def token_logprobs(self, model, packed):
+        """Completion-token logprobs under `model`, (N, T-1) fp32, and the completion mask.
+
+        Where the model allows it, the forward stops at the final hidden states (`logits_to_keep=1`)
+        and the output layer runs on completion positions only, a chunk of tokens at a time
+        (`completion_logprobs_from_hidden`): no (N, T, V) logits exist at any point. The first call
+        per model checks that its output layer alone reproduces its logits (no soft-capping or
+        scaling after it); otherwise, and under ZeRO-3 (partitioned weights must go through the
+        engine's forward), the full logits are computed and the fp32 log-softmax is chunked by
+        `logprob_chunk_rows` rows.
+        """
+        inputs = dict(input_ids=packed.input_ids.to(self.device),
+                      attention_mask=packed.attention_mask.to(self.device), use_cache=False)
+        key = id(model)
+        head = self._output_layer(model) if self._hidden_path.get(key, True) else None
+        out = None
+        if head is not None:
+            try:
+                with self._autocast():
+                    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            except TypeError:  # a forward without these arguments (custom code)
+                if key in self._hidden_path:
+                    raise
+                self._hidden_path[key] = False
+        if out is not None:
+            hidden = out.hidden_states[-1]
+
+            def project(states):
+                with self._autocast():
+                    return head(states)
+
+            if key not in self._hidden_path:  # the output layer alone must give the model's logits
+                with torch.no_grad():
+                    mine, theirs = project(hidden[:, -1:]).float(), out.logits.float()
+                self._hidden_path[key] = mine.shape == theirs.shape and bool(
+                    (mine - theirs).abs().max() <= 1e-6 * max(1.0, theirs.abs().max().item()))
+            if self._hidden_path[key]:
+                chunk = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
+                return completion_logprobs_from_hidden(hidden, project, packed, chunk)
+            del out, hidden
         with self._autocast():
-            logits = model(
-                input_ids=packed.input_ids.to(self.device),
-                attention_mask=packed.attention_mask.to(self.device),
-                use_cache=False,
-            ).logits
+            logits = model(**inputs).logits
         return completion_token_logprobs(logits, packed, self.args.logprob_chunk_rows)
+
+    @staticmethod
+    def _output_layer(model):
+        """The model's output projection (`lm_head`) when logprobs may be computed from hidden states."""
+        partitioned = getattr(model, "zero_optimization_partition_weights", None)
+        if callable(partitioned) and partitioned():
+            return None
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        weight = getattr(head, "weight", None)
+        return head if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
 
     def _pair_pass(self, batch: PairBatch, beta: float, total_pairs: int, train: bool):
         """Loss (scaled so micro-batches add up to the mean over `total_pairs`) and metric sums."""

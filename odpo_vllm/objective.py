@@ -146,6 +146,39 @@ def completion_token_logprobs(logits: torch.Tensor, packed: PackedSequences, chu
     return logps * mask, mask
 
 
+def _chunk_logprobs(project, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = project(states).float()  # (chunk, V): the only vocabulary-wide tensor, one chunk at a time
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logprobs_from_hidden(hidden: torch.Tensor, project, packed: PackedSequences, chunk_tokens: int = 256):
+    """`completion_token_logprobs` computed from the final hidden states instead of the logits.
+
+    `hidden` is the (N, T, H) output of the model's last norm and `project` its output layer
+    (`lm_head`): logits are made only for completion positions, `chunk_tokens` of them at a time,
+    so the pass never holds a (N, T, V) tensor. Under autograd each chunk is checkpointed: its
+    logits are recomputed in backward instead of kept, and the peak stays a few (chunk, V) tensors
+    for the whole batch. Returns fp32 logprobs and the mask, both (N, T-1), zero off completions.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    mask = packed.completion_mask[:, 1:].to(hidden.device)
+    targets = packed.input_ids[:, 1:].to(hidden.device)
+    rows, cols = mask.nonzero(as_tuple=True)  # position t predicts token t + 1
+    states, picked = hidden[:, :-1][rows, cols], targets[rows, cols]  # (M, H), (M,)
+    grad = torch.is_grad_enabled() and states.requires_grad
+    parts = []
+    for start in range(0, states.shape[0], chunk_tokens):
+        chunk = (project, states[start : start + chunk_tokens], picked[start : start + chunk_tokens])
+        parts.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False) if grad else _chunk_logprobs(*chunk))
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        out = out.index_put((rows, cols), torch.cat(parts))
+    return out, mask
+
+
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------

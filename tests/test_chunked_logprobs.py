@@ -1,0 +1,93 @@
+"""Logprobs from hidden states, a chunk of completion tokens at a time, equal the full-logits pass
+(values and gradients), and the learner falls back to full logits where the output layer alone
+does not give the model's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odpo_vllm.learner import Learner
+from odpo_vllm.objective import completion_logprobs_from_hidden, completion_token_logprobs, pack_sequences
+
+from conftest import make_args
+
+
+def _packed(vocab: int, pad: int):
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    completions = [[20, 21, 22, 23], [30], [40, 41], [50, 51, 52, 53, 54, 55]]
+    return pack_sequences(prompts, completions, max_length=16, pad_token_id=pad)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 1000])
+def test_hidden_chunks_match_full_logits(chunk_tokens):
+    torch.manual_seed(0)
+    vocab, width = 97, 16
+    head = torch.nn.Linear(width, vocab, bias=True)
+    packed = _packed(vocab, pad=0)
+    hidden = torch.randn(*packed.input_ids.shape, width, requires_grad=True)
+
+    expected, expected_mask = completion_token_logprobs(head(hidden), packed, chunk_rows=2)
+    (expected.sum() * 0.5).backward()
+    grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = None
+    head.zero_grad()
+
+    got, mask = completion_logprobs_from_hidden(hidden, head, packed, chunk_tokens)
+    (got.sum() * 0.5).backward()
+    assert torch.equal(mask, expected_mask)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got[mask == 0] == 0).all()
+    for want, have in zip(grads, [hidden.grad, head.weight.grad, head.bias.grad]):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_vocabulary_wide_tensor_larger_than_a_chunk():
+    """The projection only ever sees `chunk_tokens` rows: nothing (N, T, V)-sized is built."""
+    torch.manual_seed(0)
+    packed = _packed(64, pad=0)
+    seen = []
+
+    def project(states):
+        seen.append(states.shape[0])
+        return states @ torch.ones(8, 64)
+
+    completion_logprobs_from_hidden(torch.randn(*packed.input_ids.shape, 8), project, packed, chunk_tokens=4)
+    assert max(seen) <= 4 and sum(seen) == int(packed.completion_mask[:, 1:].sum())
+
+
+def _learner_and_full(model, tmp_path, packed):
+    learner = Learner(model, None, make_args(tmp_path, gradient_checkpointing=False), 1, 1)
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
+    full, _ = completion_token_logprobs(logits, packed)
+    full.sum().backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got, _ = learner.token_logprobs(model, packed)
+    got.sum().backward()
+    return learner, full, full_grads, got
+
+
+def test_learner_uses_hidden_states_and_matches_full_logits(model, tmp_path):
+    packed = _packed(model.config.vocab_size, pad=1)
+    learner, full, full_grads, got = _learner_and_full(model, tmp_path, packed)
+    assert learner._hidden_path[id(model)] is True
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_learner_falls_back_when_logits_are_post_processed(tmp_path):
+    """Gemma2 soft-caps its logits after the output layer: the learner notices and uses them."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=32, final_logit_softcapping=1.0,
+                          pad_token_id=1, eos_token_id=0, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config)
+    packed = _packed(64, pad=1)
+    learner, full, full_grads, got = _learner_and_full(model, tmp_path, packed)
+    assert learner._hidden_path[id(model)] is False
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
