@@ -35,7 +35,19 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+class _RotaryReloadNoise(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" at every in-place reload: the rotary
+    cos/sin cache is computed from the config, never part of a checkpoint, and vLLM puts it back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+_ROTARY_RELOAD_NOISE = _RotaryReloadNoise()
+
+
 def _set_engine_env(on_gpu: bool) -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ROTARY_RELOAD_NOISE)
     # The engine core runs in this process, so the model runner (and `reload_weights`) is
     # reachable and tensors are handed over by reference, on GPU as on CPU.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
