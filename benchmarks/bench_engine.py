@@ -61,7 +61,7 @@ def bench_generation(root, prompts, new_tokens, repeats):
         batch = [ids[i % len(ids)] for i in range(prompts)]
         eos = {tokenizer.eos_token_id}  # rarely sampled by a random model; actual tokens are counted
         hf = TransformersGenerator(model, eos, tokenizer.pad_token_id, args.sampling_settings())
-        engine = VLLMGenerator(model, tokenizer, args, eos, max_model_len=64)
+        engine = VLLMGenerator(model, tokenizer, args, eos, max_model_len=64, max_sequences=2 * prompts)
         engine.sync_weights(Learner(model, None, args, tokenizer.pad_token_id, 1))
         times = {"transformers": [], "vllm": []}
         tokens = {}

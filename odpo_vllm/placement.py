@@ -128,6 +128,9 @@ def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: 
     names = [f"vllm-engine-{i}" for i in range(num_engines)]
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     Engine = ray.remote(VLLMGenerator)
+    # each engine samples its share of the step's completions in one call
+    prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.ray_learner_ranks
+    max_sequences = -(-prompts_per_step // num_engines) * args.num_samples
     engines = []
     for i, name in enumerate(names):
         options = dict(name=name, num_cpus=cpus, num_gpus=engine_gpus)
@@ -136,7 +139,7 @@ def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: 
                 learner.placement, placement_group_bundle_index=i)
         engines.append(Engine.options(**options).remote(
             config, tokenizer, args, eos_token_ids, max_model_len, probe_ids=probe_ids, name=name,
-            weight_transfer_backend=transport, engine_index=i))
+            weight_transfer_backend=transport, engine_index=i, max_sequences=max_sequences))
     logger.info("%s placement: %d learner ranks (ZeRO-%d), %d engines, weights over %s", args.placement,
                 args.ray_learner_ranks, args.ray_zero_stage, num_engines, transport)
     generator = RemoteGenerator(engines, names, probe_ids, args.ray_timeout_s, args.vllm_sync_tolerance,

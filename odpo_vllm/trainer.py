@@ -183,7 +183,7 @@ class OnlineDPOTrainer:
             )
         max_model_len, probe = self._engine_context(context)
         generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
-                                  probe_ids=probe)
+                                  probe_ids=probe, max_sequences=self.prompts_per_step * args.num_samples)
         generator.sync_weights(self.learner)  # the engine starts with dummy weights
         return generator
 

@@ -11,12 +11,13 @@ from odpo_vllm.generation import TransformersGenerator
 from odpo_vllm.learner import Learner
 from odpo_vllm.objective import pack_sequences
 from odpo_vllm.transport import LearnerWeights
-from odpo_vllm.vllm_engine import VLLMGenerator
+from odpo_vllm.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cache_bytes
 
 from conftest import make_args
 
 pytestmark = pytest.mark.timeout(600)
 
+FULL_BATCH = 1024  # sequences the module's engine must hold at once (more than a 64 MiB cache does here)
 GREEDY = {"temperature": 1e-6}  # vLLM samples greedily below 1e-5; transformers nearly so
 
 
@@ -31,10 +32,30 @@ def engine_setup(model_path, tmp_path_factory):
     learner = Learner(policy, None, args, tokenizer.pad_token_id, num_training_steps=10)
     prompt = tokenizer("Review the film:")["input_ids"]
     engine = VLLMGenerator(policy, tokenizer, args, {tokenizer.eos_token_id}, max_model_len=128,
-                           probe_ids=prompt * 2)
+                           probe_ids=prompt * 2, max_sequences=FULL_BATCH)
     engine.sync_weights(learner)
     yield engine, learner, tokenizer, prompt
     engine.close()
+
+
+def test_cpu_kv_cache_sized_for_the_whole_batch(engine_setup):
+    """The engine samples a step's completions in one batch rather than in waves: its KV cache
+    holds `max_sequences` sequences of `max_model_len` (vLLM's own count of blocks)."""
+    engine = engine_setup[0]
+    blocks = engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    per_sequence = -(-128 // CPU_KV_BLOCK_TOKENS)
+    assert blocks >= FULL_BATCH * per_sequence
+    assert cpu_kv_cache_bytes(engine_setup[1].model.config, torch.float32, 128, 8) == 64 << 20  # small: the floor
+
+
+def test_cpu_kv_cache_bytes_counts_layers_heads_and_blocks():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    per_token = 2 * 8 * 2 * 64 * 4  # k and v, layers, kv heads, head_dim, fp32
+    assert cpu_kv_cache_bytes(config, torch.float32, 300, 256) == per_token * 384 * 256  # 3 blocks of 128
+    assert cpu_kv_cache_bytes(config, torch.bfloat16, 128, 512) == per_token // 2 * 128 * 512
+    assert cpu_kv_cache_bytes(config, torch.float32, 128, None) == 64 << 20
 
 
 def perturb(model, scale: float, seed: int) -> None:
