@@ -95,7 +95,11 @@ class OnlineDPOConfig(TrainingArguments):
         metadata={"help": "Free the engine's GPU memory while the learner trains (GPU only; no-op on CPU)."},
     )
     vllm_kv_cache_memory_bytes: int | None = field(
-        default=None, metadata={"help": "KV-cache size in bytes (default on CPU: 64 MiB; on GPU: from utilization)."}
+        default=None,
+        metadata={
+            "help": "KV-cache size in bytes. Default on CPU: room for a step's completions at full length "
+            "(at least 64 MiB, at most a quarter of memory); on GPU: from vllm_gpu_memory_utilization."
+        },
     )
     vllm_enforce_eager: bool | None = field(
         default=None, metadata={"help": "Disable CUDA graphs (default: True on CPU, False on GPU)."}
