@@ -39,7 +39,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -266,56 +265,18 @@ def run_ours(cfg: dict) -> dict:
             "logged_step": [r["time/step"] for r in rows], "rss_mib": rss, "torch_threads": torch.get_num_threads()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_peer(port: int, nbytes: int, rounds: int) -> None:
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=120))
-    group = dist.ProcessGroupGloo(store, 1, 2, timedelta(seconds=120))
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    for _ in range(rounds):
-        group.broadcast([buffer], options).wait()
-
-
 def run_raw(cfg: dict) -> dict:
     """Raw bandwidth of the transports on one tensor of the model's size: a gloo broadcast to
     another process, and one in-process tensor copy."""
-    import multiprocessing as mp
-    from datetime import timedelta
-
     import torch
-    import torch.distributed as dist
+    from bench_engine import raw_gloo_bandwidth
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(cfg["model_path"])
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied weights counted twice
     del model
     repeats = 5
-    port = _free_port()
-    peer = mp.get_context("spawn").Process(target=_gloo_peer, args=(port, nbytes, repeats + 1))
-    peer.start()
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=120))
-    group = dist.ProcessGroupGloo(store, 0, 2, timedelta(seconds=120))
-    buffer = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    gloo = []
-    for r in range(repeats + 1):
-        start = time.perf_counter()
-        group.broadcast([buffer], options).wait()
-        if r:
-            gloo.append(time.perf_counter() - start)
-    peer.join(timeout=60)
+    gloo_bps = raw_gloo_bandwidth(nbytes, rounds=repeats)
     source = torch.randn(nbytes // 4)
     target = torch.empty_like(source)
     copy = []
@@ -331,7 +292,7 @@ def run_raw(cfg: dict) -> dict:
         torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
         if r:
             pack.append(time.perf_counter() - start)
-    return {"bytes": nbytes, "gloo_bps": nbytes / statistics.median(gloo), "copy_bps": nbytes / statistics.median(copy),
+    return {"bytes": nbytes, "gloo_bps": gloo_bps, "copy_bps": nbytes / statistics.median(copy),
             "pack_s": statistics.median(pack)}
 
 
