@@ -99,7 +99,7 @@ class RemoteGenerator:
 
 
 def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: int, probe_ids,
-                num_training_steps: int):
+                num_training_steps: int, prompts_per_step: int):
     """Learner ranks in a placement group (one bundle per rank) and vLLM engine actors.
 
     dedicated: engines on resources of their own (`ray_num_engines` of them).
@@ -129,7 +129,6 @@ def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     Engine = ray.remote(VLLMGenerator)
     # each engine samples its share of the step's completions in one call
-    prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.ray_learner_ranks
     max_sequences = -(-prompts_per_step // num_engines) * args.num_samples
     engines = []
     for i, name in enumerate(names):

@@ -155,7 +155,7 @@ class OnlineDPOTrainer:
             max_model_len, probe = self._engine_context(context)
             self.learner, self.generator = build_roles(
                 self._ray_model_path, processing_class, args, self.eos_token_ids, max_model_len, probe,
-                self.max_steps)
+                self.max_steps, self.prompts_per_step)
             self.generator.sync_weights(self.learner)  # engines start with dummy weights
 
         # ---- callbacks, state
