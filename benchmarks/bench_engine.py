@@ -122,7 +122,8 @@ def bench_sync(root, repeats):
     from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
 
     from odpo_vllm.learner import Learner
-    from odpo_vllm.transport import LearnerWeights, register_gloo_backend
+    from odpo_vllm.transport_vllm import register_gloo_backend
+    from odpo_vllm.weights import LearnerWeights
     from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
     from odpo_vllm.vllm_engine import VLLMGenerator
 

@@ -1,5 +1,6 @@
 """Checkpoints that continue the same run: weights, optimizer, scheduler, RNG, data position,
-trainer state and policy version, under `<output_dir>/checkpoint-<step>`."""
+trainer state, policy version and the batches already sampled for later steps (async_steps > 0),
+under `<output_dir>/checkpoint-<step>`."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from transformers.trainer_callback import TrainerState
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "odpo_state.json"
 RNG_FILE = "rng_state.pth"
+ROLLOUTS_FILE = "rollouts.pt"
 
 
 def save(trainer) -> str:
     directory = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
     os.makedirs(directory, exist_ok=True)
+    # first: it waits for the batches being sampled for later steps (their pairs are saved)
+    torch.save(trainer.pipeline.state_dict(), os.path.join(directory, ROLLOUTS_FILE))
     trainer.save_model(directory)
     trainer.learner.save(directory)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
@@ -29,14 +33,14 @@ def save(trainer) -> str:
     torch.save(rng, os.path.join(directory, RNG_FILE))
     trainer.state.save_to_json(os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, RUN_FILE), "w") as f:
-        json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.generator.policy_version}, f)
+        json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.publisher.version}, f)
     _rotate(trainer.args.output_dir, trainer.args.save_total_limit)
     return directory
 
 
 def load(trainer, directory: str) -> None:
     learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else ()  # Ray: DeepSpeed's own
-    for name in (STATE_FILE, RUN_FILE) + learner_files:
+    for name in (STATE_FILE, RUN_FILE, ROLLOUTS_FILE) + learner_files:
         if not os.path.exists(os.path.join(directory, name)):
             raise FileNotFoundError(
                 f"resume_from_checkpoint: {directory} has no {name}; point it at a checkpoint-<step> folder "
@@ -55,9 +59,9 @@ def load(trainer, directory: str) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    # The generator must serve the resumed weights before it samples again.
-    trainer.generator.sync_weights(trainer.learner)
-    trainer.generator.policy_version = run["policy_version"]
+    trainer.pipeline.load_state_dict(torch.load(os.path.join(directory, ROLLOUTS_FILE), weights_only=False))
+    # The engines must serve the resumed weights before they sample again.
+    trainer.publisher.publish(run["policy_version"])
 
 
 def _rotate(output_dir: str, limit: int | None) -> None:

@@ -132,6 +132,20 @@ class OnlineDPOConfig(TrainingArguments):
                           "and placement."},
     )
 
+    # --- asynchronous actor/learner pipeline
+    async_steps: int = field(
+        default=0,
+        metadata={"help": "K: sample (and score) the batches of the next K steps while the learners train the "
+                          "current one. The batch of step t is sampled by policy version max(0, t - K), exactly "
+                          "(reproducible, resumable). 0: synchronous, as the reference."},
+    )
+    ray_num_reward_workers: int | None = field(
+        default=None,
+        metadata={"help": "Reward-model actors under a Ray placement (default 1 when a reward model is given; "
+                          "callables and judges run in the driver)."},
+    )
+    reward_gpus: float = field(default=0.25, metadata={"help": "GPU share of each reward-model actor on GPU clusters."})
+
     # --- objective
     beta: list[float] = field(
         default_factory=lambda: [0.1],
@@ -230,12 +244,23 @@ class OnlineDPOConfig(TrainingArguments):
             fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
         if self.weight_transport not in WEIGHT_TRANSPORTS:
             fail("weight_transport", f"{self.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
+        if self.async_steps < 0:
+            fail("async_steps", f"must be >= 0 (0: synchronous), got {self.async_steps}")
+        if self.ray_num_reward_workers is not None and self.ray_num_reward_workers < 1:
+            fail("ray_num_reward_workers", f"must be >= 1, got {self.ray_num_reward_workers}")
+        if self.reward_gpus < 0:
+            fail("reward_gpus", f"must be >= 0, got {self.reward_gpus}")
         if self.logprob_chunk_rows < 1:
             fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
             fail("reward_weights", "must be a list of numbers")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
             fail("generation_kwargs", "must be a dict")
+
+    @property
+    def data_parallel_ranks(self) -> int:
+        """Learner ranks that share a step's prompts (one in process)."""
+        return 1 if self.placement == "in_process" else self.ray_learner_ranks
 
     def beta_at(self, epoch: float) -> float:
         from .objective import beta_for_epoch

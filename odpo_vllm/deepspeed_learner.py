@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from .learner import Learner, build_optimizer, build_scheduler
-from .transport import TensorMeta, checkpoint_name
+from .weights import TensorMeta, checkpoint_name, merged_adapter
 
 
 def import_deepspeed():
@@ -94,23 +94,27 @@ class DeepSpeedLearner(Learner):
 
     # ---------------------------------------------------------------- weights for the engines
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights in checkpoint names. Under ZeRO-3 each size-capped group of parameters is
-        gathered, copied out and released before the next (never the whole model at once). Every
-        rank must iterate in lockstep: gathering is a collective."""
+        """The weights the engines load (`weights.py`'s definition: checkpoint names, tied weights
+        under every name, LoRA merged). Under ZeRO-3 each size-capped group of parameters is
+        gathered, copied out and released before the next (never the whole model at once), except
+        for a LoRA policy, whose merge needs every base weight and its adapter at once. Every rank
+        must iterate in lockstep: gathering is a collective."""
         deepspeed = import_deepspeed()
-        names_of, params = _parameters_with_names(self.engine.module)
+        module = self.engine.module
+        names_of, params = _parameters_with_names(module)
+        zero3 = self.zero_stage == 3
+        if hasattr(module, "peft_config"):
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3), merged_adapter(module):
+                copies = [(p, p.detach().clone()) for p in params]
+            yield from _mapped(copies, names_of)
+            return
         group, used = [], 0
         for param in params + [None]:
             size = 0 if param is None else _full_numel(param) * param.element_size()
             if group and (param is None or used + size > bucket_bytes):
-                with deepspeed.zero.GatheredParameters(group, modifier_rank=None,
-                                                       enabled=self.zero_stage == 3):
+                with deepspeed.zero.GatheredParameters(group, modifier_rank=None, enabled=zero3):
                     copies = [(p, p.detach().clone()) for p in group]
-                for p, tensor in copies:
-                    for name in names_of[id(p)]:
-                        mapped = checkpoint_name(name)
-                        if mapped is not None:
-                            yield mapped, tensor
+                yield from _mapped(copies, names_of)
                 group, used = [], 0
             if param is not None:
                 group.append(param)
@@ -127,35 +131,6 @@ class DeepSpeedLearner(Learner):
                 if mapped is not None:
                     metas.append(TensorMeta(mapped, param.dtype, shape))
         return metas
-
-    def push_weights(self, engines: list, init_info: dict) -> dict[str, float]:
-        """Send the weights to vLLM engines (Ray actor handles). Every rank calls this together
-        (ZeRO-3 gathers are collectives); rank 0 sends and drives the engines. The first call
-        opens the transfer (`init_info`: `backend` and `open_trainer_transport`'s fields)."""
-        import time
-
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-
-        from .transport import call_with_timeout
-        from .transport_vllm import open_trainer_transport
-
-        info = dict(init_info)
-        backend = info.pop("backend")
-        if getattr(self, "_sender", None) is None:
-            self._sender = open_trainer_transport(
-                backend, info, rank=self.rank, client=RayVLLMWeightSyncClient(list(engines)),
-                source=_EngineWeights(self, info["bucket_bytes"]))
-            self._sync_bytes = sum(m.nbytes for m in self.weights_meta())
-        device = torch.cuda.current_device() if torch.cuda.is_available() else None
-
-        def send():
-            if device is not None:  # the current CUDA device is per thread
-                torch.cuda.set_device(device)
-            self._sender.send_weights()
-
-        start = time.perf_counter()
-        call_with_timeout(send, info["timeout_s"], f"{info['engine_name']} did not finish the {backend} weight update")
-        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self._sync_bytes)}
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
@@ -178,6 +153,14 @@ def _parameters_with_names(model) -> tuple[dict[int, list[str]], list]:
     return names_of, params
 
 
+def _mapped(copies, names_of) -> Iterator[tuple[str, torch.Tensor]]:
+    for param, tensor in copies:
+        for name in names_of[id(param)]:
+            mapped = checkpoint_name(name)
+            if mapped is not None:
+                yield mapped, tensor
+
+
 def _full_numel(param) -> int:
     shape = getattr(param, "ds_shape", None)
     return int(torch.Size(shape).numel()) if shape is not None else param.numel()
@@ -196,3 +179,43 @@ class _EngineWeights:
 
     def __iter__(self):
         return self.learner.named_weights(self.bucket_bytes)
+
+
+class WeightSender:
+    """A rank's side of the weight transport, opened and closed by the weight publisher: vLLM's
+    trainer-side engine of the chosen backend over this rank's `named_weights`. Rank 0 sends and
+    drives the engines; the other ranks take part in the ZeRO-3 gathers."""
+
+    def __init__(self, learner: DeepSpeedLearner, engines: list, info: dict):
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+
+        from .transport_vllm import open_trainer_transport
+
+        info = dict(info)
+        self.backend, self.info = info.pop("backend"), info
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.engine = open_trainer_transport(
+            self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)),
+            source=_EngineWeights(learner, info["bucket_bytes"]))
+        self.bytes = sum(m.nbytes for m in learner.weights_meta())
+
+    def send(self) -> dict[str, float]:
+        import time
+
+        from .transport import call_with_timeout
+
+        def send():
+            if self.device is not None:  # the current CUDA device is per thread
+                torch.cuda.set_device(self.device)
+            self.engine.send_weights()
+
+        start = time.perf_counter()
+        call_with_timeout(send, self.info["timeout_s"],
+                          f"{self.info['engine_name']} did not finish the {self.backend} weight update")
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
+
+    def close(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        self.engine = None

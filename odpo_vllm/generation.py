@@ -1,31 +1,16 @@
 """Generators: sample k completions per prompt. The transformers backend lives here; the vLLM
-engine implements the same `generate` / `sync_weights` contract."""
+engine implements the same contract (`roles.Generator`)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .batches import Rollouts
+from .roles import Done
 from .objective import truncate_after_eos
-
-
-@dataclass
-class Rollouts:
-    """Completions of one batch of prompts, in block layout (row j*B + i = sample j of prompt i)."""
-
-    prompt_ids: list[list[int]]  # B prompts
-    completion_ids: list[list[int]]  # k*B completions, cut after the first EOS (kept)
-    contains_eos: torch.Tensor  # (k*B,) bool
-    num_samples: int
-    policy_version: int
-    sampling_logprobs: list[list[float]] | None = None  # per completion token, where the backend gives them
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.prompt_ids)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -59,7 +44,7 @@ class TransformersGenerator:
         self.sampling = dict(sampling)
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        self.policy_version = 0
+        self.policy_version = -1  # set by the weight publisher
 
     def _generation_config(self):
         from transformers import GenerationConfig
@@ -75,6 +60,10 @@ class TransformersGenerator:
             use_cache=True,
             **settings,
         )
+
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Done:
+        """In process, sampling happens now; the handle holds the result."""
+        return Done(self.generate(prompt_ids, num_samples, seed))
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
@@ -109,7 +98,6 @@ class TransformersGenerator:
             )
         return [row.tolist() for row in out[:, width:].cpu()]
 
-    def sync_weights(self, learner) -> dict[str, float]:
-        """Shares the learner's parameters: nothing moves, only the version advances."""
-        self.policy_version += 1
-        return {}
+    def set_policy_version(self, version: int) -> None:
+        """Shares the learner's parameters: nothing moves, only the version is recorded."""
+        self.policy_version = version

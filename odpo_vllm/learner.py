@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
+from .batches import PairBatch
 from .objective import (
     completion_logprobs_from_hidden,
     completion_token_logprobs,
@@ -24,21 +24,6 @@ from .objective import (
 
 # fp32 logits per chunk of completion tokens in the logprob pass (150k vocabulary: ~110 tokens)
 LOGPROB_CHUNK_BYTES = 64 << 20
-
-
-@dataclass
-class PairBatch:
-    """Chosen and rejected completions of the same prompts (token ids)."""
-
-    prompt_ids: list[list[int]]
-    chosen_ids: list[list[int]]
-    rejected_ids: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    def slice(self, start: int, stop: int) -> "PairBatch":
-        return PairBatch(self.prompt_ids[start:stop], self.chosen_ids[start:stop], self.rejected_ids[start:stop])
 
 
 def build_optimizer(model, args):
@@ -234,6 +219,10 @@ class Learner:
         return {key: value / len(batch) for key, value in totals.items()}
 
     # ---------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: str) -> None:
+        """The policy as a `from_pretrained` folder (a PEFT policy: its adapter)."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+
     def save(self, directory: str) -> None:
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))

@@ -6,38 +6,33 @@ names the rank that did not answer, and combines their metrics into the step's m
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from typing import Any
 
 import torch
 
-from .learner import PairBatch
+from .batches import PairBatch
 
 
 class LearnerWorker:
-    """One rank (a Ray actor): loads the policy, builds the reference, runs `DeepSpeedLearner`."""
+    """One rank (a Ray actor): loads the policy and reference with the in-process loader
+    (`models.prepare_policy_and_reference`: LoRA, model_init_kwargs, trust_remote_code), runs
+    `DeepSpeedLearner`, and exposes its weights to the weight publisher."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 args, pad_token_id: int, num_training_steps: int, zero_stage: int, threads: int = 1):
+                 args, pad_token_id: int, num_training_steps: int, zero_stage: int, threads: int = 1,
+                 peft_config=None):
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         torch.set_num_threads(threads)  # oversubscribed ranks ran 10x slower on 2 cores
         torch.manual_seed(args.seed)
-        from transformers import AutoModelForCausalLM
-
         from .deepspeed_learner import DeepSpeedLearner
-        from .trainer import disable_dropout
+        from .models import prepare_policy_and_reference
 
-        policy = AutoModelForCausalLM.from_pretrained(model_path)
-        if args.disable_dropout:
-            disable_dropout(policy)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        policy, reference = prepare_policy_and_reference(model_path, None, peft_config, args)
         self.learner = DeepSpeedLearner(policy, reference, args, pad_token_id, num_training_steps, zero_stage)
+        self.sender = None
 
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
         return self.learner.step(batch, beta)
@@ -48,8 +43,22 @@ class LearnerWorker:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self.learner.sequence_logprobs(token_ids)
 
-    def push_weights(self, engines: list, init_info: dict) -> dict[str, float]:
-        return self.learner.push_weights(engines, init_info)
+    # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
+    def open_weight_transport(self, engines: list, info: dict) -> None:
+        from .deepspeed_learner import WeightSender
+
+        self.close_weight_transport()
+        self.sender = WeightSender(self.learner, engines, info)
+
+    def send_weights(self) -> dict[str, float]:
+        if self.sender is None:
+            raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
+        return self.sender.send()
+
+    def close_weight_transport(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     def save_pretrained(self, directory: str) -> None:
         weights = dict(self.learner.named_weights())  # a collective under ZeRO-3: every rank joins
@@ -96,7 +105,8 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
                  zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
-                 timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None):
+                 timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None,
+                 peft_config=None):
         """`bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
         engine share (`bundle_index` = rank)."""
         import ray
@@ -115,7 +125,7 @@ class LearnerGroup:
         # address and free ports on rank 0's node, which on a cluster is not the driver's.
         locate = ray.remote(num_cpus=0)(_node_address).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
-        self.master_addr, port, self.transfer_port = self._wait([locate.remote()], "rank 0's node")[0]
+        self.master_addr, port, _ = self._wait([locate.remote()], "rank 0's node")[0]
         if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
             self.master_addr = "127.0.0.1"  # a one-node cluster: keep every rendezvous on loopback
         Worker = ray.remote(LearnerWorker)
@@ -124,7 +134,7 @@ class LearnerGroup:
                 name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
             ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
-                     zero_stage, max(int(cpus_per_rank), 1))
+                     zero_stage, max(int(cpus_per_rank), 1), peft_config)
             for rank in range(num_ranks)
         ]
         self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
@@ -157,18 +167,18 @@ class LearnerGroup:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self._gather([w.sequence_logprobs.remote(token_ids) for w in self.workers], "sequence_logprobs")[0]
 
-    def push_weights(self, engines: list, engine_names: list[str], backend: str, workers_per_engine: int = 1,
-                     bucket_bytes: int = 256 << 20) -> dict[str, float]:
-        """All ranks send together; rank 0's timing and byte count are the step's figures."""
-        if not hasattr(self, "_transfer"):
-            self._transfer = {"backend": backend, "master_address": self.master_addr,
-                              "master_port": self.transfer_port,
-                              "world_size": 1 + len(engines) * workers_per_engine,
-                              "bucket_bytes": bucket_bytes, "timeout_s": self.timeout_s,
-                              "engine_name": ", ".join(engine_names)}
-        results = self._gather([w.push_weights.remote(engines, self._transfer) for w in self.workers],
-                               "push_weights")
-        return results[0]
+    def call(self, method: str, *args) -> list:
+        """`method(*args)` on every rank together; each rank's result, in rank order."""
+        return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
+
+    def free_port_on_rank0(self) -> int:
+        """A free port on rank 0's node (each opening of a weight transport takes a fresh one: a
+        restarted peer may still find the old port in use)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        locate = self.ray.remote(num_cpus=0)(_node_address).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
+        return self._wait([locate.remote()], "rank 0's node")[0][1]
 
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (rank 0 writes the gathered weights)."""
@@ -184,10 +194,14 @@ class LearnerGroup:
     def full_weights(self) -> list[dict[str, torch.Tensor]]:
         return self._gather([w.full_weights.remote() for w in self.workers], "full_weights")
 
-    def shutdown(self) -> None:
-        for worker in self.workers:
+    def close(self) -> None:
+        """Kill the ranks and free their placement group (idempotent)."""
+        for worker in getattr(self, "workers", []):
             self.ray.kill(worker)
-        self.ray.util.remove_placement_group(self.placement)
+        self.workers = []
+        if getattr(self, "placement", None) is not None:
+            self.ray.util.remove_placement_group(self.placement)
+            self.placement = None
 
 
 def _combine(results: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:

@@ -1,147 +1,270 @@
-"""Ray placements: who samples and who learns when the roles live in Ray actors.
+"""Placements: one function per placement builds the run's roles (`roles.Roles`).
 
-`build_roles` starts vLLM engine actors and a DeepSpeed learner group (dedicated: apart;
-colocated: sharing each rank's bundle) and returns objects with the loop's contracts (`Learner`-like, generator-like), so
-`OnlineDPOTrainer.train` runs unchanged.
+- `build_in_process_roles`: everything in this process (the reference's shape).
+- `build_dedicated_roles`: vLLM engine actors on resources of their own, DeepSpeed learner ranks
+  in a placement group, reward models in reward-worker actors.
+- `build_colocated_roles`: one engine inside each learner rank's bundle (same node, same GPU
+  share; on a GPU the engine sleeps while the rank trains).
+
+The training loop receives the roles and never asks which placement built them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .generation import Rollouts
-from .learner_group import LearnerGroup
-from .transport import resolve_weight_transport
+from .batches import Rollouts
+from .publisher import LocalWeightPublisher, RayWeightPublisher
+from .rewards import Rewards
+from .roles import Roles
 
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(args) -> None:
+@dataclass
+class RunSpec:
+    """What every placement needs to build its roles (decided by the trainer from the user's input)."""
+
+    model: Any  # a model object or a path / hub id
+    ref_model: Any
+    peft_config: Any
+    tokenizer: Any
+    args: Any  # OnlineDPOConfig
+    eos_token_ids: set[int]
+    max_model_len: int
+    probe_ids: list[int]
+    num_training_steps: int
+    prompts_per_step: int
+    reward_funcs: Any
+    reward_processing_classes: Any = None
+    optimizers: tuple = (None, None)
+
+
+def _engine_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# In process
+# --------------------------------------------------------------------------------------------
+def build_in_process_roles(spec: RunSpec) -> Roles:
+    from .generation import TransformersGenerator
+    from .learner import Learner
+    from .models import prepare_policy_and_reference
+    from .vllm_engine import VLLMGenerator, vllm_available
+
+    args = spec.args
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+    model, ref_model = prepare_policy_and_reference(spec.model, spec.ref_model, spec.peft_config, args, device)
+    optimizer, scheduler = spec.optimizers
+    learner = Learner(model, ref_model, args, spec.tokenizer.pad_token_id, spec.num_training_steps, optimizer,
+                      scheduler)
+    rewards = Rewards(spec.reward_funcs, spec.reward_processing_classes, args.reward_weights,
+                      args.missing_eos_penalty, args.model_init_kwargs, args.trust_remote_code, device)
+    use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+    if use_vllm:
+        generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
+                                  probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples)
+    else:
+        generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
+                                          args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)
+    publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance)
+    return Roles(generator, learner, rewards, publisher, background_sampling=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+def ensure_ray(args) -> bool:
+    """Connect to Ray; True when this call started a local cluster that the run then owns."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
     # Inside `ray job submit`, RAY_ADDRESS names the cluster the job was submitted to.
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
-    else:  # a local cluster owned by this process, even if `ray start` left one running here
-        ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, object_store_memory=512 << 20)
+        return False
+    # a local cluster owned by this process, even if `ray start` left one running here
+    ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env}, object_store_memory=512 << 20)
+    return True
 
 
-class RemoteGenerator:
-    """vLLM engine actors used like one generator: prompts split across engines, completions
-    merged back into one block layout; `sync_weights` has the learner group push to all of them."""
+class RemoteRollouts:
+    """Rollouts being sampled by engine actors; `result()` merges their parts into one block layout."""
 
-    def __init__(self, engines, names, probe_ids, timeout_s: float, tolerance: float | None, dtype: torch.dtype,
-                 transport: str = "odpo_gloo", workers_per_engine: int = 1):
-        import ray
+    def __init__(self, generator: "RemoteGenerator", refs: list, work: list, prompt_ids, num_samples: int):
+        self.generator, self.refs, self.work = generator, refs, work
+        self.prompt_ids, self.num_samples = prompt_ids, num_samples
 
-        self.ray, self.engines, self.names = ray, engines, names
-        self.transport, self.workers_per_engine = transport, workers_per_engine
-        self.probe_ids, self.timeout_s = probe_ids, timeout_s
-        self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.1)
-        self.policy_version = -1
-
-    def _get(self, refs, call: str):
-        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [self.names[refs.index(ref)] for ref in pending]
-            raise TimeoutError(f"generator: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
-        return self.ray.get(refs)
-
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
-        count = len(self.engines)
-        size, extra = divmod(len(prompt_ids), count)
-        bounds, start = [], 0
-        for e in range(count):
-            stop = start + size + (e < extra)
-            bounds.append((start, stop))
-            start = stop
-        work = [(e, a, b) for e, (a, b) in enumerate(bounds) if b > a]
-        parts = self._get([self.engines[e].generate.remote(prompt_ids[a:b], num_samples, seed + e * 1_000_003)
-                           for e, a, b in work], "generate")
-        total = len(prompt_ids)
-        completions: list = [None] * (num_samples * total)
-        logprobs: list = [None] * (num_samples * total)
-        ended = torch.zeros(num_samples * total, dtype=torch.bool)
-        for (e, a, b), part in zip(work, parts):
+    def result(self) -> Rollouts:
+        parts = self.generator._get(self.refs, [name for name, _, _ in self.work], "generate")
+        total, k = len(self.prompt_ids), self.num_samples
+        completions: list = [None] * (k * total)
+        logprobs: list = [None] * (k * total)
+        ended = torch.zeros(k * total, dtype=torch.bool)
+        for (_, a, b), part in zip(self.work, parts):
             local = b - a
-            for j in range(num_samples):
+            for j in range(k):
                 for i in range(local):
                     row, global_row = j * local + i, j * total + a + i
                     completions[global_row] = part.completion_ids[row]
                     logprobs[global_row] = part.sampling_logprobs[row] if part.sampling_logprobs else None
                     ended[global_row] = part.contains_eos[row]
-        return Rollouts(prompt_ids, completions, ended, num_samples, self.policy_version, logprobs)
+        versions = {part.policy_version for part in parts}
+        if len(versions) != 1:
+            raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
+        return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(), logprobs,
+                        engine_idle_s=max(part.engine_idle_s for part in parts))
 
-    def sync_weights(self, learner: LearnerGroup) -> dict[str, float]:
-        metrics = learner.push_weights(self.engines, self.names, self.transport, self.workers_per_engine)
-        self.policy_version += 1
-        if self.probe_ids is not None:
-            served = self._get([self.engines[0].sequence_logprobs.remote(self.probe_ids)], "sequence_logprobs")[0]
-            gap = (served - learner.sequence_logprobs(self.probe_ids)).abs().max().item()
-            if gap > self.tolerance:
-                logger.warning("%s serves weights that differ from the learners': logprob gap %.3g > %.3g",
-                               self.names[0], gap, self.tolerance)
-            metrics["sync/logprob_gap"] = gap
-        return metrics
 
-    def shutdown(self) -> None:
-        for engine in self.engines:
+class RemoteGenerator:
+    """vLLM engine actors used as one generator: prompts split across engines, completions merged
+    back into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
+    attaches and detaches engines; this class only samples from them."""
+
+    def __init__(self, engines: dict, timeout_s: float):
+        import ray
+
+        self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
+        self.in_flight: list = []
+
+    def _get(self, refs: list, names: list[str], call: str):
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            late = [names[refs.index(ref)] for ref in pending]
+            raise TimeoutError(f"generator: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
+        return self.ray.get(refs)
+
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
+        names = list(self.engines)
+        size, extra = divmod(len(prompt_ids), len(names))
+        work, start = [], 0
+        for e, name in enumerate(names):
+            stop = start + size + (e < extra)
+            if stop > start:
+                work.append((name, start, stop))
+            start = stop
+        refs = [self.engines[name].generate.remote(prompt_ids[a:b], num_samples, seed + names.index(name) * 1_000_003)
+                for name, a, b in work]
+        self.in_flight = [ref for ref in self.in_flight if ref not in refs] + refs
+        return RemoteRollouts(self, refs, work, prompt_ids, num_samples)
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
+        return self.submit(prompt_ids, num_samples, seed).result()
+
+    def wait_idle(self) -> None:
+        """Until every submitted batch is sampled (a weight update must not overtake one)."""
+        if self.in_flight:
+            self.ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=self.timeout_s)
+            self.in_flight = []
+
+    def close(self) -> None:
+        for engine in self.engines.values():
             self.ray.kill(engine)
+        self.engines.clear()
 
 
-def build_roles(model_path: str, tokenizer, args, eos_token_ids, max_model_len: int, probe_ids,
-                num_training_steps: int, prompts_per_step: int):
-    """Learner ranks in a placement group (one bundle per rank) and vLLM engine actors.
+def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool) -> RemoteRewards | Rewards:
+    import ray
 
-    dedicated: engines on resources of their own (`ray_num_engines` of them).
-    colocated: one engine per rank, inside that rank's bundle (same node, same GPU share); on a
-    GPU the engine sleeps while the learner trains (`vllm_enable_sleep_mode`).
-    """
+    from .reward_workers import RemoteRewards, RewardWorker
+
+    if not local.model_indices:
+        return local  # callables and judges only: nothing to place
+    args = spec.args
+    count = args.ray_num_reward_workers or 1
+    Worker = ray.remote(RewardWorker)
+    names = [f"reward-worker-{i}" for i in range(count)]
+    workers = [Worker.options(name=name, num_cpus=args.ray_cpus_per_actor,
+                              num_gpus=args.reward_gpus if on_gpu else 0).remote(
+        local.model_specs, args.model_init_kwargs, args.trust_remote_code, max(int(args.ray_cpus_per_actor), 1))
+        for name in names]
+    return RemoteRewards(local, workers, names, args.ray_timeout_s)
+
+
+def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from transformers import AutoConfig
 
+    from .learner_group import LearnerGroup
+    from .transport import resolve_weight_transport
     from .vllm_engine import VLLMGenerator
 
-    ensure_ray(args)
-    # The cluster's GPUs, not the driver's: a `ray job submit` driver often runs on a CPU-only head.
-    on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and not args.use_cpu
-    colocated = args.placement == "colocated"
-    transport = resolve_weight_transport(args.weight_transport, on_gpu, colocated)
-    cpus = args.ray_cpus_per_actor
-    engine_gpus = (0.5 if colocated else 1.0) * args.vllm_tensor_parallel_size if on_gpu else 0.0
-    learner = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps,
-                           num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage,
-                           cpus_per_rank=cpus, gpus_per_rank=(0.5 if colocated else 1.0) if on_gpu else 0.0,
-                           timeout_s=args.ray_timeout_s, name="learner",
-                           bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None)
-    num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
-    names = [f"vllm-engine-{i}" for i in range(num_engines)]
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    Engine = ray.remote(VLLMGenerator)
-    # each engine samples its share of the step's completions in one call
-    max_sequences = -(-prompts_per_step // num_engines) * args.num_samples
-    engines = []
-    for i, name in enumerate(names):
-        options = dict(name=name, num_cpus=cpus, num_gpus=engine_gpus)
-        if colocated:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                learner.placement, placement_group_bundle_index=i)
-        engines.append(Engine.options(**options).remote(
-            config, tokenizer, args, eos_token_ids, max_model_len, probe_ids=probe_ids, name=name,
-            weight_transfer_backend=transport, engine_index=i, max_sequences=max_sequences))
+    args = spec.args
+    if spec.ref_model is not None:
+        raise ValueError("ref_model: with a Ray placement the reference is a frozen copy of the policy (or, with "
+                         "peft_config, the policy with its adapter disabled); pass ref_model=None")
+    if not isinstance(spec.model, str):  # the ranks load the policy themselves: they need a path
+        path = os.path.join(args.output_dir, "initial_policy")
+        spec.model.save_pretrained(path)
+        spec.model = path
+    owns_cluster = ensure_ray(args)
+    roles = Roles(None, None, None, None, background_sampling=True,
+                  closers=[ray.shutdown] if owns_cluster else [])
+    try:
+        # The cluster's GPUs, not the driver's: a `ray job submit` driver often runs on a CPU-only head.
+        on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and not args.use_cpu
+        transport = resolve_weight_transport(args.weight_transport, on_gpu, colocated)
+        cpus = args.ray_cpus_per_actor
+        engine_gpus = (0.5 if colocated else 1.0) * args.vllm_tensor_parallel_size if on_gpu else 0.0
+        local_rewards = Rewards(spec.reward_funcs, spec.reward_processing_classes, args.reward_weights,
+                                args.missing_eos_penalty, args.model_init_kwargs, args.trust_remote_code,
+                                load_models=False)
+        roles.rewards = _start_reward_workers(spec, local_rewards, on_gpu)
+        roles.learner = LearnerGroup(
+            spec.model, args, spec.tokenizer.pad_token_id, spec.num_training_steps,
+            num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage, cpus_per_rank=cpus,
+            gpus_per_rank=(0.5 if colocated else 1.0) if on_gpu else 0.0, timeout_s=args.ray_timeout_s,
+            name="learner", bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None,
+            peft_config=spec.peft_config)
+        num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
+        Engine = ray.remote(VLLMGenerator)
+        # each engine samples its share of the step's completions in one call
+        max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
+        engines = {}
+        for i in range(num_engines):
+            name = f"vllm-engine-{i}"
+            options = dict(name=name, num_cpus=cpus, num_gpus=engine_gpus)
+            if colocated:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    roles.learner.placement, placement_group_bundle_index=i)
+            engines[name] = Engine.options(**options).remote(
+                config, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
+                name=name, weight_transfer_backend=transport, engine_index=i, max_sequences=max_sequences)
+        roles.generator = RemoteGenerator(engines, args.ray_timeout_s)
+        roles.publisher = RayWeightPublisher(
+            roles.learner, engines, transport, spec.probe_ids, args.vllm_sync_tolerance, _engine_dtype(args),
+            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.wait_idle)
+    except BaseException:
+        roles.close()
+        raise
     logger.info("%s placement: %d learner ranks (ZeRO-%d), %d engines, weights over %s", args.placement,
                 args.ray_learner_ranks, args.ray_zero_stage, num_engines, transport)
-    generator = RemoteGenerator(engines, names, probe_ids, args.ray_timeout_s, args.vllm_sync_tolerance,
-                                torch.bfloat16 if args.bf16 else torch.float32, transport,
-                                args.vllm_tensor_parallel_size)
-    return learner, generator
+    return roles
+
+
+def build_dedicated_roles(spec: RunSpec) -> Roles:
+    """Engines on resources of their own (`ray_num_engines` of them), apart from the learner ranks."""
+    return _build_ray_roles(spec, colocated=False)
+
+
+def build_colocated_roles(spec: RunSpec) -> Roles:
+    """One engine per learner rank, inside that rank's bundle (same node, same GPU share); on a GPU
+    the engine sleeps while the learner trains (`vllm_enable_sleep_mode`)."""
+    return _build_ray_roles(spec, colocated=True)
+
+
+BUILDERS = {"in_process": build_in_process_roles, "dedicated": build_dedicated_roles,
+            "colocated": build_colocated_roles}

@@ -14,6 +14,7 @@ from .objective import apply_missing_eos_penalty
 logger = logging.getLogger(__name__)
 
 RewardFunc = str | Callable | torch.nn.Module
+REWARD_BATCH_ROWS = 64  # completions per reward-model forward
 
 
 def _is_judge(obj) -> bool:
@@ -33,7 +34,9 @@ class Rewards:
 
     def __init__(self, reward_funcs, reward_processing_classes=None, reward_weights=None,
                  missing_eos_penalty: float | None = None, model_init_kwargs: dict | None = None,
-                 trust_remote_code: bool = False, device: torch.device | str = "cpu"):
+                 trust_remote_code: bool = False, device: torch.device | str = "cpu", load_models: bool = True):
+        """`load_models=False`: reward models are scored elsewhere (reward-worker actors, which pass
+        their columns to `score`); here they keep only their place and name."""
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("reward_funcs: give at least one reward model, callable or judge")
@@ -45,6 +48,7 @@ class Rewards:
                 raise ValueError("reward_funcs: a pairwise judge cannot be combined with other reward functions")
             self.judge = funcs[0]
             self.funcs, self.tokenizers, self.names = [], [], ["judge"]
+            self.model_specs, self.model_indices = [], []
             self.weights = torch.ones(1)
             return
 
@@ -57,8 +61,18 @@ class Rewards:
                 "give one per reward function (None for callables)"
             )
         self.funcs, self.tokenizers, self.names = [], [], []
+        self.model_specs: list[tuple] = []  # (model or path, tokenizer) of each reward model, in order
+        self.model_indices = [j for j, func in enumerate(funcs) if isinstance(func, (str, torch.nn.Module))]
         for i, func in enumerate(funcs):
             tokenizer = processing[i] if processing is not None else None
+            if isinstance(func, (str, torch.nn.Module)):
+                self.model_specs.append((func, tokenizer))
+            if not load_models and isinstance(func, (str, torch.nn.Module)):
+                name = func if isinstance(func, str) else func.config._name_or_path
+                self.names.append(str(name).rstrip("/").split("/")[-1] or f"model_{i}")
+                self.funcs.append(None)
+                self.tokenizers.append(None)
+                continue
             if isinstance(func, str):
                 func, tokenizer = self._load_reward_model(func, tokenizer, model_init_kwargs or {}, trust_remote_code)
             if isinstance(func, torch.nn.Module):
@@ -103,10 +117,24 @@ class Rewards:
         return model, tokenizer
 
     # ----------------------------------------------------------------------------------------
+    def model_table(self, prompts: list[Any], completions: list[str]) -> torch.Tensor:
+        """(N, number of reward models): every reward model's score of every completion, in
+        batches of `REWARD_BATCH_ROWS` (what a reward-worker actor computes)."""
+        models = [(f, t) for f, t in zip(self.funcs, self.tokenizers) if isinstance(f, torch.nn.Module)]
+        table = torch.empty(len(completions), len(models))
+        for j, (model, tokenizer) in enumerate(models):
+            for start in range(0, len(completions), REWARD_BATCH_ROWS):
+                stop = start + REWARD_BATCH_ROWS
+                table[start:stop, j] = self._model_scores(model, tokenizer, prompts[start:stop], completions[start:stop])
+        return table
+
     def score(self, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-              columns: dict[str, list], contains_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+              columns: dict[str, list], contains_eos: torch.Tensor,
+              model_table: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Scores of k*B completions (block layout; `prompts` and `columns` already repeated k
-        times to match). Returns the combined scores and the mean of each reward function."""
+        times to match). Returns the combined scores and the mean of each reward function.
+        `model_table`: the reward models' scores computed elsewhere (`model_table` of the same
+        functions), used instead of running them here."""
         conversational = is_conversational(prompts[0])
         shown = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
         if self.judge is not None:
@@ -114,9 +142,12 @@ class Rewards:
             per_func = {"rewards/judge": scores.mean().item()}
         else:
             table = torch.full((len(completions), len(self.funcs)), math.nan)
+            if self.model_indices:
+                computed = model_table if model_table is not None else self.model_table(prompts, completions)
+                table[:, self.model_indices] = computed
             for j, func in enumerate(self.funcs):
-                if isinstance(func, torch.nn.Module):
-                    table[:, j] = self._model_scores(func, self.tokenizers[j], prompts, completions)
+                if j in self.model_indices:
+                    continue
                 else:
                     values = func(prompts=prompts, completions=shown, completion_ids=completion_ids, **columns)
                     if len(values) != len(completions):

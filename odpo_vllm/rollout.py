@@ -1,36 +1,22 @@
-"""Sample, score, pair: turn a batch of prompt rows into preference pairs.
+"""Score and pair: turn a batch of prompt rows and their sampled completions into preference pairs.
 
-Placement-agnostic: `generator` may be the transformers sampler in this process or a vLLM
-engine elsewhere, `rewards` a local scorer or a remote one; the steps and their order stay.
+Placement-agnostic: the rollouts may come from the transformers sampler in this process or from
+vLLM engines elsewhere, `rewards` may score here or in reward-worker actors.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from .learner import PairBatch
+from .batches import PairBatch, Pairs, Rollouts
 from .objective import score_metrics, select_pairs
 
 
-@dataclass
-class Pairs:
-    batch: PairBatch
-    metrics: dict[str, float]
-    log_rows: list[dict] = field(default_factory=list)  # for the completions log
-    pair_scores: torch.Tensor | None = None  # (2N,) chosen then rejected
-
-
-def collect_pairs(rows: list[dict], generator, rewards, tokenizer, num_samples: int, seed: int) -> Pairs:
-    prompt_ids = [row["prompt_ids"] for row in rows]
-    timings = {}
-
-    start = time.perf_counter()
-    rollouts = generator.generate(prompt_ids, num_samples, seed)  # sample
-    timings["time/generate"] = time.perf_counter() - start
-
+def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_samples: int) -> Pairs:
+    """Score every completion, pick chosen and rejected per prompt, and compute the score metrics."""
+    timings = {"time/wait_weights": rollouts.engine_idle_s}
     start = time.perf_counter()
     completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     repeated = [row for _ in range(num_samples) for row in rows]  # block layout
@@ -45,7 +31,7 @@ def collect_pairs(rows: list[dict], generator, rewards, tokenizer, num_samples: 
 
     chosen, rejected = select_pairs(scores, len(rows), num_samples)  # pair
     batch = PairBatch(
-        prompt_ids=prompt_ids,
+        prompt_ids=rollouts.prompt_ids,
         chosen_ids=[rollouts.completion_ids[i] for i in chosen.tolist()],
         rejected_ids=[rollouts.completion_ids[i] for i in rejected.tolist()],
     )
@@ -63,4 +49,4 @@ def collect_pairs(rows: list[dict], generator, rewards, tokenizer, num_samples: 
         for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))
     ]
     pair_scores = torch.cat([scores[chosen], scores[rejected]])
-    return Pairs(batch, metrics, log_rows, pair_scores)
+    return Pairs(batch, metrics, log_rows, pair_scores, policy_version=rollouts.policy_version)

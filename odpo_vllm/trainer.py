@@ -30,38 +30,15 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput, get_last_che
 from . import checkpoint
 from .config import OnlineDPOConfig
 from .data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
-from .generation import TransformersGenerator, step_seed
-from .learner import Learner
-from .rewards import Rewards
-from .rollout import collect_pairs
-from .vllm_engine import VLLMGenerator, vllm_available
+from .generation import step_seed
+from .models import context_length
+from .pipeline import RolloutPipeline
+from .placement import BUILDERS, RunSpec
+from .rollout import pair_rollouts
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED_SALT = 1
-
-
-def _load_causal_lm(name_or_path: str, args: OnlineDPOConfig):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(args.model_init_kwargs or {})
-    dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code, **kwargs)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def _model_context_length(model_or_config) -> int:
-    config = getattr(model_or_config, "config", model_or_config)
-    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 
 class OnlineDPOTrainer:
@@ -86,52 +63,34 @@ class OnlineDPOTrainer:
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
         torch.manual_seed(args.seed)
 
-        if args.placement != "in_process":
-            model = self._model_path_for_ray(model, peft_config, ref_model)
-        # ---- models
-        if isinstance(model, str) and args.placement != "in_process":
-            from transformers import AutoConfig, AutoTokenizer
+        # ---- what the policy is (its config and tokenizer); the placement loads the weights
+        from transformers import AutoConfig, AutoTokenizer
 
+        if isinstance(model, str):
             config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
-            self._ray_model_path, model, ref_model = model, None, None
-        elif isinstance(model, str):
-            model = _load_causal_lm(model, args)
-        if model is None:
-            pass  # the learner ranks load the policy themselves
-        elif not isinstance(model, torch.nn.Module):
+        elif isinstance(model, torch.nn.Module):
+            config = model
+        else:
             raise ValueError(f"model: expected a hub id, a path or a PreTrainedModel, got {type(model).__name__}")
         if processing_class is None:
-            from transformers import AutoTokenizer
-
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str)
+                                                             else model.config._name_or_path)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self.processing_class = processing_class
-        if model is not None:
-            model, ref_model = self._prepare_models(model, ref_model, peft_config)
-        self.model, self.ref_model = model, ref_model
-        self.eos_token_ids = self._eos_token_ids(config if model is None else model)
-
-        # ---- rewards
-        self.rewards = Rewards(
-            reward_funcs if reward_funcs is not None else args.reward_model_path,
-            reward_processing_classes, args.reward_weights, args.missing_eos_penalty,
-            args.model_init_kwargs, args.trust_remote_code, self.device,
-        ) if (reward_funcs is not None or args.reward_model_path) else None
-        if self.rewards is None:
+        self.eos_token_ids = self._eos_token_ids(config)
+        if reward_funcs is None and not args.reward_model_path:
             raise ValueError("reward_funcs: give a reward model, a callable or a judge (or set reward_model_path)")
 
         # ---- data
-        context = _model_context_length(config if model is None else model)
+        context = context_length(config)
         self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens)
         self.train_dataset = encode_dataset(train_dataset, self.encoder)
         self.eval_dataset = self._encode_eval(eval_dataset)
-        ranks = args.ray_learner_ranks if args.placement != "in_process" else 1
-        self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * ranks
+        self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.data_parallel_ranks
         if hasattr(self.train_dataset, "__len__"):
             self.batches = PromptBatches(self.train_dataset, self.prompts_per_step, args.data_seed or args.seed)
             steps_per_epoch = len(self.batches)
@@ -143,20 +102,23 @@ class OnlineDPOTrainer:
         self.steps_per_epoch = steps_per_epoch
         self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 
-        # ---- roles: who samples and who learns (this process, or Ray actors)
-        if args.placement == "in_process":
-            optimizer, scheduler = optimizers
-            self.learner = Learner(model, ref_model, args, processing_class.pad_token_id, self.max_steps,
-                                   optimizer, scheduler)
-            self.generator = self._build_generator(context)
-        else:
-            from .placement import build_roles
-
-            max_model_len, probe = self._engine_context(context)
-            self.learner, self.generator = build_roles(
-                self._ray_model_path, processing_class, args, self.eos_token_ids, max_model_len, probe,
-                self.max_steps, self.prompts_per_step)
-            self.generator.sync_weights(self.learner)  # engines start with dummy weights
+        # ---- roles: who samples, scores, learns and moves the weights (built by the placement)
+        max_model_len, probe = self._engine_context(context)
+        spec = RunSpec(model, ref_model, peft_config, processing_class, args, self.eos_token_ids, max_model_len,
+                       probe, self.max_steps, self.prompts_per_step,
+                       reward_funcs if reward_funcs is not None else args.reward_model_path,
+                       reward_processing_classes, optimizers)
+        self.roles = BUILDERS[args.placement](spec)
+        self.training_epoch = 0  # the epoch of the batch trained last (beta follows it)
+        try:
+            self.learner, self.generator = self.roles.learner, self.roles.generator
+            self.rewards, self.publisher = self.roles.rewards, self.roles.publisher
+            self.model, self.ref_model = getattr(self.learner, "model", None), getattr(self.learner, "ref_model", None)
+            self.publisher.publish(0)  # engines start with dummy weights
+            self.pipeline = RolloutPipeline(self.batches, self.roles, processing_class, args, self._rows)
+        except BaseException:
+            self.roles.close()
+            raise
 
         # ---- callbacks, state
         from transformers.integrations import get_reporting_integration_callbacks
@@ -171,21 +133,6 @@ class OnlineDPOTrainer:
         self.control = TrainerControl()
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
         os.makedirs(args.output_dir, exist_ok=True)
-
-    def _build_generator(self, context: int):
-        """vLLM where it is installed (or asked for), else transformers' `generate` on the policy."""
-        args = self.args
-        use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
-        if not use_vllm:
-            return TransformersGenerator(
-                self.model, self.eos_token_ids, self.processing_class.pad_token_id, args.sampling_settings(),
-                args.generation_batch_size, self.learner.autocast_dtype,
-            )
-        max_model_len, probe = self._engine_context(context)
-        generator = VLLMGenerator(self.model, self.processing_class, args, self.eos_token_ids, max_model_len,
-                                  probe_ids=probe, max_sequences=self.prompts_per_step * args.num_samples)
-        generator.sync_weights(self.learner)  # the engine starts with dummy weights
-        return generator
 
     def _engine_context(self, context: int) -> tuple[int, list[int]]:
         """The engines' max_model_len (longest prompt + max_new_tokens, capped by the model) and the
@@ -203,44 +150,6 @@ class OnlineDPOTrainer:
         max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
         probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
         return max_model_len, probe[: max_model_len - 1]
-
-    def _model_path_for_ray(self, model, peft_config, ref_model):
-        """Learner ranks and engines load the policy themselves: they need a path."""
-        if peft_config is not None:
-            raise ValueError("peft_config: LoRA is supported with placement='in_process' only for now")
-        if ref_model is not None:
-            raise ValueError("ref_model: with a Ray placement the reference is a frozen copy of the policy; "
-                             "pass ref_model=None")
-        if isinstance(model, str):
-            return model
-        path = os.path.join(self.args.output_dir, "initial_policy")
-        model.save_pretrained(path)
-        return path
-
-    def _prepare_models(self, model, ref_model, peft_config):
-        """In-process policy and reference: PEFT, frozen copy, dropout off, device, checkpointing."""
-        args = self.args
-        if isinstance(ref_model, str):
-            ref_model = _load_causal_lm(ref_model, args)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        elif ref_model is None:
-            ref_model = copy.deepcopy(model)
-        if args.disable_dropout:
-            disable_dropout(model)
-            if ref_model is not None:
-                disable_dropout(ref_model)
-        if ref_model is not None:
-            ref_model = ref_model.to(self.device).eval().requires_grad_(False)
-        model = model.to(self.device)
-        if args.gradient_checkpointing:
-            kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            if peft_config is not None and kwargs.get("use_reentrant", True):
-                model.enable_input_require_grads()
-        return model, ref_model
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -291,7 +200,20 @@ class OnlineDPOTrainer:
 
     # ------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """The loop, in the order of one step: sample -> score -> pair -> learn -> sync -> log ->
+        save. With `async_steps = K` the batches of the next K steps are sampled (and, under Ray,
+        scored) while this step trains; see `pipeline.py` for the schedule. On an error every
+        role is closed (engines, ranks, reward workers, the run's own Ray cluster)."""
+        try:
+            return self._train(resume_from_checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def _train(self, resume_from_checkpoint):
         args, state = self.args, self.state
+        if self.roles.learner is None:
+            raise RuntimeError("train(): this trainer was closed; build a new OnlineDPOTrainer")
         state.max_steps, state.num_train_epochs = self.max_steps, args.num_train_epochs
         state.train_batch_size = self.prompts_per_step
         state.compute_steps(args, self.max_steps)
@@ -302,48 +224,50 @@ class OnlineDPOTrainer:
         if resume_from_checkpoint:
             checkpoint.load(self, resume_from_checkpoint)
 
-        sums, count, loss_sum = defaultdict(float), 0, 0.0
+        sums, maxes, count, loss_sum = defaultdict(float), defaultdict(float), 0, 0.0
         train_start, first_step = time.time(), state.global_step
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         while state.global_step < self.max_steps and not self.control.should_training_stop:
-            # a new epoch starts when the previous one is used up (position == steps_per_epoch)
-            if getattr(self.batches, "position", None) in (0, self.steps_per_epoch):
+            step = state.global_step
+            # sample (and score, in the background under Ray) every batch the schedule allows now
+            self.pipeline.request_ahead(step, self.publisher.version, self.max_steps)
+            epoch, position = self.pipeline.position_of(step)
+            if position == 1:  # the first batch of an epoch (streaming data has no position)
                 self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
             self.control = self.callback_handler.on_step_begin(args, state, self.control)
             step_start = time.perf_counter()
-            _, rows = self.batches.next()
-            beta = args.beta_at(self.batches.epoch)  # after next(), which rolls the epoch over
-            rows = self._rows(rows)
-
-            # sample -> score -> pair
-            pairs = collect_pairs(rows, self.generator, self.rewards, self.processing_class,
-                                  args.num_samples, step_seed(args.seed, state.global_step))
+            pairs, waited = self.pipeline.take(step)  # score -> pair
+            self.training_epoch = epoch
+            beta = args.beta_at(epoch)
             # learn
             start = time.perf_counter()
             metrics = self.learner.step(pairs.batch, beta)
             metrics["time/train"] = time.perf_counter() - start
-            # sync: the generator serves the new weights before it samples again
-            metrics.update(self.generator.sync_weights(self.learner))
+            # sync: the engines serve the new version before they sample with it
+            metrics.update(self.publisher.publish(step + 1))
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
             metrics["beta"] = beta
+            metrics["async/staleness"] = float(step - pairs.policy_version)
+            metrics["time/wait_rollouts"] = waited
             metrics["time/step"] = time.perf_counter() - step_start
 
             state.global_step += 1
-            state.epoch = self._epoch_progress()
+            state.epoch = self._epoch_progress(epoch, position)
             loss_sum += metrics["loss"]
             for key, value in metrics.items():
                 sums[key] += value
+            maxes["async/staleness_max"] = max(maxes["async/staleness_max"], metrics["async/staleness"])
             count += 1
             self.control = self.callback_handler.on_step_end(args, state, self.control)
             if self.control.should_log:
-                self._log_training(sums, count, pairs.log_rows)
-                sums, count = defaultdict(float), 0
-            if getattr(self.batches, "position", None) == self.steps_per_epoch:
+                self._log_training(sums, maxes, count, pairs.log_rows)
+                sums, maxes, count = defaultdict(float), defaultdict(float), 0
+            if position == self.steps_per_epoch:
                 self.control = self.callback_handler.on_epoch_end(args, state, self.control)
                 if self.control.should_log and count:
-                    self._log_training(sums, count, pairs.log_rows)
-                    sums, count = defaultdict(float), 0
+                    self._log_training(sums, maxes, count, pairs.log_rows)
+                    sums, maxes, count = defaultdict(float), defaultdict(float), 0
             if self.control.should_evaluate:
                 self.evaluate()
             if self.control.should_save:
@@ -369,13 +293,31 @@ class OnlineDPOTrainer:
             plot_training_curves(state.log_history, os.path.join(args.output_dir, "training_curves.png"))
         return TrainOutput(state.global_step, train_loss, summary)
 
-    def _epoch_progress(self) -> float:
-        if hasattr(self.batches, "position"):
-            return self.batches.epoch + self.batches.position / self.steps_per_epoch
+    # ------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop what this trainer started: engines, learner ranks, reward workers, the run's own
+        Ray cluster (idempotent). The trainer is a context manager that closes on exit."""
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
+        roles = getattr(self, "roles", None)
+        if roles is not None:
+            roles.close()
+
+    def __enter__(self) -> "OnlineDPOTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _epoch_progress(self, epoch: int, position: int | None) -> float:
+        if position is not None:
+            return epoch + position / self.steps_per_epoch
         return self.state.global_step / self.steps_per_epoch
 
-    def _log_training(self, sums, count, log_rows):
+    def _log_training(self, sums, maxes, count, log_rows):
         logs = {key: value / count for key, value in sums.items()}
+        logs.update(maxes)
         logs.pop("truncated_prompts", None)
         self.log(logs)
         if self.args.log_completions:
@@ -408,15 +350,17 @@ class OnlineDPOTrainer:
                 results.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return results
         args = self.args
-        beta = args.beta_at(self.batches.epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
+        beta = args.beta_at(self.training_epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
         batches = PromptBatches(dataset, args.per_device_eval_batch_size * args.gradient_accumulation_steps,
                                 args.seed, shuffle=False)
         sums, total = defaultdict(float), 0
         start = time.perf_counter()
         for index in range(len(batches)):
             _, rows = batches.next()
-            pairs = collect_pairs(self._rows(rows), self.generator, self.rewards, self.processing_class,
-                                  args.num_samples, step_seed(args.seed, index, EVAL_SEED_SALT))
+            rows = self._rows(rows)
+            rollouts = self.generator.generate([row["prompt_ids"] for row in rows], args.num_samples,
+                                               step_seed(args.seed, index, EVAL_SEED_SALT))
+            pairs = pair_rollouts(rows, rollouts, self.rewards, self.processing_class, args.num_samples)
             metrics = self.learner.evaluate(pairs.batch, beta)
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
@@ -441,10 +385,7 @@ class OnlineDPOTrainer:
         the tokenizer, loadable with `from_pretrained`."""
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        if self.model is None:  # Ray placement: the learner ranks hold the policy
-            self.learner.save_pretrained(os.path.abspath(output_dir))
-        else:
-            self.model.save_pretrained(output_dir, safe_serialization=True)
+        self.learner.save_pretrained(os.path.abspath(output_dir))
         self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 

@@ -11,129 +11,27 @@ and a worker-side engine receives. Backends per medium:
   private gloo group (CPU machines, and a fallback anywhere).
 - in-process: no wire at all; `VLLMGenerator.load_weights` hands tensors to `reload_weights`.
 
-`LearnerWeights` is the `WeightSource` of every backend: Hugging Face checkpoint names (what
-vLLM's loaders expect), tied weights included, LoRA merged, cast to the engine's dtype.
+What is sent (names, merged LoRA, tied weights) is defined once in `weights.py`; this module is
+the wire: bucket plans, packing, a private gloo group, and waits that name the peer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from .weights import TensorMeta
 
 logger = logging.getLogger(__name__)
 
 GLOO_BACKEND = "odpo_gloo"
 DEFAULT_BUCKET_BYTES = 256 << 20
-
-
-# --------------------------------------------------------------------------------------------
-# What is sent: the learner's weights under checkpoint names
-# --------------------------------------------------------------------------------------------
-def checkpoint_name(name: str) -> str | None:
-    """Map a (possibly PEFT-wrapped) parameter name to its base checkpoint name; None = skip."""
-    if "lora_" in name or ".original_module." in name:
-        return None
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-
-
-@contextlib.contextmanager
-def merged_adapter(model):
-    """LoRA merged into the base weights for the duration (no-op for plain models)."""
-    merge = getattr(model, "merge_adapter", None)
-    if merge is None or not hasattr(model, "peft_config"):
-        yield
-        return
-    merge()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-
-
-def _base_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    # state_dict() lists tied parameters under every name (lm_head.weight too), which vLLM
-    # needs: its loader does not re-tie a missing lm_head on reload.
-    for name, tensor in model.state_dict().items():
-        mapped = checkpoint_name(name)
-        if mapped is not None:
-            yield mapped, tensor
-
-
-def _weight_source_base():
-    try:
-        from vllm.distributed.weight_transfer.base import WeightSource
-
-        return WeightSource
-    except ImportError:  # the in-process transformers path does not need vLLM
-        return object
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
-
-
-class LearnerWeights(_weight_source_base()):
-    """A re-iterable `WeightSource` over a learner model in checkpoint format."""
-
-    def __init__(self, model, dtype: torch.dtype | None = None):
-        self.model, self.dtype = model, dtype
-
-    def _meta(self):
-        with merged_adapter(self.model):
-            return [TensorMeta(n, self.dtype or t.dtype, tuple(t.shape)) for n, t in _base_weights(self.model)]
-
-    def metadata(self):
-        from vllm.distributed.weight_transfer.base import ParamMeta
-
-        return [ParamMeta(m.name, m.dtype, m.shape) for m in self._meta()]
-
-    def tensor_meta(self) -> list[TensorMeta]:
-        return self._meta()
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        # Merged LoRA weights are unmerged in place afterwards: hand out copies of those, so a
-        # consumer that keeps a tensor past the iteration still holds the merged values.
-        copy = hasattr(self.model, "peft_config")
-        with torch.no_grad(), merged_adapter(self.model):
-            for name, tensor in _base_weights(self.model):
-                tensor = tensor.detach().to(self.dtype) if self.dtype else tensor.detach()
-                yield name, tensor.clone() if copy else tensor
-
-
-def validate_weights(metas: list[TensorMeta], expected: dict[str, tuple[int, ...]], engine: str) -> None:
-    """Refuse an update whose names or shapes do not match the engine's model: vLLM would fail
-    halfway through the load and leave the engine with half-replaced weights."""
-    got = {m.name: tuple(m.shape) for m in metas}
-    unknown = sorted(set(got) - set(expected))
-    missing = sorted(set(expected) - set(got))
-    wrong = sorted(n for n in set(got) & set(expected) if got[n] != tuple(expected[n]))
-    if unknown or missing or wrong:
-        details = []
-        if unknown:
-            details.append(f"unknown names {unknown[:5]}")
-        if missing:
-            details.append(f"missing names {missing[:5]}")
-        if wrong:
-            details.append("shape mismatch " + ", ".join(f"{n}: {got[n]} vs {tuple(expected[n])}" for n in wrong[:5]))
-        raise ValueError(f"weight update for {engine} rejected before loading: " + "; ".join(details))
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,24 +107,6 @@ class GlooBroadcast:
 # --------------------------------------------------------------------------------------------
 # odpo_gloo: worker side (inside the vLLM worker) and trainer side
 # --------------------------------------------------------------------------------------------
-def register_gloo_backend() -> bool:
-    """Register `odpo_gloo` in vLLM's worker and trainer factories (idempotent)."""
-    try:
-        from vllm.distributed.weight_transfer.factory import (
-            WeightTransferEngineFactory,
-            WeightTransferTrainerFactory,
-        )
-    except ImportError:
-        return False
-    from . import transport_vllm
-
-    for factory, cls in ((WeightTransferEngineFactory, transport_vllm.GlooWeightTransferEngine),
-                         (WeightTransferTrainerFactory, transport_vllm.GlooTrainerWeightTransferEngine)):
-        with contextlib.suppress(ValueError):  # already registered
-            factory.register_engine(GLOO_BACKEND, cls)
-    return True
-
-
 @dataclass
 class SyncStats:
     seconds: float

@@ -8,6 +8,7 @@ vLLM's layerwise-reload lifecycle.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -24,7 +25,6 @@ from .transport import (
     DEFAULT_BUCKET_BYTES,
     GLOO_BACKEND,
     GlooBroadcast,
-    TensorMeta,
     _metas_from_update,
     open_gloo_group,
     pack,
@@ -32,6 +32,7 @@ from .transport import (
     run_with_peer,
     unpack,
 )
+from .weights import TensorMeta
 
 
 @dataclass
@@ -187,6 +188,16 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.group = None
 
 
+def register_gloo_backend() -> None:
+    """Register `odpo_gloo` in vLLM's worker and trainer factories (idempotent)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    for factory, cls in ((WeightTransferEngineFactory, GlooWeightTransferEngine),
+                         (WeightTransferTrainerFactory, GlooTrainerWeightTransferEngine)):
+        with contextlib.suppress(ValueError):  # already registered
+            factory.register_engine(GLOO_BACKEND, cls)
+
+
 def open_trainer_transport(backend: str, info: dict, *, rank: int, client, source):
     """The trainer-side engine of `backend` (odpo_gloo, vLLM's nccl or ipc), built and joined
     through vLLM's factory. `info`: master_address, master_port, world_size (1 sender + every
@@ -194,7 +205,7 @@ def open_trainer_transport(backend: str, info: dict, *, rank: int, client, sourc
     sends, the others only take part in the gathers."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from .transport import call_with_timeout, register_gloo_backend
+    from .transport import call_with_timeout
 
     if backend == GLOO_BACKEND:
         register_gloo_backend()

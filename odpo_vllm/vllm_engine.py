@@ -1,10 +1,12 @@
 """`VLLMGenerator`: a vLLM engine as the sampler, kept in sync with the learner every step.
 
-Same contract as `TransformersGenerator` (`generate`, `sync_weights`, `policy_version`), same
-block layout and EOS handling (`finish_rollouts`), so the loop does not know which one it drives.
+Same contract as `TransformersGenerator` (`generate`), same block layout and EOS handling
+(`finish_rollouts`), so the loop does not know which one it drives.
 
 The engine starts from the model's config with dummy weights and receives the learner's weights
 before it samples anything: one code path for the first load, every step's update and a resume.
+The weight publisher (`publisher.py`) drives every update and tells the engine which policy
+version it now serves; the engine never counts versions itself.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from .generation import finish_rollouts
-from .transport import LearnerWeights, SyncStats, TensorMeta, validate_weights
+from .roles import Done
+from .transport import SyncStats
+from .weights import LearnerWeights, TensorMeta, validate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +113,8 @@ class VLLMGenerator:
         if args.vllm_enable_sleep_mode and not on_gpu:
             logger.info("vllm_enable_sleep_mode: sleep mode needs a GPU; ignored on CPU (nothing to free)")
         self.dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
-        self.policy_version = -1  # no weights yet
+        self.policy_version = -1  # no weights yet; set by the weight publisher after each update
+        self._idle_since = time.perf_counter()  # end of the last generate or weight update
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
@@ -138,7 +143,8 @@ class VLLMGenerator:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
             engine_args["enable_sleep_mode"] = self.sleep_mode
         if weight_transfer_backend:
-            from .transport import GLOO_BACKEND, register_gloo_backend
+            from .transport import GLOO_BACKEND
+            from .transport_vllm import register_gloo_backend
 
             if weight_transfer_backend == GLOO_BACKEND:
                 register_gloo_backend()
@@ -205,9 +211,14 @@ class VLLMGenerator:
         return SamplingParams(n=num_samples, seed=seed, logprobs=0, stop_token_ids=sorted(self.eos_token_ids),
                               **settings)
 
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Done:
+        """In process, sampling happens now; the handle holds the result."""
+        return Done(self.generate(prompt_ids, num_samples, seed))
+
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
         if self.policy_version < 0:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
+        idle = time.perf_counter() - self._idle_since
         self._wake("weights", "kv_cache")
         # One request per completion (n=1), in block layout, each with its own seed. With n=k and
         # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
@@ -228,6 +239,8 @@ class VLLMGenerator:
         self._sleep()  # the learner has the device until the next sync
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
         rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
+        rollouts.engine_idle_s = idle
+        self._idle_since = time.perf_counter()
         return rollouts
 
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
@@ -252,27 +265,11 @@ class VLLMGenerator:
         self.llm.reset_prefix_cache()
         return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
 
-    def sync_weights(self, learner) -> dict[str, float]:
-        stats = self.load_weights(LearnerWeights(learner.model, self.dtype))
-        self.policy_version += 1
-        metrics = stats.as_metrics()
-        if self.probe_ids is not None:
-            metrics["sync/logprob_gap"] = self.logprob_gap(learner)
-        return metrics
 
-    def logprob_gap(self, learner) -> float:
-        """Max |engine - learner| logprob over the probe sequence: a silent sync failure would
-        otherwise look like training."""
-        engine = self.sequence_logprobs(self.probe_ids)
-        reference = learner.sequence_logprobs(self.probe_ids)
-        gap = (engine - reference).abs().max().item()
-        tolerance = self.args.vllm_sync_tolerance
-        if tolerance is None:
-            tolerance = 1e-3 if self.dtype == torch.float32 else 0.1
-        if gap > tolerance:
-            logger.warning("%s serves weights that differ from the learner's: logprob gap %.3g > %.3g "
-                           "(policy version %d)", self.name, gap, tolerance, self.policy_version)
-        return gap
+    def set_policy_version(self, version: int) -> None:
+        """Called by the weight publisher once this engine serves the weights of `version`."""
+        self.policy_version = version
+        self._idle_since = time.perf_counter()
 
     # ------------------------------------------------------------------------------ remote updates
     # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
@@ -295,7 +292,6 @@ class VLLMGenerator:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()
-        self.policy_version += 1
 
     def update_weight_version(self, version: str) -> None:
         self.llm.update_weight_version(version)

@@ -8,9 +8,10 @@ import torch
 
 from odpo_vllm import OnlineDPOTrainer, toy
 from odpo_vllm.generation import TransformersGenerator
+from odpo_vllm.publisher import LocalWeightPublisher
 from odpo_vllm.learner import Learner
 from odpo_vllm.objective import pack_sequences
-from odpo_vllm.transport import LearnerWeights
+from odpo_vllm.weights import LearnerWeights
 from odpo_vllm.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cache_bytes
 
 from conftest import make_args
@@ -33,7 +34,8 @@ def engine_setup(model_path, tmp_path_factory):
     prompt = tokenizer("Review the film:")["input_ids"]
     engine = VLLMGenerator(policy, tokenizer, args, {tokenizer.eos_token_id}, max_model_len=128,
                            probe_ids=prompt * 2, max_sequences=FULL_BATCH)
-    engine.sync_weights(learner)
+    engine.publisher = LocalWeightPublisher(engine, learner, prompt * 2, None)
+    engine.publisher.publish(0)
     yield engine, learner, tokenizer, prompt
     engine.close()
 
@@ -114,17 +116,22 @@ def test_greedy_parity_with_transformers_including_eos(engine_setup, tmp_path):
         assert torch.equal(getattr(packed[0], field), getattr(packed[1], field))
 
 
+def logprob_gap(engine, learner) -> float:
+    probe = engine.probe_ids
+    return (engine.sequence_logprobs(probe) - learner.sequence_logprobs(probe)).abs().max().item()
+
+
 def test_update_reaches_engine_and_skipping_it_shows(engine_setup):
     engine, learner, _, prompt = engine_setup
-    assert engine.logprob_gap(learner) < 1e-4
+    assert logprob_gap(engine, learner) < 1e-4
     perturb(learner.model, 0.05, seed=1)
-    stale = engine.logprob_gap(learner)  # learner changed, engine not updated
+    stale = logprob_gap(engine, learner)  # learner changed, engine not updated
     assert stale > 1e-2
     version = engine.policy_version
-    metrics = engine.sync_weights(learner)
+    metrics = engine.publisher.publish(version + 1)
     assert metrics["sync/logprob_gap"] < 1e-4
     assert metrics["sync/bytes"] > 0 and metrics["sync/seconds"] > 0
-    assert engine.policy_version == version + 1
+    assert engine.policy_version == engine.publisher.version == version + 1
 
 
 def test_tied_weights_are_required(engine_setup):
@@ -135,9 +142,9 @@ def test_tied_weights_are_required(engine_setup):
     runner = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner
     runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
     engine.llm.reset_prefix_cache()
-    assert engine.logprob_gap(learner) > 1e-2
-    engine.sync_weights(learner)  # the full update (tied weight included) repairs it
-    assert engine.logprob_gap(learner) < 1e-4
+    assert logprob_gap(engine, learner) > 1e-2
+    engine.publisher.publish(engine.policy_version + 1)  # the full update (tied weight included) repairs it
+    assert logprob_gap(engine, learner) < 1e-4
 
 
 def test_bad_weights_rejected_before_loading(engine_setup):
@@ -160,7 +167,7 @@ def test_bad_weights_rejected_before_loading(engine_setup):
     with pytest.raises(ValueError, match="shape mismatch"):
         engine.load_weights(Reshaped(learner.model))
     # the engine was never touched: it still serves the learner's weights and still generates
-    assert engine.logprob_gap(learner) < 1e-4
+    assert logprob_gap(engine, learner) < 1e-4
     assert len(engine.generate([prompt], 2, seed=0).completion_ids) == 2
 
 
@@ -181,7 +188,7 @@ def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path):
     first = sum(r["objective/scores"] for r in rows[:8]) / 8
     last = sum(r["objective/scores"] for r in rows[-8:]) / 8
     assert last > first + 0.15, (first, last)  # measured: about 0.04 -> 0.4
-    trainer.generator.close()
+    trainer.close()
 
 
 def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
@@ -199,7 +206,7 @@ def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     with trainer.model.disable_adapter():
         base = trainer.learner.sequence_logprobs(trainer.generator.probe_ids)
     assert (base_gap - base).abs().max().item() > 1e-3
-    trainer.generator.close()
+    trainer.close()
 
 
 def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path):
@@ -210,16 +217,16 @@ def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path
     first = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                              train_dataset=toy.prompt_dataset(8))
     first.train()
-    first.generator.close()
+    first.close()
     resumed = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                                train_dataset=toy.prompt_dataset(8))
     # a fresh engine serves the initial model, which the checkpoint's weights differ from
     checkpoint.load(resumed, str(tmp_path / "out" / "checkpoint-2"))
-    assert resumed.generator.logprob_gap(resumed.learner) < 1e-4
+    assert logprob_gap(resumed.generator, resumed.learner) < 1e-4
     assert resumed.generator.policy_version == 2
     trained = first.learner.sequence_logprobs(first.generator.probe_ids)
     assert (resumed.generator.sequence_logprobs(resumed.generator.probe_ids) - trained).abs().max() < 1e-4
-    resumed.generator.close()
+    resumed.close()
 
 
 def test_use_vllm_without_vllm_names_the_setting(model_path, tmp_path, monkeypatch):

@@ -10,15 +10,8 @@ import time
 import pytest
 import torch
 
-from odpo_vllm.transport import (
-    DEFAULT_BUCKET_BYTES,
-    LearnerWeights,
-    TensorMeta,
-    pack,
-    plan_buckets,
-    resolve_weight_transport,
-    unpack,
-)
+from odpo_vllm.transport import DEFAULT_BUCKET_BYTES, pack, plan_buckets, resolve_weight_transport, unpack
+from odpo_vllm.weights import LearnerWeights, TensorMeta
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -120,8 +113,7 @@ def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
 
     from odpo_vllm import OnlineDPOConfig
     from odpo_vllm.learner import Learner
-    from odpo_vllm.transport import register_gloo_backend
-    from odpo_vllm.transport_vllm import GlooTrainerInitInfo
+    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, register_gloo_backend
     from odpo_vllm.vllm_engine import VLLMGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,124 @@
+"""The rollout pipeline: which batch is sampled by which policy version, and when.
+
+With `async_steps = K`, the batch of step t is sampled by policy version max(0, t - K) exactly
+(version v = the weights after v optimizer steps). At the top of step t the engines serve v_t, so
+the loop requests every batch up to step t + K: sampling (and, under Ray, scoring) of those runs
+while the learners train step t, and the push of v_{t+1} waits until the engines have finished
+them. K = 0 is the synchronous loop. The schedule does not depend on timing, so a run is
+reproducible, and a checkpoint holds the batches already sampled for later steps (token ids,
+scores, the version that sampled them) so that a resumed run neither skips nor repeats a prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .batches import Pairs
+from .generation import step_seed
+from .rollout import pair_rollouts
+
+
+def sampling_version(step: int, async_steps: int) -> int:
+    """The policy version that samples the batch of `step`."""
+    return max(0, step - async_steps)
+
+
+@dataclass
+class _Request:
+    step: int
+    epoch: int
+    position: int | None
+    pairs: Future  # -> Pairs
+
+
+class RolloutPipeline:
+    def __init__(self, batches, roles, tokenizer, args, rewrite_rows=None):
+        """`batches`: the prompt order (`PromptBatches` or `IterablePromptBatches`); `roles`: the
+        generator and rewards; `rewrite_rows`: the user's data_collator, applied per batch."""
+        self.batches, self.roles, self.tokenizer, self.args = batches, roles, tokenizer, args
+        self.async_steps = args.async_steps
+        self.rewrite_rows = rewrite_rows or (lambda rows: rows)
+        self.requests: dict[int, _Request] = {}
+        self.next_step = 0  # the first step whose batch has not been requested
+        # Ray placements: wait for rollouts and score them in a thread while the learners train.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if roles.background_sampling else None
+
+    def request_ahead(self, step: int, served_version: int, max_steps: int) -> None:
+        """Request the batches of steps up to `step + async_steps` (and below `max_steps`) that are
+        not requested yet; the engines serve `served_version`, which must be their sampling version."""
+        while self.next_step < min(step + self.async_steps + 1, max_steps):
+            wanted = sampling_version(self.next_step, self.async_steps)
+            if wanted != served_version:
+                raise RuntimeError(f"rollout schedule: the batch of step {self.next_step} must be sampled by policy "
+                                   f"version {wanted}, but the engines serve version {served_version}")
+            self._request(self.next_step)
+            self.next_step += 1
+
+    def _request(self, step: int) -> None:
+        _, rows = self.batches.next()
+        rows = self.rewrite_rows(rows)
+        args = self.args
+        start = time.perf_counter()
+        # submitted now, in this thread: the engines see sampling requests and weight updates in
+        # the order of the schedule
+        handle = self.roles.generator.submit([row["prompt_ids"] for row in rows], args.num_samples,
+                                             step_seed(args.seed, step))
+
+        def finish() -> Pairs:
+            rollouts = handle.result()
+            sampled = time.perf_counter() - start
+            pairs = pair_rollouts(rows, rollouts, self.roles.rewards, self.tokenizer, args.num_samples)
+            pairs.metrics["time/generate"] = sampled
+            return pairs
+
+        future: Future = Future()
+        if self.executor is None:
+            future.set_result(finish())
+        else:
+            future = self.executor.submit(finish)
+        self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), future)
+
+    def position_of(self, step: int) -> tuple[int, int | None]:
+        """(epoch, batches taken in that epoch) of the batch of `step` (requested already)."""
+        request = self.requests[step]
+        return request.epoch, request.position
+
+    def take(self, step: int) -> tuple[Pairs, float]:
+        """The scored pairs of `step` and how long the loop waited for them."""
+        start = time.perf_counter()
+        request = self.requests.pop(step)
+        pairs = request.pairs.result()
+        waited = time.perf_counter() - start
+        expected = sampling_version(step, self.async_steps)
+        if pairs.policy_version != expected:
+            raise RuntimeError(f"rollout schedule: the batch of step {step} was sampled by policy version "
+                               f"{pairs.policy_version}, expected {expected}")
+        pairs.step, pairs.epoch, pairs.position = step, request.epoch, request.position
+        return pairs, waited
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The batches requested for later steps, finished first (they are part of the run)."""
+        ready = []
+        for step in sorted(self.requests):
+            request = self.requests[step]
+            ready.append({"step": step, "epoch": request.epoch, "position": request.position,
+                          "pairs": request.pairs.result()})
+        return {"async_steps": self.async_steps, "next_step": self.next_step, "ready": ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["async_steps"] != self.async_steps:
+            raise ValueError(f"resume_from_checkpoint: the checkpoint was written with async_steps="
+                             f"{state['async_steps']}; resume with the same async_steps (got {self.async_steps}) "
+                             "so that the batches it already sampled are trained at their steps")
+        self.requests, self.next_step = {}, state["next_step"]
+        for item in state["ready"]:
+            future: Future = Future()
+            future.set_result(item["pairs"])
+            self.requests[item["step"]] = _Request(item["step"], item["epoch"], item["position"], future)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,51 @@
+"""Reward models in Ray actors: under a Ray placement the driver (often a CPU-only head node under
+`ray job submit`) never loads a reward model. Callables and judges still run in the driver."""
+
+from __future__ import annotations
+
+import torch
+
+from .rewards import Rewards
+
+
+class RewardWorker:
+    """A Ray actor holding the run's reward models (a GPU share on GPU clusters)."""
+
+    def __init__(self, model_specs: list[tuple], model_init_kwargs: dict | None, trust_remote_code: bool,
+                 threads: int = 1):
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.rewards = Rewards([model for model, _ in model_specs], [tok for _, tok in model_specs],
+                               model_init_kwargs=model_init_kwargs, trust_remote_code=trust_remote_code, device=device)
+
+    def model_table(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        return self.rewards.model_table(prompts, completions)
+
+
+class RemoteRewards:
+    """The `Scorer` of a Ray placement: reward models in `RewardWorker` actors (a step's rows split
+    across them), callables and judges here, combined exactly as `Rewards.score` does in process."""
+
+    def __init__(self, local: Rewards, workers: list, names: list[str], timeout_s: float):
+        import ray
+
+        self.ray, self.local, self.workers, self.names, self.timeout_s = ray, local, workers, names, timeout_s
+
+    def score(self, prompts, completions, completion_ids, columns, contains_eos):
+        table = None
+        if self.local.model_indices:
+            count = len(self.workers)
+            size = -(-len(completions) // count)
+            parts = [(w, a, min(a + size, len(completions))) for w, a in zip(range(count), range(0, len(completions), size))]
+            refs = [self.workers[w].model_table.remote(prompts[a:b], completions[a:b]) for w, a, b in parts]
+            ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            if pending:
+                late = [self.names[parts[refs.index(ref)][0]] for ref in pending]
+                raise TimeoutError(f"rewards: {', '.join(late)} did not answer model_table() within {self.timeout_s:.0f}s")
+            table = torch.cat(self.ray.get(refs))
+        return self.local.score(prompts, completions, completion_ids, columns, contains_eos, model_table=table)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers = []

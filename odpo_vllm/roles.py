@@ -1,0 +1,105 @@
+"""The roles of a run and their contracts.
+
+A placement (`placement.py`) builds one `Roles`: who samples (generator), who learns (learner),
+who scores (rewards), who moves the weights (publisher). The training loop only uses these
+contracts, so it never asks which placement it runs in. Every role that starts something
+(an engine, actors, a Ray cluster) stops it in `close()`; `Roles.close()` closes them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .batches import PairBatch, Rollouts
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutHandle(Protocol):
+    def result(self) -> Rollouts: ...
+
+
+class Generator(Protocol):
+    """Samples k completions per prompt in block layout with the weights it serves."""
+
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RolloutHandle:
+        """Start sampling now (the order of submits and weight updates is the schedule)."""
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts: ...
+
+    def close(self) -> None: ...
+
+
+class Learner(Protocol):
+    """Policy, reference and optimizer: one optimizer step per `step` call."""
+
+    def step(self, batch: PairBatch, beta: float) -> dict[str, float]: ...
+
+    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]: ...
+
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor: ...
+
+    def save(self, directory: str) -> None: ...
+
+    def load(self, directory: str) -> None: ...
+
+
+class Scorer(Protocol):
+    """Scores k*B completions (block layout): combined scores and each function's mean."""
+
+    def score(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
+              columns: dict[str, list], contains_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class WeightPublisher(Protocol):
+    """Makes the engines serve the learner's weights of a given policy version (optimizer step)."""
+
+    version: int
+
+    def publish(self, version: int) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+class Done:
+    """The handle of work already finished (an in-process generator samples at submit time)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@dataclass
+class Roles:
+    generator: Any
+    learner: Any
+    rewards: Any
+    publisher: Any
+    # Ray placements sample and score in the background while the learners train; in one
+    # process the roles share the model and the cores, so the pipeline runs them in turn.
+    background_sampling: bool = False
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run in reverse order by close()
+
+    def close(self) -> None:
+        """Close every role (publisher first: the transport needs live peers); idempotent."""
+        parts = [self.publisher, self.generator, self.rewards, self.learner]
+        closers = [getattr(part, "close", None) for part in parts] + list(reversed(self.closers))
+        self.closers = []
+        self.publisher = self.generator = self.rewards = self.learner = None
+        errors = []
+        for close in closers:
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as err:  # close the rest; report the first failure afterwards
+                logger.debug("closing a role failed: %s", err)
+                errors.append(err)
+        if errors:
+            raise errors[0]
