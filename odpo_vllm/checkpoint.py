@@ -46,6 +46,8 @@ def load(trainer, directory: str) -> None:
                 f"resume_from_checkpoint: {directory} has no {name}; point it at a checkpoint-<step> folder "
                 "written by odpo_vllm"
             )
+    # the rollouts first: a checkpoint of another async_steps is refused before any weight is loaded
+    trainer.pipeline.load_state_dict(torch.load(os.path.join(directory, ROLLOUTS_FILE), weights_only=False))
     trainer.learner.load(directory)
     loaded = TrainerState.load_from_json(os.path.join(directory, STATE_FILE))
     state = trainer.state
@@ -59,7 +61,6 @@ def load(trainer, directory: str) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer.pipeline.load_state_dict(torch.load(os.path.join(directory, ROLLOUTS_FILE), weights_only=False))
     # The engines must serve the resumed weights before they sample again.
     trainer.publisher.publish(run["policy_version"])
 

@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None):
     extra = options.extra[1:] if options.extra[:1] == ["--"] else options.extra
     from .train import main as train_main
 
-    trainer, _ = train_main(flags + extra)
-    if not options.in_process:
-        trainer.learner.shutdown()
-        trainer.generator.shutdown()
+    trainer, _ = train_main(flags + extra)  # the trainer closed its actors and Ray cluster at the end
     rows = [r for r in trainer.state.log_history if "objective/scores" in r]
     train_dir = trainer.args.output_dir
     print("\nOnline DPO demo finished")

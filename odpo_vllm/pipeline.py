@@ -11,6 +11,7 @@ scores, the version that sampled them) so that a resumed run neither skips nor r
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from .batches import Pairs
 from .generation import step_seed
 from .rollout import pair_rollouts
+
+logger = logging.getLogger(__name__)
 
 
 def sampling_version(step: int, async_steps: int) -> int:
@@ -30,6 +33,7 @@ class _Request:
     step: int
     epoch: int
     position: int | None
+    version: int  # the policy version the engines served when it was submitted
     pairs: Future  # -> Pairs
 
 
@@ -50,13 +54,16 @@ class RolloutPipeline:
         not requested yet; the engines serve `served_version`, which must be their sampling version."""
         while self.next_step < min(step + self.async_steps + 1, max_steps):
             wanted = sampling_version(self.next_step, self.async_steps)
-            if wanted != served_version:
+            if wanted > served_version:
                 raise RuntimeError(f"rollout schedule: the batch of step {self.next_step} must be sampled by policy "
                                    f"version {wanted}, but the engines serve version {served_version}")
-            self._request(self.next_step)
+            if wanted < served_version:  # a run resumed past the max_steps it was checkpointed with
+                logger.warning("step %d: sampled by policy version %d instead of %d (the checkpoint holds no "
+                               "batches for the steps after its max_steps)", self.next_step, served_version, wanted)
+            self._request(self.next_step, served_version)
             self.next_step += 1
 
-    def _request(self, step: int) -> None:
+    def _request(self, step: int, version: int) -> None:
         _, rows = self.batches.next()
         rows = self.rewrite_rows(rows)
         args = self.args
@@ -78,7 +85,8 @@ class RolloutPipeline:
             future.set_result(finish())
         else:
             future = self.executor.submit(finish)
-        self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), future)
+        self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), version,
+                                       future)
 
     def position_of(self, step: int) -> tuple[int, int | None]:
         """(epoch, batches taken in that epoch) of the batch of `step` (requested already)."""
@@ -91,10 +99,9 @@ class RolloutPipeline:
         request = self.requests.pop(step)
         pairs = request.pairs.result()
         waited = time.perf_counter() - start
-        expected = sampling_version(step, self.async_steps)
-        if pairs.policy_version != expected:
+        if pairs.policy_version != request.version:  # an update overtook the batch: a bug, never timing
             raise RuntimeError(f"rollout schedule: the batch of step {step} was sampled by policy version "
-                               f"{pairs.policy_version}, expected {expected}")
+                               f"{pairs.policy_version}, expected {request.version}")
         pairs.step, pairs.epoch, pairs.position = step, request.epoch, request.position
         return pairs, waited
 
@@ -105,7 +112,7 @@ class RolloutPipeline:
         for step in sorted(self.requests):
             request = self.requests[step]
             ready.append({"step": step, "epoch": request.epoch, "position": request.position,
-                          "pairs": request.pairs.result()})
+                          "version": request.version, "pairs": request.pairs.result()})
         return {"async_steps": self.async_steps, "next_step": self.next_step, "ready": ready}
 
     def load_state_dict(self, state: dict) -> None:
@@ -117,7 +124,8 @@ class RolloutPipeline:
         for item in state["ready"]:
             future: Future = Future()
             future.set_result(item["pairs"])
-            self.requests[item["step"]] = _Request(item["step"], item["epoch"], item["position"], future)
+            self.requests[item["step"]] = _Request(item["step"], item["epoch"], item["position"], item["version"],
+                                                   future)
 
     def close(self) -> None:
         if self.executor is not None:

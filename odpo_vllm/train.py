@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None):
         model=model_args.model_name_or_path, reward_funcs=reward_funcs, args=args,
         train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    if args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"Online DPO on {script.dataset_name}")
+    with trainer:  # closes the engines, ranks and reward workers (and the run's own Ray cluster)
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model(args.output_dir)
+        if args.push_to_hub:
+            trainer.push_to_hub(commit_message=f"Online DPO on {script.dataset_name}")
     return trainer, result
 
 

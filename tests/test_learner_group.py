@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
-from odpo_vllm.learner import Learner, PairBatch
+from odpo_vllm.batches import PairBatch
+from odpo_vllm.learner import Learner
 from odpo_vllm.learner_group import LearnerGroup, shard
 
 from conftest import make_args
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
 
 
 def test_shard_is_contiguous_and_even():
@@ -56,7 +57,7 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
         metrics = group.step(batch, beta=0.1)
         ranks = group.full_weights()
     finally:
-        group.shutdown()
+        group.close()
 
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     reference = AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)
@@ -81,11 +82,15 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
     assert moved > 1e-4  # the step did change the weights
 
 
-def test_zero3_group_pushes_gathered_buckets_to_two_engines(ray_cluster, model_path, tokenizer, tmp_path):
-    """Learner ranks (ZeRO-3) -> two vLLM engine actors over odpo_gloo in size-capped buckets;
-    both engines then serve the trained weights."""
+def test_publisher_pushes_zero3_buckets_and_detaches_and_reattaches_engines(ray_cluster, model_path, tokenizer,
+                                                                           tmp_path):
+    """Learner ranks (ZeRO-3) -> two vLLM engine actors over odpo_gloo in size-capped buckets,
+    driven by the weight publisher: both serve the trained weights; a detached engine keeps the
+    old version while the other follows; attached again, it gets the current weights (the
+    transport reopened on a fresh port with both)."""
     from transformers import AutoConfig
 
+    from odpo_vllm.publisher import RayWeightPublisher
     from odpo_vllm.vllm_engine import VLLMGenerator
 
     ray = ray_cluster
@@ -93,23 +98,44 @@ def test_zero3_group_pushes_gathered_buckets_to_two_engines(ray_cluster, model_p
                      gradient_accumulation_steps=2, gradient_checkpointing=False, use_vllm=True)
     probe = tokenizer("Review the film: it was")["input_ids"] * 2
     Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
-    engines = [
-        Engine.options(name=f"engine-{i}").remote(
+    engines = {
+        f"engine-{i}": Engine.options(name=f"engine-{i}").remote(
             AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
             probe_ids=probe, name=f"engine-{i}", weight_transfer_backend="odpo_gloo", engine_index=i)
         for i in range(2)
-    ]
+    }
+    handles = dict(engines)
     group = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps=4, num_ranks=2,
                          zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher")
+    publisher = RayWeightPublisher(group, engines, "odpo_gloo", probe, None, torch.float32, timeout_s=300,
+                                   bucket_bytes=64 << 10)
+
+    def gaps():
+        learner_logprobs = group.sequence_logprobs(probe)
+        served = ray.get([h.sequence_logprobs.remote(probe) for h in handles.values()], timeout=300)
+        return [(s - learner_logprobs).abs().max().item() for s in served]
+
+    def versions():
+        return ray.get([h.__ray_call__.remote(lambda engine: engine.policy_version) for h in handles.values()])
+
     try:
         group.step(pairs(tokenizer), beta=0.1)
-        stats = group.push_weights(engines, ["engine-0", "engine-1"], "odpo_gloo", bucket_bytes=64 << 10)
-        learner_logprobs = group.sequence_logprobs(probe)
-        served = ray.get([e.sequence_logprobs.remote(probe) for e in engines], timeout=300)
+        stats = publisher.publish(1)
+        first_gaps, first_versions = gaps(), versions()
+        publisher.detach("engine-1")
+        group.step(pairs(tokenizer), beta=0.1)
+        detached = publisher.publish(2)
+        detached_gaps, detached_versions = gaps(), versions()
+        publisher.attach("engine-1", handles["engine-1"])
+        publisher.publish(2)
+        attached_gaps, attached_versions = gaps(), versions()
     finally:
-        group.shutdown()
-        for engine in engines:
+        publisher.close()
+        group.close()
+        for engine in handles.values():
             ray.kill(engine)
     assert stats["sync/bytes"] > 64 << 10  # more than one bucket
-    for engine_logprobs in served:
-        assert (engine_logprobs - learner_logprobs).abs().max().item() < 1e-4
+    assert stats["sync/logprob_gap"] < 1e-4 and max(first_gaps) < 1e-4 and first_versions == [1, 1]
+    assert detached["sync/logprob_gap"] < 1e-4 and detached_gaps[0] < 1e-4
+    assert detached_gaps[1] > 1e-3 and detached_versions == [2, 1]  # stale while detached
+    assert max(attached_gaps) < 1e-4 and attached_versions == [2, 2]

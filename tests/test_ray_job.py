@@ -16,7 +16,7 @@ import pytest
 
 from odpo_vllm import toy
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from odpo_vllm.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cac
 
 from conftest import make_args
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.vllm]
 
 FULL_BATCH = 1024  # sequences the module's engine must hold at once (more than a 64 MiB cache does here)
 GREEDY = {"temperature": 1e-6}  # vLLM samples greedily below 1e-5; transformers nearly so
@@ -171,10 +171,11 @@ def test_bad_weights_rejected_before_loading(engine_setup):
     assert len(engine.generate([prompt], 2, seed=0).completion_ids) == 2
 
 
-def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path):
+@pytest.mark.parametrize("async_steps", [0, 2])
+def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path, async_steps):
     args = make_args(tmp_path, use_vllm=True, max_steps=40, per_device_train_batch_size=8,
                      gradient_accumulation_steps=2, max_new_tokens=16, logging_steps=1,
-                     lr_scheduler_type="constant")
+                     lr_scheduler_type="constant", async_steps=async_steps)
     trainer = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                                train_dataset=toy.prompt_dataset(64))
     assert isinstance(trainer.generator, VLLMGenerator)
@@ -185,6 +186,7 @@ def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path):
     assert max(gaps) < 1e-4, gaps
     assert all(r["sync/bytes"] > 0 for r in rows)
     assert trainer.generator.policy_version == 40
+    assert [r["async/staleness"] for r in rows] == [float(min(t, async_steps)) for t in range(40)]
     first = sum(r["objective/scores"] for r in rows[:8]) / 8
     last = sum(r["objective/scores"] for r in rows[-8:]) / 8
     assert last > first + 0.15, (first, last)  # measured: about 0.04 -> 0.4

@@ -105,6 +105,8 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
     ray = ray_cluster
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,95 @@
+"""The asynchronous schedule in one process (transformers sampler: fast, same pipeline as the Ray
+placements): the batch of step t is sampled by policy version max(0, t - K), the staleness of
+every step is min(t, K), and a run stopped with batches in flight resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_args, snapshot, train_rows
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from odpo_vllm import OnlineDPOTrainer, toy
+from odpo_vllm.pipeline import sampling_version
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def trainer_for(model_path, out, stop_at=None, **overrides):
+    settings = dict(max_steps=6, per_device_train_batch_size=2, async_steps=2, save_strategy="steps", save_steps=3,
+                    log_completions=False)
+    settings.update(overrides)
+    trainer = OnlineDPOTrainer(AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=toy.short_reward,
+                               args=make_args(out, output_dir=out, **settings), train_dataset=toy.prompt_dataset(10),
+                               callbacks=[StopAt(stop_at)] if stop_at else None)
+    seen, step = [], trainer.learner.step
+
+    def recording(batch, beta):
+        seen.append([tuple(ids) for ids in batch.prompt_ids])
+        return step(batch, beta)
+
+    trainer.learner.step = recording
+    return trainer, seen
+
+
+def test_sampling_version_schedule():
+    assert [sampling_version(t, 0) for t in range(4)] == [0, 1, 2, 3]
+    assert [sampling_version(t, 2) for t in range(5)] == [0, 0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_staleness_is_min_of_step_and_k(model_path, tmp_path, k):
+    trainer, seen = trainer_for(model_path, tmp_path / f"k{k}", async_steps=k, max_steps=5, save_strategy="no")
+    trainer.train()
+    rows = train_rows(trainer)
+    assert [r["async/staleness"] for r in rows] == [float(min(t, k)) for t in range(5)]
+    assert all(r["async/staleness_max"] == r["async/staleness"] for r in rows)  # one step per log row
+    assert all(r["time/wait_rollouts"] >= 0 and "time/wait_weights" in r for r in rows)
+    assert len(seen) == 5
+
+
+def test_k0_is_the_synchronous_trajectory(model_path, tmp_path):
+    """async_steps=0 samples every batch with the weights trained so far: the first step equals
+    K=1's (both use version 0), the second differs (K=1 samples it with version 0)."""
+    sync, _ = trainer_for(model_path, tmp_path / "sync", async_steps=0, max_steps=2, save_strategy="no")
+    sync.train()
+    lag, _ = trainer_for(model_path, tmp_path / "lag", async_steps=1, max_steps=2, save_strategy="no")
+    lag.train()
+    a, b = train_rows(sync), train_rows(lag)
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], abs=1e-7)
+    assert a[1]["logps/chosen"] != pytest.approx(b[1]["logps/chosen"], abs=1e-6)
+
+
+def test_async_resume_with_batches_in_flight_is_exact(model_path, tmp_path):
+    """K=2, stopped at step 3 (its checkpoint holds the batches of steps 4 and 5, already sampled)
+    and resumed to 6: same prompts in the same order, same weights as 6 uninterrupted steps."""
+    full, full_prompts = trainer_for(model_path, tmp_path / "full")
+    full.train()
+    part, first_prompts = trainer_for(model_path, tmp_path / "part", stop_at=3)
+    part.train()
+    state = torch.load(tmp_path / "part" / "checkpoint-3" / "rollouts.pt", weights_only=False)
+    assert [item["step"] for item in state["ready"]] == [3, 4]  # 0-based: the batches of steps 4 and 5
+    assert [item["pairs"].policy_version for item in state["ready"]] == [1, 2]
+    resumed, resumed_prompts = trainer_for(model_path, tmp_path / "part")
+    resumed.train(resume_from_checkpoint=True)
+    assert len(full_prompts) == 6 and first_prompts + resumed_prompts == full_prompts
+    assert sorted(first_prompts + resumed_prompts) == sorted(full_prompts)
+    assert [r["async/staleness"] for r in train_rows(resumed)][-3:] == [2.0, 2.0, 2.0]
+    weights, now = snapshot(full.model), dict(resumed.model.named_parameters())
+    assert max((weights[n] - now[n].detach()).abs().max().item() for n in weights) <= 1e-6
+
+
+def test_resume_with_another_async_steps_is_refused(model_path, tmp_path):
+    part, _ = trainer_for(model_path, tmp_path / "run", stop_at=3)
+    part.train()
+    other, _ = trainer_for(model_path, tmp_path / "run", async_steps=1)
+    with pytest.raises(ValueError, match="async_steps=2"):
+        other.train(resume_from_checkpoint=True)
