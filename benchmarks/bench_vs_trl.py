@@ -223,28 +223,39 @@ def run_ours(cfg: dict) -> dict:
         max_steps=cfg["steps"], max_new_tokens=cfg["new_tokens"], max_length=cfg["max_length"],
         learning_rate=cfg["learning_rate"], logging_steps=1, report_to="none", save_strategy="no",
         disable_tqdm=True, seed=cfg["seed"], plot_at_end=False, log_completions=False,
-        use_vllm=not system.startswith("ours-hf"), gradient_checkpointing=not system.endswith("-nockpt"))
+        use_vllm=not system.startswith("ours-hf"), gradient_checkpointing=not system.endswith("-nockpt"),
+        async_steps=cfg.get("async_steps", 0))
     if ray_run:
         import ray
 
+        ranks = cfg.get("ranks", 2)
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-        settings.update(placement="colocated" if "-col-" in system else "dedicated", ray_learner_ranks=2,
-                        ray_zero_stage=3 if system.endswith("z3") else 2, ray_cpus_per_actor=0.5,
-                        ray_timeout_s=600, per_device_train_batch_size=cfg["prompts"] // 2)
+        settings.update(placement="colocated" if "-col-" in system else "dedicated", ray_learner_ranks=ranks,
+                        ray_zero_stage=3 if system.endswith("z3") else 2,
+                        ray_cpus_per_actor=cfg.get("cpus_per_actor", 0.5), ray_timeout_s=600,
+                        per_device_train_batch_size=cfg["prompts"] // ranks)
+    settings.update(cfg.get("overrides", {}))
     args = OnlineDPOConfig(**settings)
     timer = _step_timer()
     trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=toy.sentiment_reward, args=args,
                                train_dataset=toy.prompt_dataset(cfg["prompts"] * cfg["steps"]), callbacks=[timer])
     tokens: list = []
-    generate = trainer.generator.generate
+    submit = trainer.generator.submit
 
-    def counting(*a, **k):
-        out = generate(*a, **k)
-        tokens.append(sum(len(c) for c in out.completion_ids) / len(out.completion_ids))
-        return out
+    def counting(*a, **k):  # the pipeline submits each batch; its handle's result() has the tokens
+        handle = submit(*a, **k)
+        result = handle.result
 
-    trainer.generator.generate = counting
+        def counted():
+            out = result()
+            tokens.append(sum(len(c) for c in out.completion_ids) / len(out.completion_ids))
+            return out
+
+        handle.result = counted
+        return handle
+
+    trainer.generator.submit = counting
     try:
         trainer.train()
         rows = [r for r in trainer.state.log_history if "time/step" in r]
@@ -254,11 +265,15 @@ def run_ours(cfg: dict) -> dict:
                 rss[name] = max(peaks)
                 rss[f"{name} count"] = len(peaks)
     finally:
+        trainer.close()
         if ray_run:
             import ray
 
             ray.shutdown()
     return {"steps": timer.steps, "generate": [r["time/generate"] for r in rows],
+            "wait_rollouts": [r["time/wait_rollouts"] for r in rows],
+            "wait_weights": [r["time/wait_weights"] for r in rows],
+            "staleness": [r["async/staleness"] for r in rows],
             "reward": [r["time/reward"] for r in rows], "train": [r["time/train"] for r in rows],
             "sync": [r.get("sync/seconds", 0.0) for r in rows],
             "sync_bytes": [r["sync/bytes"] for r in rows if "sync/bytes" in r], "tokens": tokens,

@@ -19,6 +19,7 @@ class Rollouts:
     policy_version: int  # the optimizer step whose weights sampled them
     sampling_logprobs: list[list[float]] | None = None  # per completion token, where the backend gives them
     engine_idle_s: float = 0.0  # how long the engine(s) waited for this request (for a new version)
+    sample_s: float = 0.0  # how long the engine(s) sampled (the slowest, when several share a batch)
 
     @property
     def num_prompts(self) -> int:

@@ -4,6 +4,7 @@ engine implements the same contract (`roles.Generator`)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import torch
@@ -73,7 +74,7 @@ class TransformersGenerator:
         chunk = self.batch_size * num_samples if self.batch_size else len(block)
         was_training = self.model.training
         self.model.eval()
-        raw = []
+        raw, started = [], time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -81,7 +82,9 @@ class TransformersGenerator:
                     raw += self._sample(block[start : start + chunk], config, device)
         finally:
             self.model.train(was_training)
-        return finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
+        rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
+        rollouts.sample_s = time.perf_counter() - started
+        return rollouts
 
     def _sample(self, prompts: list[list[int]], config, device) -> list[list[int]]:
         width = max(len(p) for p in prompts)

@@ -1,10 +1,10 @@
 """The rollout pipeline: which batch is sampled by which policy version, and when.
 
 With `async_steps = K`, the batch of step t is sampled by policy version max(0, t - K) exactly
-(version v = the weights after v optimizer steps). At the top of step t the engines serve v_t, so
-the loop requests every batch up to step t + K: sampling (and, under Ray, scoring) of those runs
-while the learners train step t, and the push of v_{t+1} waits until the engines have finished
-them. K = 0 is the synchronous loop. The schedule does not depend on timing, so a run is
+(version v = the weights after v optimizer steps). Once the engines serve v_t (after the sync of
+step t - 1, or at the start), the loop requests every batch up to step t + K: sampling (and, under
+Ray, scoring) of those runs while the learners train step t, and the push of v_{t+1} waits until
+the engines have finished them. K = 0 is the synchronous loop. The schedule does not depend on timing, so a run is
 reproducible, and a checkpoint holds the batches already sampled for later steps (token ids,
 scores, the version that sampled them) so that a resumed run neither skips nor repeats a prompt.
 """
@@ -67,7 +67,6 @@ class RolloutPipeline:
         _, rows = self.batches.next()
         rows = self.rewrite_rows(rows)
         args = self.args
-        start = time.perf_counter()
         # submitted now, in this thread: the engines see sampling requests and weight updates in
         # the order of the schedule
         handle = self.roles.generator.submit([row["prompt_ids"] for row in rows], args.num_samples,
@@ -75,9 +74,8 @@ class RolloutPipeline:
 
         def finish() -> Pairs:
             rollouts = handle.result()
-            sampled = time.perf_counter() - start
             pairs = pair_rollouts(rows, rollouts, self.roles.rewards, self.tokenizer, args.num_samples)
-            pairs.metrics["time/generate"] = sampled
+            pairs.metrics["time/generate"] = rollouts.sample_s  # the engines' own sampling time
             return pairs
 
         future: Future = Future()

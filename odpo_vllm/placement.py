@@ -124,7 +124,8 @@ class RemoteRollouts:
         if len(versions) != 1:
             raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
         return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(), logprobs,
-                        engine_idle_s=max(part.engine_idle_s for part in parts))
+                        engine_idle_s=max(part.engine_idle_s for part in parts),
+                        sample_s=max(part.sample_s for part in parts))
 
 
 class RemoteGenerator:

@@ -200,9 +200,9 @@ class OnlineDPOTrainer:
 
     # ------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
-        """The loop, in the order of one step: sample -> score -> pair -> learn -> sync -> log ->
-        save. With `async_steps = K` the batches of the next K steps are sampled (and, under Ray,
-        scored) while this step trains; see `pipeline.py` for the schedule. On an error every
+        """The loop, in the order of one step: (sampled) -> score -> pair -> learn -> sync -> sample
+        ahead -> log -> save. With `async_steps = K` the batches of the next K steps are sampled
+        (and, under Ray, scored) while this step trains; see `pipeline.py` for the schedule. On an error every
         role is closed (engines, ranks, reward workers, the run's own Ray cluster)."""
         try:
             return self._train(resume_from_checkpoint)
@@ -227,10 +227,9 @@ class OnlineDPOTrainer:
         sums, maxes, count, loss_sum = defaultdict(float), defaultdict(float), 0, 0.0
         train_start, first_step = time.time(), state.global_step
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
+        self.pipeline.request_ahead(state.global_step, self.publisher.version, self.max_steps)
         while state.global_step < self.max_steps and not self.control.should_training_stop:
             step = state.global_step
-            # sample (and score, in the background under Ray) every batch the schedule allows now
-            self.pipeline.request_ahead(step, self.publisher.version, self.max_steps)
             epoch, position = self.pipeline.position_of(step)
             if position == 1:  # the first batch of an epoch (streaming data has no position)
                 self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
@@ -245,6 +244,9 @@ class OnlineDPOTrainer:
             metrics["time/train"] = time.perf_counter() - start
             # sync: the engines serve the new version before they sample with it
             metrics.update(self.publisher.publish(step + 1))
+            # sample (and, under Ray, score in the background) every batch the schedule now allows:
+            # step t + 1 + K with the new version, while the next step trains
+            self.pipeline.request_ahead(step + 1, self.publisher.version, self.max_steps)
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
             metrics["beta"] = beta

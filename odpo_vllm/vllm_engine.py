@@ -218,7 +218,8 @@ class VLLMGenerator:
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
         if self.policy_version < 0:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
-        idle = time.perf_counter() - self._idle_since
+        started = time.perf_counter()
+        idle = started - self._idle_since
         self._wake("weights", "kv_cache")
         # One request per completion (n=1), in block layout, each with its own seed. With n=k and
         # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
@@ -241,6 +242,7 @@ class VLLMGenerator:
         rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
         rollouts.engine_idle_s = idle
         self._idle_since = time.perf_counter()
+        rollouts.sample_s = self._idle_since - started
         return rollouts
 
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:

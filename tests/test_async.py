@@ -69,15 +69,15 @@ def test_k0_is_the_synchronous_trajectory(model_path, tmp_path):
 
 
 def test_async_resume_with_batches_in_flight_is_exact(model_path, tmp_path):
-    """K=2, stopped at step 3 (its checkpoint holds the batches of steps 4 and 5, already sampled)
-    and resumed to 6: same prompts in the same order, same weights as 6 uninterrupted steps."""
+    """K=2, stopped at step 3 (its checkpoint holds the batches of steps 4, 5 and 6, sampled by
+    versions 1, 2 and 3) and resumed to 6: same prompts in the same order, same weights as 6 uninterrupted steps."""
     full, full_prompts = trainer_for(model_path, tmp_path / "full")
     full.train()
     part, first_prompts = trainer_for(model_path, tmp_path / "part", stop_at=3)
     part.train()
     state = torch.load(tmp_path / "part" / "checkpoint-3" / "rollouts.pt", weights_only=False)
-    assert [item["step"] for item in state["ready"]] == [3, 4]  # 0-based: the batches of steps 4 and 5
-    assert [item["pairs"].policy_version for item in state["ready"]] == [1, 2]
+    assert [item["step"] for item in state["ready"]] == [3, 4, 5]  # 0-based: the batches of steps 4 to 6
+    assert [item["pairs"].policy_version for item in state["ready"]] == [1, 2, 3]
     resumed, resumed_prompts = trainer_for(model_path, tmp_path / "part")
     resumed.train(resume_from_checkpoint=True)
     assert len(full_prompts) == 6 and first_prompts + resumed_prompts == full_prompts

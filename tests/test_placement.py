@@ -214,7 +214,7 @@ def record_prompts(trainer) -> list:
 
 def test_async_resume_under_ray_continues_the_run(ray_cluster, model_path, tmp_path):
     """async_steps=2, stopped at step 3 and resumed to 6: the checkpoint held the batches already
-    sampled for steps 4 and 5, so the resumed run trains the same prompts (none skipped, none
+    sampled for steps 4 to 6, so the resumed run trains the same prompts (none skipped, none
     repeated) and ends with the uninterrupted run's weights."""
     common = dict(placement="dedicated", max_steps=6, ray_learner_ranks=2, ray_zero_stage=2, async_steps=2,
                   ray_cpus_per_actor=0.5, ray_timeout_s=300, save_strategy="steps", save_steps=3,
