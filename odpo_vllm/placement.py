@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import console
 from .generation import Rollouts
 from .learner_group import LearnerGroup
 from .transport import resolve_weight_transport
@@ -26,13 +27,15 @@ def ensure_ray(args) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
+    env.update(console.library_log_env(args.log_level))  # quiet actors unless log_level asks
     # Inside `ray job submit`, RAY_ADDRESS names the cluster the job was submitted to.
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env={"env_vars": env}, **console.ray_init_kwargs(args.log_level))
     else:  # a local cluster owned by this process, even if `ray start` left one running here
         ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, object_store_memory=512 << 20)
+                 runtime_env={"env_vars": env}, object_store_memory=512 << 20,
+                 **console.ray_init_kwargs(args.log_level))
 
 
 class RemoteGenerator:

@@ -32,6 +32,7 @@ from .config import OnlineDPOConfig
 from .data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
 from .generation import TransformersGenerator, step_seed
 from .learner import Learner
+from .objective import rlhf_reward
 from .rewards import Rewards
 from .rollout import collect_pairs
 from .vllm_engine import VLLMGenerator, vllm_available
@@ -325,7 +326,7 @@ class OnlineDPOTrainer:
             # sync: the generator serves the new weights before it samples again
             metrics.update(self.generator.sync_weights(self.learner))
             metrics.update(pairs.metrics)
-            metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
+            metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
             metrics["beta"] = beta
             metrics["time/step"] = time.perf_counter() - step_start
 
@@ -419,7 +420,7 @@ class OnlineDPOTrainer:
                                   args.num_samples, step_seed(args.seed, index, EVAL_SEED_SALT))
             metrics = self.learner.evaluate(pairs.batch, beta)
             metrics.update(pairs.metrics)
-            metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
+            metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
             if self.compute_metrics is not None:
                 prediction = EvalPrediction(predictions=pairs.pair_scores.numpy(), label_ids=None)
                 metrics.update(self.compute_metrics(prediction))
