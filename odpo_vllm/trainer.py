@@ -25,10 +25,11 @@ from transformers.trainer_callback import (
     TrainerControl,
     TrainerState,
 )
-from transformers.trainer_utils import EvalPrediction, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from . import checkpoint
+from . import checkpoint, validation
 from .config import OnlineDPOConfig
+from .console import configure_logging
 from .data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
 from .generation import TransformersGenerator, step_seed
 from .learner import Learner
@@ -84,6 +85,8 @@ class OnlineDPOTrainer:
         if train_dataset is None:
             raise ValueError("train_dataset: Online DPO needs a dataset with a 'prompt' column")
         self.args = args
+        configure_logging(args.log_level, own_handler=False)
+        validation.check_inputs(model, ref_model, reward_funcs, args)
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -109,11 +112,11 @@ class OnlineDPOTrainer:
             from transformers import AutoTokenizer
 
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        validation.check_tokenizer(processing_class)  # pad = EOS where there is no pad token
         self.processing_class = processing_class
         if model is not None:
             model, ref_model = self._prepare_models(model, ref_model, peft_config)
+        validation.check_models(model, ref_model, processing_class, config if model is None else None)
         self.model, self.ref_model = model, ref_model
         self.eos_token_ids = self._eos_token_ids(config if model is None else model)
 
@@ -297,9 +300,8 @@ class OnlineDPOTrainer:
         state.train_batch_size = self.prompts_per_step
         state.compute_steps(args, self.max_steps)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True: no checkpoint-* folder in {args.output_dir}")
+            resume_from_checkpoint = checkpoint.newest_complete(args.output_dir, checkpoint.required_files(self),
+                                                                self.model)
         if resume_from_checkpoint:
             checkpoint.load(self, resume_from_checkpoint)
 
