@@ -123,8 +123,7 @@ def configure_logging(log_level: str | None = "passive", own_handler: bool = Tru
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._odpo_console = True
-        ours.addHandler(handler)
-        ours.propagate = False
+        ours.addHandler(handler)  # still propagates: a root handler of the user's (or pytest's) sees it too
     for handler in ours.handlers:
         handler.setLevel(own_level(level))
     _set_library_levels(library_level(level))
