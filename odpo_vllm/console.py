@@ -35,6 +35,19 @@ LIBRARY_MODULES = r"(vllm|ray|deepspeed|transformers|datasets|accelerate|peft|to
                   r"pydantic|pkg_resources|setuptools|google|multiprocessing|numpy|matplotlib|odpo_vllm)(\.|$)"
 
 
+_SET_BY_US: dict[str, str] = {}  # environment variables this module set, and their values
+
+
+def _user_set(key: str) -> bool:
+    """Set in the environment, and not (or no longer) to the value this module gave it."""
+    return key in os.environ and os.environ[key] != _SET_BY_US.get(key)
+
+
+def _set_env(key: str, value: str) -> None:
+    if not _user_set(key):
+        os.environ[key] = _SET_BY_US[key] = value
+
+
 def normalize(log_level: str | None) -> str:
     """`TrainingArguments.log_level` as one of passive, debug, info, warning, error, critical."""
     level = (log_level or "passive").lower()
@@ -62,7 +75,8 @@ def is_verbose(log_level: str | None) -> bool:
 
 def library_log_env(log_level: str | None) -> dict[str, str]:
     """Environment variables that set the libraries' verbosity in another process (Ray actors,
-    subprocesses). They take effect when each library is imported there."""
+    subprocesses). They take effect when each library is imported there. A variable the user set
+    in this process keeps the user's value."""
     name = logging.getLevelName(library_level(log_level))
     env = {
         ENV_VAR: normalize(log_level),
@@ -76,7 +90,7 @@ def library_log_env(log_level: str | None) -> dict[str, str]:
     if not is_verbose(log_level):
         env.update(PYTHONWARNINGS="ignore", HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                    TQDM_DISABLE="1", TORCH_CPP_LOG_LEVEL="ERROR")
-    return env
+    return {key: os.environ[key] if _user_set(key) else value for key, value in env.items()}
 
 
 class _LevelFloor(logging.Filter):
@@ -93,6 +107,8 @@ class _LevelFloor(logging.Filter):
 
 def _set_library_levels(level: int) -> None:
     for name in LIBRARY_LOGGERS:
+        if name == "vllm" and _user_set("VLLM_LOGGING_LEVEL"):
+            continue  # the user's own setting
         lib_logger = logging.getLogger(name)
         lib_logger.setLevel(level)
         for old in [f for f in lib_logger.filters if isinstance(f, _LevelFloor)]:
@@ -131,7 +147,7 @@ def configure_logging(log_level: str | None = "passive", own_handler: bool = Tru
     env = library_log_env(level)
     env.pop("TQDM_DISABLE", None)  # our own progress bar is tqdm
     for key, value in env.items():
-        os.environ[key] = value
+        _set_env(key, value)
     datasets = sys.modules.get("datasets")  # not imported yet: it reads the environment when it is
     if datasets is not None:
         if is_verbose(level):
@@ -156,13 +172,10 @@ def apply_env_log_level() -> None:
     env = library_log_env(level)
     for key in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL"):
         if key in env:
-            os.environ.setdefault(key, env[key])
-    floor = _LevelFloor(library_level(level))
-    logging.getLogger("DeepSpeed").addFilter(floor)  # it warns about its accelerator while imported
-    if "VLLM_LOGGING_LEVEL" not in os.environ or os.environ["VLLM_LOGGING_LEVEL"] == env["VLLM_LOGGING_LEVEL"]:
+            _set_env(key, env[key])
+    logging.getLogger("DeepSpeed").addFilter(_LevelFloor(library_level(level)))  # it warns while imported
+    if not _user_set("VLLM_LOGGING_LEVEL"):
         # some of vLLM's modules log while imported, before vLLM has set up its logger
         logging.getLogger("vllm").setLevel(library_level(level))
-    if ENV_VAR in os.environ:  # a process started by a run: follow it entirely
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
+    if ENV_VAR in os.environ:  # a process started by a run (its variables came with it): follow it
         configure_logging(level, own_handler=False)

@@ -30,6 +30,14 @@ def test_library_env_is_quiet_by_default_and_follows_log_level():
     assert console.ray_init_kwargs("debug") == {"logging_level": logging.DEBUG, "log_to_driver": True}
 
 
+def test_variables_the_user_set_win(monkeypatch):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    env = console.library_log_env("passive")
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and env["PYTHONWARNINGS"] == "default"
+    assert env["TRANSFORMERS_VERBOSITY"] == "error"
+
+
 def test_unknown_log_level_names_the_field():
     with pytest.raises(ValueError, match="log_level: 'loud'"):
         console.normalize("loud")
