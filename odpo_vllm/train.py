@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit("--dataset_name: required (a hub dataset or a local data file)")
     if not script.reward_funcs and not args.reward_model_path:
         raise SystemExit("--reward_model_path or --reward_funcs: give at least one reward")
-    if isinstance(args.beta, list) and len(args.beta) == 1:
+    if "--beta" in argv and isinstance(args.beta, list) and len(args.beta) == 1:
         args.beta = args.beta[0]  # `--beta 0.1` is one number, as in the reference; `--beta 0.1 0.05` a list
     return script, args, model
 

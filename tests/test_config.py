@@ -129,6 +129,11 @@ def test_command_line_beta_default_single_and_list(tmp_path):
     single = parse_args(base + ["--beta", "0.2"])[1].beta
     assert single == 0.2 and isinstance(single, float)
     assert parse_args(base + ["--beta", "0.2", "0.1"])[1].beta == [0.2, 0.1]
+    config = tmp_path / "run.yaml"
+    config.write_text("beta: [0.3]\n")  # a list in a file stays a list
+    assert parse_args(["--config", str(config)] + base)[1].beta == [0.3]
+    config.write_text("beta: 0.3\n")
+    assert parse_args(["--config", str(config)] + base)[1].beta == 0.3
 
 
 def test_hf_argument_parser(tmp_path):
