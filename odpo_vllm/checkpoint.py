@@ -5,6 +5,7 @@ under `<output_dir>/checkpoint-<step>`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -18,6 +19,8 @@ STATE_FILE = "trainer_state.json"
 RUN_FILE = "odpo_state.json"
 RNG_FILE = "rng_state.pth"
 ROLLOUTS_FILE = "rollouts.pt"
+
+logger = logging.getLogger(__name__)
 
 
 def save(trainer) -> str:
@@ -38,14 +41,15 @@ def save(trainer) -> str:
     return directory
 
 
+def required_files(trainer) -> tuple[str, ...]:
+    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else ("deepspeed",)  # Ray: DeepSpeed's
+    return (STATE_FILE, RUN_FILE, RNG_FILE, ROLLOUTS_FILE) + learner_files
+
+
 def load(trainer, directory: str) -> None:
-    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else ()  # Ray: DeepSpeed's own
-    for name in (STATE_FILE, RUN_FILE, ROLLOUTS_FILE) + learner_files:
-        if not os.path.exists(os.path.join(directory, name)):
-            raise FileNotFoundError(
-                f"resume_from_checkpoint: {directory} has no {name}; point it at a checkpoint-<step> folder "
-                "written by odpo_vllm"
-            )
+    # Every file is read and checked before anything is loaded: a damaged checkpoint fails here
+    # and leaves the model, optimizer and data position as they were.
+    verify(directory, required_files(trainer), trainer.model)
     # the rollouts first: a checkpoint of another async_steps is refused before any weight is loaded
     trainer.pipeline.load_state_dict(torch.load(os.path.join(directory, ROLLOUTS_FILE), weights_only=False))
     trainer.learner.load(directory)
@@ -63,6 +67,79 @@ def load(trainer, directory: str) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     # The engines must serve the resumed weights before they sample again.
     trainer.publisher.publish(run["policy_version"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete or damaged."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The folder, or a file a checkpoint must have, does not exist."""
+
+
+def _check_file(path: str, expected_shapes: dict | None) -> None:
+    """Read `path` the way resuming will (json, safetensors, torch pickles); raise on damage."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            json.load(f)
+    elif path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)  # reads the bytes: a truncated file fails here
+                want = (expected_shapes or {}).get(name)
+                if want is not None and tuple(tensor.shape) != tuple(want):
+                    raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(want)}")
+    elif path.endswith((".pt", ".pth", ".bin")):
+        torch.load(path, map_location="cpu", weights_only=False)
+
+
+def verify(directory: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), model=None) -> None:
+    """Check that `directory` is a complete, readable checkpoint: the `required` files exist and
+    every weight, optimizer, RNG and state file in it parses (and, given `model`, its weights fit
+    the model's shapes). Raises `CheckpointError` naming the file."""
+    if not os.path.isdir(directory):
+        raise MissingCheckpointError(f"resume_from_checkpoint: no such folder: {directory!r}; give a checkpoint-<step> "
+                              "folder written by odpo_vllm, or True for the newest one in output_dir")
+    for name in required:
+        if not os.path.exists(os.path.join(directory, name)):
+            raise MissingCheckpointError(f"resume_from_checkpoint: {directory} has no {name}: the checkpoint is incomplete "
+                                  "(interrupted while saving?); resume from an earlier checkpoint-<step> folder")
+    shapes = None
+    if model is not None:
+        shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                _check_file(path, shapes)
+            except Exception as err:  # any library error: the file is damaged
+                raise CheckpointError(
+                    f"resume_from_checkpoint: {path} is damaged ({type(err).__name__}: {str(err)[:200]}); the "
+                    "checkpoint cannot be resumed: resume from an earlier checkpoint-<step> folder "
+                    "(resume_from_checkpoint=True picks the newest complete one)"
+                ) from err
+
+
+def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), model=None) -> str:
+    """The newest checkpoint-<step> folder of `output_dir` that `verify` accepts; a damaged newer
+    one is skipped with a warning that names it."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    if not found:
+        raise MissingCheckpointError(f"resume_from_checkpoint=True: no checkpoint-* folder in {output_dir}")
+    for _, directory in sorted(found, reverse=True):
+        try:
+            verify(directory, required, model)
+            return directory
+        except CheckpointError as err:
+            logger.warning("%s; falling back to an earlier checkpoint", err)
+    raise CheckpointError(f"resume_from_checkpoint=True: every checkpoint in {output_dir} is damaged or incomplete "
+                          "(see the warnings above); start without resume_from_checkpoint")
 
 
 def _rotate(output_dir: str, limit: int | None) -> None:

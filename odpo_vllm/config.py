@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,9 +148,11 @@ class OnlineDPOConfig(TrainingArguments):
     reward_gpus: float = field(default=0.25, metadata={"help": "GPU share of each reward-model actor on GPU clusters."})
 
     # --- objective
+    # A float (default 0.1) or a list, kept as given. Annotated as a list so that the command line
+    # takes `--beta 0.1 0.05`; HfArgumentParser then passes None when the flag is absent.
     beta: list[float] = field(
-        default_factory=lambda: [0.1],
-        metadata={"help": "KL coefficient; a list gives one value per epoch, the last one after."},
+        default=0.1,
+        metadata={"help": "KL coefficient (default 0.1); a list gives one value per epoch, the last one after."},
     )
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
@@ -168,8 +171,16 @@ class OnlineDPOConfig(TrainingArguments):
     plot_at_end: bool = field(default=True, metadata={"help": "Save the reward and KL curves as a PNG at the end."})
 
     def __post_init__(self):
-        if isinstance(self.beta, (int, float)):
-            self.beta = [float(self.beta)]
+        if self.beta is None:  # the command line without --beta
+            self.beta = 0.1
+        elif isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool):
+            self.beta = float(self.beta)
+        elif isinstance(self.beta, tuple):
+            self.beta = list(self.beta)
+        if self.disable_tqdm is None:
+            # TrainingArguments decides from transformers' logger, which a quiet console silences:
+            # the progress bar follows log_level instead (off for error/critical only).
+            self.disable_tqdm = str(self.log_level).lower() in ("error", "critical")
         if self.bf16 is None:
             self.bf16 = (not self.fp16) and _gpu_supports_bf16()
             if not self.bf16 and not self.fp16:
@@ -194,11 +205,19 @@ class OnlineDPOConfig(TrainingArguments):
 
         if self.loss_type not in LOSS_TYPES:
             fail("loss_type", f"{self.loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
-        if not self.beta:
+        if isinstance(self.beta, float):
+            if not (self.beta > 0 and math.isfinite(self.beta)):
+                fail("beta", f"must be > 0, got {self.beta}")
+        elif not isinstance(self.beta, list):
+            fail("beta", f"must be a number or a list of numbers, got {type(self.beta).__name__}")
+        elif not self.beta:
             fail("beta", "the list is empty; give at least one value, e.g. beta=0.1")
-        for value in self.beta:
-            if not value > 0:
-                fail("beta", f"every value must be > 0, got {value}")
+        for value in self.beta if isinstance(self.beta, list) else []:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                fail("beta", f"every value must be a number > 0, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0
+                and math.isfinite(self.learning_rate)):
+            fail("learning_rate", f"must be a finite number >= 0, got {self.learning_rate!r}; e.g. learning_rate=5e-7")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             fail("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
         if self.max_new_tokens < 1:

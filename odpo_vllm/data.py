@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,21 +16,71 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config_name: st
     """A `datasets.Dataset` from a hub name, a local data file, or a local dataset directory."""
     import datasets
 
+    from .validation import check_local_path
+
+    check_local_path(name_or_path, "dataset_name")
     if os.path.isfile(name_or_path):
         ext = os.path.splitext(name_or_path)[1].lower()
         if ext not in DATA_FILE_BUILDERS:
             raise ValueError(
                 f"dataset_name: {name_or_path!r} has extension {ext!r}; use one of {sorted(DATA_FILE_BUILDERS)}"
             )
-        return datasets.load_dataset(DATA_FILE_BUILDERS[ext], data_files={split: name_or_path}, split=split)
+        try:
+            return datasets.load_dataset(DATA_FILE_BUILDERS[ext], data_files={split: name_or_path}, split=split)
+        except Exception as err:
+            if ext in (".json", ".jsonl"):
+                check_json_lines(name_or_path, err)
+            raise
     if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
         loaded = datasets.load_from_disk(name_or_path)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return datasets.load_dataset(name_or_path, config_name, split=split)
 
 
+def check_json_lines(path: str, error: Exception) -> None:
+    """After `datasets` failed to read a JSON file: name the first line that is not a JSON object.
+    Returns quietly when every line parses (a JSON array file, or another kind of failure)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.read(1)
+        if first == "[":  # one JSON document, not JSON Lines
+            return
+        f.seek(0)
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"dataset_name: {path} line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                    f"{line.strip()[:80]!r}; fix or delete that line"
+                ) from error
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"dataset_name: {path} line {number} is a JSON {type(value).__name__}, not an object with a "
+                    "'prompt' key; fix or delete that line"
+                ) from error
+
+
 def is_conversational(prompt: Any) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+    """A list of messages (dicts); `PromptEncoder` checks that each has a role and a content."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict)
+
+
+def check_messages(prompt: list, where: str) -> None:
+    """Every message of a conversation has a string `role` and a `content` (datasets fills a key
+    missing from some messages with None)."""
+    for index, message in enumerate(prompt):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: message {index} is a {type(message).__name__}, not a "
+                             "{'role': ..., 'content': ...} dict")
+        for key in ("role", "content"):
+            if message.get(key) is None:
+                present = sorted(k for k, v in message.items() if v is not None)
+                raise ValueError(f"{where}: message {index} has no {key!r} (keys: {present}); every message needs "
+                                 "'role' and 'content'")
+        if not isinstance(message["role"], str):
+            raise ValueError(f"{where}: message {index} has role {message['role']!r}; it must be a string such as 'user'")
 
 
 @dataclass
@@ -49,6 +100,7 @@ class PromptEncoder:
         if isinstance(prompt, str):
             return prompt
         if is_conversational(prompt):
+            check_messages(prompt, f"{self.dataset_name} row {row_index}")
             if self.tokenizer.chat_template is None:
                 raise ValueError(
                     f"{self.dataset_name} row {row_index}: the prompt is a conversation but the tokenizer has no "

@@ -15,6 +15,7 @@ import os
 import shutil
 
 from . import toy
+from .console import configure_logging
 
 
 def main(argv: list[str] | None = None):
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more odpo_vllm.train flags after --")
     options = parser.parse_args(argv)
 
+    extra = options.extra[1:] if options.extra[:1] == ["--"] else options.extra
+    configure_logging(extra[extra.index("--log_level") + 1] if "--log_level" in extra[:-1] else "passive")
     out = options.output_dir
     if os.path.exists(out) and not options.keep:
         shutil.rmtree(out)
@@ -56,7 +59,6 @@ def main(argv: list[str] | None = None):
     else:  # 16 prompts per step either way: 4 x 2 accumulation x 2 ranks
         flags += ["--placement", "dedicated", "--ray_learner_ranks", "2", "--ray_zero_stage", "2",
                   "--ray_cpus_per_actor", "0.5", "--ray_num_cpus", "2", "--per_device_train_batch_size", "4"]
-    extra = options.extra[1:] if options.extra[:1] == ["--"] else options.extra
     from .train import main as train_main
 
     trainer, _ = train_main(flags + extra)  # the trainer closed its actors and Ray cluster at the end

@@ -233,7 +233,7 @@ def policy_metrics(
     return {
         "objective/kl": kl_pair.sum(),
         "objective/entropy": entropy_pair.sum(),
-        "objective/non_score_reward": (beta * kl_pair).sum(),
+        "objective/non_score_reward": non_score_reward(kl_pair, beta).sum(),
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
@@ -241,6 +241,18 @@ def policy_metrics(
         "logps/chosen": chosen_policy.sum(),
         "logps/rejected": rejected_policy.sum(),
     }
+
+
+def non_score_reward(kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """The KL penalty as a reward, with the reference's sign: -beta * KL (negative while the policy
+    moves away from the reference)."""
+    return -beta * kl
+
+
+def rlhf_reward(scores: torch.Tensor, mean_non_score_reward: float) -> float:
+    """The RLHF objective as the reference logs it: mean score + mean non-score reward, i.e.
+    score - beta * KL. `scores` are those of the completions the KL is measured on (the pairs)."""
+    return scores.float().mean().item() + float(mean_non_score_reward)
 
 
 def score_metrics(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import console, validation
 from .batches import Rollouts
 from .publisher import LocalWeightPublisher, RayWeightPublisher
 from .rewards import Rewards
@@ -61,6 +62,7 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
     model, ref_model = prepare_policy_and_reference(spec.model, spec.ref_model, spec.peft_config, args, device)
+    validation.check_models(model, ref_model, spec.tokenizer)  # a reference given as a path is loaded now
     optimizer, scheduler = spec.optimizers
     learner = Learner(model, ref_model, args, spec.tokenizer.pad_token_id, spec.num_training_steps, optimizer,
                       scheduler)
@@ -88,14 +90,15 @@ def ensure_ray(args) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
+    env.update(console.library_log_env(args.log_level))  # quiet actors unless log_level asks
     # Inside `ray job submit`, RAY_ADDRESS names the cluster the job was submitted to.
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env={"env_vars": env}, **console.ray_init_kwargs(args.log_level))
         return False
     # a local cluster owned by this process, even if `ray start` left one running here
     ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env}, object_store_memory=512 << 20)
+             runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
     return True
 
 
@@ -175,9 +178,11 @@ class RemoteGenerator:
         self.engines.clear()
 
 
-def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool) -> RemoteRewards | Rewards:
+def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
     import ray
 
+    """Reward models in `ray_num_reward_workers` actors behind a `RemoteRewards`; `local` itself
+    when there is no reward model (callables and judges run in the driver)."""
     from .reward_workers import RemoteRewards, RewardWorker
 
     if not local.model_indices:

@@ -10,6 +10,7 @@ import torch
 
 from .data import is_conversational
 from .objective import apply_missing_eos_penalty
+from .validation import check_reward_model, reward_values
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ class Rewards:
                     from transformers import AutoTokenizer
 
                     tokenizer = AutoTokenizer.from_pretrained(func.config._name_or_path)
-                if tokenizer.pad_token is None:
-                    tokenizer.pad_token = tokenizer.eos_token
+                check_reward_model(func, tokenizer, i, func.config._name_or_path or type(func).__name__)
                 func = func.to(self.device).eval().requires_grad_(False)
                 if func.config.pad_token_id is None:
                     func.config.pad_token_id = tokenizer.pad_token_id
@@ -109,9 +109,17 @@ class Rewards:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         kwargs = {k: v for k, v in init_kwargs.items() if k not in ("num_labels",)}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
-        )
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except (RuntimeError, ValueError) as err:
+            if "size mismatch" not in str(err) and "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(
+                f"reward_funcs ({path}): its score head does not have one label (num_labels=1), so it is not a "
+                "reward model for one score per sequence; give a reward model trained with num_labels=1"
+            ) from err
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return model, tokenizer
@@ -150,17 +158,8 @@ class Rewards:
                     continue
                 else:
                     values = func(prompts=prompts, completions=shown, completion_ids=completion_ids, **columns)
-                    if len(values) != len(completions):
-                        raise ValueError(
-                            f"reward function {self.names[j]!r} returned {len(values)} values for "
-                            f"{len(completions)} completions"
-                        )
-                    table[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
-            unscored = torch.isnan(table).all(dim=1)
-            if unscored.any():
-                logger.warning(
-                    "%d completions got None from every reward function; they score 0", int(unscored.sum())
-                )
+                    table[:, j] = torch.tensor(reward_values(values, self.names[j], len(completions)))
+            check_step_scores(table, self.names)
             scores = torch.nansum(table * self.weights, dim=1)
             per_func = {f"rewards/{name}": torch.nanmean(table[:, j]).item() for j, name in enumerate(self.names)}
         return apply_missing_eos_penalty(scores, contains_eos, self.missing_eos_penalty), per_func
@@ -176,7 +175,13 @@ class Rewards:
             texts = [p + c for p, c in zip(prompts, completions)]
         batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False, padding_side="right")
         logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits
-        return logits[:, 0].float().cpu()
+        scores = logits[:, 0].float().cpu()
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            name = model.config._name_or_path or type(model).__name__
+            raise ValueError(f"reward model {name!r} scored completion {bad[0]} {scores[bad[0]].item()}; its weights "
+                             f"or inputs are broken ({len(bad)} non-finite scores in this step)")
+        return scores
 
     def _judge(self, prompts, completions) -> torch.Tensor:
         half = len(completions) // 2
@@ -191,6 +196,23 @@ class Rewards:
                 raise ValueError(f"judge returned {b!r} for pair {i}; expected 0 or 1 (index of the better one)")
             scores[i if b == 0 else half + i] = 1.0
         return scores
+
+
+def check_step_scores(table: torch.Tensor, names: list[str]) -> None:
+    """`table` (completions x functions, NaN = None: no opinion). A step in which no completion got
+    a score stops the run: its pairs would be arbitrary. Prompts none of whose completions got a
+    score are tie-broken (sample 0 chosen), with a warning."""
+    unscored = torch.isnan(table).all(dim=1)
+    if bool(unscored.all()):
+        raise ValueError(
+            f"reward_funcs: no completion of this step got a score: {', '.join(map(repr, names))} returned None "
+            f"for all {table.shape[0]} completions. None means 'no opinion'; return a float for the completions "
+            "a function can judge, or remove the prompts no function can judge from the dataset"
+        )
+    if unscored.any():
+        logger.warning("%d of %d completions got None from every reward function (no opinion); they score 0, so a "
+                       "prompt without any score is paired by the tie rule (first sample chosen)",
+                       int(unscored.sum()), table.shape[0])
 
 
 class PairwiseJudge:

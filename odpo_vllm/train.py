@@ -16,6 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import OnlineDPOConfig
+from .console import configure_logging
 
 logger = logging.getLogger("odpo_vllm")
 
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit("--dataset_name: required (a hub dataset or a local data file)")
     if not script.reward_funcs and not args.reward_model_path:
         raise SystemExit("--reward_model_path or --reward_funcs: give at least one reward")
+    if "--beta" in argv and isinstance(args.beta, list) and len(args.beta) == 1:
+        args.beta = args.beta[0]  # `--beta 0.1` is one number, as in the reference; `--beta 0.1 0.05` a list
     return script, args, model
 
 
@@ -92,8 +95,8 @@ def import_callable(spec: str):
 
 
 def main(argv: list[str] | None = None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, args, model_args = parse_args(argv)
+    configure_logging(args.log_level)  # quiet libraries (here and in Ray actors) unless --log_level asks
     from .data import load_prompt_dataset
     from .trainer import OnlineDPOTrainer
 

@@ -8,7 +8,6 @@ for every placement.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -25,13 +24,15 @@ from transformers.trainer_callback import (
     TrainerControl,
     TrainerState,
 )
-from transformers.trainer_utils import EvalPrediction, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from . import checkpoint
+from . import checkpoint, validation
 from .config import OnlineDPOConfig
+from .console import configure_logging
 from .data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
 from .generation import step_seed
 from .models import context_length
+from .objective import rlhf_reward
 from .pipeline import RolloutPipeline
 from .placement import BUILDERS, RunSpec
 from .rollout import pair_rollouts
@@ -60,6 +61,8 @@ class OnlineDPOTrainer:
         if train_dataset is None:
             raise ValueError("train_dataset: Online DPO needs a dataset with a 'prompt' column")
         self.args = args
+        configure_logging(args.log_level, own_handler=False)
+        validation.check_inputs(model, ref_model, reward_funcs, args)
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -77,9 +80,11 @@ class OnlineDPOTrainer:
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str)
                                                              else model.config._name_or_path)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        validation.check_tokenizer(processing_class)  # pad = EOS where there is no pad token
         self.processing_class = processing_class
+        validation.check_models(model if isinstance(model, torch.nn.Module) else None,
+                                ref_model if isinstance(ref_model, torch.nn.Module) else None, processing_class,
+                                config)
         self.eos_token_ids = self._eos_token_ids(config)
         if reward_funcs is None and not args.reward_model_path:
             raise ValueError("reward_funcs: give a reward model, a callable or a judge (or set reward_model_path)")
@@ -218,9 +223,8 @@ class OnlineDPOTrainer:
         state.train_batch_size = self.prompts_per_step
         state.compute_steps(args, self.max_steps)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True: no checkpoint-* folder in {args.output_dir}")
+            resume_from_checkpoint = checkpoint.newest_complete(args.output_dir, checkpoint.required_files(self),
+                                                                self.model)
         if resume_from_checkpoint:
             checkpoint.load(self, resume_from_checkpoint)
 
@@ -248,7 +252,7 @@ class OnlineDPOTrainer:
             # step t + 1 + K with the new version, while the next step trains
             self.pipeline.request_ahead(step + 1, self.publisher.version, self.max_steps)
             metrics.update(pairs.metrics)
-            metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
+            metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
             metrics["beta"] = beta
             metrics["async/staleness"] = float(step - pairs.policy_version)
             metrics["time/wait_rollouts"] = waited
@@ -365,7 +369,7 @@ class OnlineDPOTrainer:
             pairs = pair_rollouts(rows, rollouts, self.rewards, self.processing_class, args.num_samples)
             metrics = self.learner.evaluate(pairs.batch, beta)
             metrics.update(pairs.metrics)
-            metrics["objective/rlhf_reward"] = pairs.pair_scores.mean().item() - metrics["objective/non_score_reward"]
+            metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
             if self.compute_metrics is not None:
                 prediction = EvalPrediction(predictions=pairs.pair_scores.numpy(), label_ids=None)
                 metrics.update(self.compute_metrics(prediction))

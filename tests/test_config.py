@@ -23,6 +23,10 @@ def config(tmp_path, **kwargs):
         ("beta", {"beta": [0.1, 0.0]}),
         ("beta", {"beta": [0.1, -1.0, 0.2]}),
         ("beta", {"beta": []}),
+        ("beta", {"beta": float("nan")}),
+        ("beta", {"beta": "0.1"}),
+        ("learning_rate", {"learning_rate": -1e-5}),
+        ("learning_rate", {"learning_rate": float("nan")}),
         ("missing_eos_penalty", {"missing_eos_penalty": -1.0}),
         ("missing_eos_penalty", {"missing_eos_penalty": -1e-9}),
         ("max_new_tokens", {"max_new_tokens": 256, "max_length": 256}),
@@ -85,7 +89,7 @@ def test_defaults_match_reference(tmp_path):
     assert args.max_new_tokens == 64
     assert args.max_length == 256
     assert args.temperature == 0.9
-    assert args.beta == [0.1]
+    assert args.beta == 0.1 and isinstance(args.beta, float)  # the reference's default: a float
     assert args.loss_type == "sigmoid"
     assert args.disable_dropout is True
     assert args.missing_eos_penalty is None
@@ -100,15 +104,36 @@ def test_bf16_default_resolves_to_false_on_cpu(tmp_path):
     assert args.fp16 is False
 
 
-def test_scalar_beta_becomes_list(tmp_path):
+def test_beta_keeps_the_type_given(tmp_path):
     args = config(tmp_path, beta=0.2)
-    assert args.beta == [0.2]
+    assert args.beta == 0.2 and isinstance(args.beta, float)
     assert args.beta_at(0) == 0.2 and args.beta_at(5) == 0.2
+    assert config(tmp_path, beta=1).beta == 1.0 and isinstance(config(tmp_path, beta=1).beta, float)
+    one = config(tmp_path, beta=[0.3])
+    assert one.beta == [0.3] and isinstance(one.beta, list)  # a list stays a list
+    assert one.beta_at(0) == 0.3 and one.beta_at(4) == 0.3
 
 
 def test_beta_list_per_epoch(tmp_path):
     args = config(tmp_path, beta=[0.1, 0.05])
+    assert args.beta == [0.1, 0.05]
     assert args.beta_at(0) == 0.1 and args.beta_at(1) == 0.05 and args.beta_at(2) == 0.05
+
+
+def test_command_line_beta_default_single_and_list(tmp_path):
+    from odpo_vllm.train import parse_args
+
+    base = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", "m", "--dataset_name", "d.jsonl",
+            "--reward_model_path", "r"]
+    assert parse_args(base)[1].beta == 0.1 and isinstance(parse_args(base)[1].beta, float)
+    single = parse_args(base + ["--beta", "0.2"])[1].beta
+    assert single == 0.2 and isinstance(single, float)
+    assert parse_args(base + ["--beta", "0.2", "0.1"])[1].beta == [0.2, 0.1]
+    config = tmp_path / "run.yaml"
+    config.write_text("beta: [0.3]\n")  # a list in a file stays a list
+    assert parse_args(["--config", str(config)] + base)[1].beta == [0.3]
+    config.write_text("beta: 0.3\n")
+    assert parse_args(["--config", str(config)] + base)[1].beta == 0.3
 
 
 def test_hf_argument_parser(tmp_path):

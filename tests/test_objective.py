@@ -262,7 +262,7 @@ class TestPolicyMetrics:
         assert m["objective/kl"].item() == pytest.approx(0.5)
         # entropy estimate = -(mean of the two policy sums) = -(-3 - 0.5) / 2
         assert m["objective/entropy"].item() == pytest.approx(1.75)
-        assert m["objective/non_score_reward"].item() == pytest.approx(0.25)  # beta * kl
+        assert m["objective/non_score_reward"].item() == pytest.approx(-0.25)  # -beta * kl, the reference's sign
         assert m["rewards/chosen"].item() == pytest.approx(-0.25)  # 0.5 * (-3 - -2.5)
         assert m["rewards/rejected"].item() == pytest.approx(0.75)  # 0.5 * (-0.5 - -2)
         assert m["rewards/accuracies"].item() == 0.0
@@ -302,3 +302,12 @@ def test_score_metrics_hand_values():
     assert m["objective/scores"] == pytest.approx(2.5)
     assert m["objective/scores_margin"] == pytest.approx(2.0)
     assert m["val/contain_eos_token"] == pytest.approx(0.25)
+
+
+def test_rlhf_reward_is_score_plus_non_score_reward():
+    from odpo_vllm.objective import non_score_reward, rlhf_reward
+
+    kl = torch.tensor([2.0, 0.0, -1.0])
+    assert non_score_reward(kl, 0.1).tolist() == pytest.approx([-0.2, 0.0, 0.1])
+    # scores mean 1.5, KL mean 0.4, beta 0.5: 1.5 + (-0.2) = 1.3 = score - beta * KL
+    assert rlhf_reward(torch.tensor([1.0, 2.0]), non_score_reward(torch.tensor(0.4), 0.5).item()) == pytest.approx(1.3)

@@ -68,9 +68,10 @@ def test_standard_prompts(model, tmp_path):
             assert name in row, name
             assert math.isfinite(row[name]), name
         assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"], abs=1e-5)
-        assert row["objective/non_score_reward"] == pytest.approx(row["beta"] * row["objective/kl"], abs=1e-5)
+        # the reference's conventions: non_score_reward = -beta * KL, rlhf_reward = score + non_score_reward
+        assert row["objective/non_score_reward"] == pytest.approx(-row["beta"] * row["objective/kl"], abs=1e-5)
         assert row["objective/rlhf_reward"] == pytest.approx(
-            row["objective/scores"] - row["objective/non_score_reward"], abs=1e-5)
+            row["objective/scores"] + row["objective/non_score_reward"], abs=1e-5)
         assert 0.0 <= row["rewards/accuracies"] <= 1.0
         assert row["objective/scores_margin"] >= 0.0
         assert row["logps/chosen"] < 0 and row["logps/rejected"] < 0
@@ -449,7 +450,7 @@ def test_beta_list_two_steps_per_epoch(model, tmp_path):
     assert [row["beta"] for row in rows] == [0.1, 0.1, 0.05, 0.05]
     for row in rows:  # the logged epoch progress and beta agree: epoch 0 ends at 1.0
         assert row["beta"] == (0.1 if row["epoch"] <= 1.0 else 0.05)
-        assert row["objective/non_score_reward"] == pytest.approx(row["beta"] * row["objective/kl"], abs=1e-5)
+        assert row["objective/non_score_reward"] == pytest.approx(-row["beta"] * row["objective/kl"], abs=1e-5)
 
 
 def test_beta_list_one_step_per_epoch(model, tmp_path):

@@ -174,3 +174,68 @@ def test_parity_survives_a_trained_policy(model_path):
     loss, _, _ = learner._pair_pass(PairBatch(prompts, chosen, rejected), BETA, n, train=True)
     assert abs(trl_loss - 0.693147) > 1e-3
     assert float(loss) == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+
+
+def equal_length_completions(tokenizer, length: int = 5):
+    """Four completions of `length` tokens each (no padding anywhere, so TRL's unmasked KL and
+    entropy sums equal our masked ones), two ending in EOS."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = [i for i in range(40, 40 + 6 * length) if i not in (eos, pad)]
+    rows = [ids[k * length:(k + 1) * length] for k in range(4)]
+    rows[0][-1], rows[3][-1] = eos, eos
+    return rows
+
+
+def test_every_metric_sign_and_scale_matches_trl(model_path):
+    """All of TRL's logged metrics, including objective/kl, entropy, non_score_reward (-beta * KL),
+    rlhf_reward (score + non_score_reward), scores, scores_margin, val/contain_eos_token and beta,
+    with a policy that differs from its reference so that KL and the penalty are not zero."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.online_dpo import OnlineDPOConfig as TRLConfig
+    from trl.experimental.online_dpo import OnlineDPOTrainer as TRLTrainer
+
+    from odpo_vllm.objective import rlhf_reward, score_metrics, select_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    torch.manual_seed(3)
+    moved = AutoModelForCausalLM.from_pretrained(model_path)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = equal_length_completions(tokenizer)
+    n, width = len(PROMPTS), len(rows[0])
+
+    trl_args = TRLConfig(output_dir="trl_out", report_to="none", bf16=False, use_cpu=True,
+                         per_device_train_batch_size=n, gradient_checkpointing=False, beta=BETA,
+                         max_length=256, max_new_tokens=width, save_strategy="no")
+    trainer = TRLTrainer(model=copy.deepcopy(moved), ref_model=AutoModelForCausalLM.from_pretrained(model_path),
+                         reward_funcs=lambda **kw: list(SCORES), args=trl_args, processing_class=tokenizer,
+                         train_dataset=toy.prompt_dataset(4))
+    prompt_ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS] * 2)
+    trainer._generate = lambda model, prompts, images=None: (
+        prompt_ids, torch.ones_like(prompt_ids), torch.tensor(rows), torch.ones(4, width, dtype=torch.long), None)
+    trainer.training_step(trainer.model, {"prompt": list(PROMPTS)})
+    trl_stats = {k: v[-1] for k, v in trainer.stats.items() if v}
+
+    our_args = OnlineDPOConfig(output_dir="ours_out", report_to="none", gradient_checkpointing=False, beta=BETA,
+                               max_length=256, max_new_tokens=width)
+    assert isinstance(our_args.beta, float) and our_args.beta == trl_args.beta  # the same type and value
+    policy = copy.deepcopy(moved)
+    learner = Learner(policy, AutoModelForCausalLM.from_pretrained(model_path).eval(), our_args,
+                      tokenizer.pad_token_id, 1)
+    scores = torch.tensor(SCORES)
+    chosen, rejected = select_pairs(scores, n, 2)
+    batch = PairBatch([tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS],
+                      [rows[i] for i in chosen.tolist()], [rows[i] for i in rejected.tolist()])
+    policy.train()
+    _, sums, _ = learner._pair_pass(batch, BETA, n, train=True)
+    ours = {key: float(value) / n for key, value in sums.items()}
+    ours.update(score_metrics(scores, chosen, rejected, torch.tensor([r[-1] == tokenizer.eos_token_id for r in rows])))
+    ours["objective/rlhf_reward"] = rlhf_reward(scores[torch.cat([chosen, rejected])], ours["objective/non_score_reward"])
+    ours["beta"] = our_args.beta_at(0)
+
+    assert set(trl_stats) <= set(ours), set(trl_stats) - set(ours)
+    assert abs(trl_stats["objective/kl"]) > 1e-3  # a real KL, so the penalty's sign is tested
+    assert trl_stats["objective/non_score_reward"] == pytest.approx(-BETA * trl_stats["objective/kl"], rel=1e-5)
+    for key, value in trl_stats.items():
+        assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
