@@ -104,7 +104,8 @@ class DeepSpeedLearner(Learner):
         names_of, params = _parameters_with_names(module)
         zero3 = self.zero_stage == 3
         if hasattr(module, "peft_config"):
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3), merged_adapter(module):
+            # modifier_rank=None: the merge is undone and nothing is written back to the partitions
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3), merged_adapter(module):
                 copies = [(p, p.detach().clone()) for p in params]
             yield from _mapped(copies, names_of)
             return

@@ -61,9 +61,20 @@ class LearnerWorker:
             self.sender = None
 
     def save_pretrained(self, directory: str) -> None:
-        weights = dict(self.learner.named_weights())  # a collective under ZeRO-3: every rank joins
-        if self.learner.rank == 0:
-            self.learner.engine.module.save_pretrained(directory, state_dict=weights)
+        """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);
+        a collective under ZeRO-3: every rank joins."""
+        module, learner = self.learner.engine.module, self.learner
+        if hasattr(module, "peft_config"):
+            from .deepspeed_learner import import_deepspeed
+
+            with import_deepspeed().zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                                            enabled=learner.zero_stage == 3):
+                if learner.rank == 0:
+                    module.save_pretrained(directory)
+            return
+        weights = dict(learner.named_weights())
+        if learner.rank == 0:
+            module.save_pretrained(directory, state_dict=weights)
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

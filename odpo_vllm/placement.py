@@ -140,7 +140,7 @@ class RemoteGenerator:
         import ray
 
         self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
-        self.in_flight: list = []
+        self.in_flight: list = []  # (ref, engine name) of every generate not yet waited for
 
     def _get(self, refs: list, names: list[str], call: str):
         ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
@@ -160,7 +160,7 @@ class RemoteGenerator:
             start = stop
         refs = [self.engines[name].generate.remote(prompt_ids[a:b], num_samples, seed + names.index(name) * 1_000_003)
                 for name, a, b in work]
-        self.in_flight = [ref for ref in self.in_flight if ref not in refs] + refs
+        self.in_flight += [(ref, name) for ref, (name, _, _) in zip(refs, work)]
         return RemoteRollouts(self, refs, work, prompt_ids, num_samples)
 
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
@@ -169,8 +169,13 @@ class RemoteGenerator:
     def wait_idle(self) -> None:
         """Until every submitted batch is sampled (a weight update must not overtake one)."""
         if self.in_flight:
-            self.ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=self.timeout_s)
+            refs, names = [ref for ref, _ in self.in_flight], [name for _, name in self.in_flight]
             self.in_flight = []
+            _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            if pending:
+                late = sorted({names[refs.index(ref)] for ref in pending})
+                raise TimeoutError(f"generator: {', '.join(late)} did not finish sampling within "
+                                   f"{self.timeout_s:.0f}s (a weight update was waiting for it)")
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -195,7 +200,13 @@ def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
                               num_gpus=args.reward_gpus if on_gpu else 0).remote(
         local.model_specs, args.model_init_kwargs, args.trust_remote_code, max(int(args.ray_cpus_per_actor), 1))
         for name in names]
-    return RemoteRewards(local, workers, names, args.ray_timeout_s)
+    remote = RemoteRewards(local, workers, names, args.ray_timeout_s)
+    try:
+        remote.wait_ready()
+    except BaseException:
+        remote.close()
+        raise
+    return remote
 
 
 def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:

@@ -21,6 +21,9 @@ class RewardWorker:
     def model_table(self, prompts: list, completions: list[str]) -> torch.Tensor:
         return self.rewards.model_table(prompts, completions)
 
+    def ready(self) -> bool:
+        return True
+
 
 class RemoteRewards:
     """The `Scorer` of a Ray placement: reward models in `RewardWorker` actors (a step's rows split
@@ -31,6 +34,17 @@ class RemoteRewards:
 
         self.ray, self.local, self.workers, self.names, self.timeout_s = ray, local, workers, names, timeout_s
 
+    def _get(self, refs: list, names: list[str], call: str) -> list:
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            late = [names[refs.index(ref)] for ref in pending]
+            raise TimeoutError(f"rewards: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
+        return self.ray.get(refs)
+
+    def wait_ready(self) -> None:
+        """Until every worker has loaded its reward models (a bad model fails here, before training)."""
+        self._get([worker.ready.remote() for worker in self.workers], self.names, "ready")
+
     def score(self, prompts, completions, completion_ids, columns, contains_eos):
         table = None
         if self.local.model_indices:
@@ -38,11 +52,7 @@ class RemoteRewards:
             size = -(-len(completions) // count)
             parts = [(w, a, min(a + size, len(completions))) for w, a in zip(range(count), range(0, len(completions), size))]
             refs = [self.workers[w].model_table.remote(prompts[a:b], completions[a:b]) for w, a, b in parts]
-            ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-            if pending:
-                late = [self.names[parts[refs.index(ref)][0]] for ref in pending]
-                raise TimeoutError(f"rewards: {', '.join(late)} did not answer model_table() within {self.timeout_s:.0f}s")
-            table = torch.cat(self.ray.get(refs))
+            table = torch.cat(self._get(refs, [self.names[w] for w, _, _ in parts], "model_table"))
         return self.local.score(prompts, completions, completion_ids, columns, contains_eos, model_table=table)
 
     def close(self) -> None:

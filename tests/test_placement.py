@@ -158,7 +158,12 @@ def test_lora_under_dedicated_trains_and_syncs_merged_weights(ray_cluster, model
     # the engines got the adapter merged into the base weights, which moved
     moved = max((merged[n] - base[n]).abs().max().item() for n in base if "q_proj.weight" in n)
     assert moved > 1e-4
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # the saved adapter, merged into the base model, gives the weights the engines were sent
+    from peft import PeftModel
+
+    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "adapter")
+    restored = restored.merge_and_unload().state_dict()
+    assert max((restored[n] - t).abs().max().item() for n, t in merged.items()) < 1e-5
 
 
 def test_reward_model_in_reward_actors_scores_as_in_process(ray_cluster, model_path, reward_model_path, tmp_path):
