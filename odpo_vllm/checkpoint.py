@@ -24,8 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def save(trainer) -> str:
-    directory = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
-    os.makedirs(directory, exist_ok=True)
+    """Write `checkpoint-<step>` atomically: everything goes to a temporary folder beside it, which
+    is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder
+    that looks complete (resume and `save_total_limit` only see renamed ones)."""
+    output_dir = trainer.args.output_dir
+    final = os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}")
+    directory = f"{final}.incomplete"
+    shutil.rmtree(directory, ignore_errors=True)  # left by a save that was killed
+    os.makedirs(directory)
     # first: it waits for the batches being sampled for later steps (their pairs are saved)
     torch.save(trainer.pipeline.state_dict(), os.path.join(directory, ROLLOUTS_FILE))
     trainer.save_model(directory)
@@ -37,8 +43,11 @@ def save(trainer) -> str:
     trainer.state.save_to_json(os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, RUN_FILE), "w") as f:
         json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.publisher.version}, f)
-    _rotate(trainer.args.output_dir, trainer.args.save_total_limit)
-    return directory
+    if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
+        shutil.rmtree(final)
+    os.replace(directory, final)
+    _rotate(output_dir, trainer.args.save_total_limit)  # only after the new checkpoint is complete
+    return final
 
 
 def required_files(trainer) -> tuple[str, ...]:
@@ -120,6 +129,10 @@ def verify(directory: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), m
                     "checkpoint cannot be resumed: resume from an earlier checkpoint-<step> folder "
                     "(resume_from_checkpoint=True picks the newest complete one)"
                 ) from err
+
+
+def has_checkpoints(output_dir: str) -> bool:
+    return os.path.isdir(output_dir) and any(re.fullmatch(r"checkpoint-\d+", name) for name in os.listdir(output_dir))
 
 
 def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), model=None) -> str:

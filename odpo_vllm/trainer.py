@@ -212,7 +212,10 @@ class OnlineDPOTrainer:
         try:
             return self._train(resume_from_checkpoint)
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception as err:  # the training error is the one to report
+                logger.warning("closing after a failed train() also failed: %s", err)
             raise
 
     def _train(self, resume_from_checkpoint):
@@ -222,6 +225,11 @@ class OnlineDPOTrainer:
         state.max_steps, state.num_train_epochs = self.max_steps, args.num_train_epochs
         state.train_batch_size = self.prompts_per_step
         state.compute_steps(args, self.max_steps)
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "auto"):
+            # the command line's spellings; "auto": the newest complete checkpoint, or a fresh start
+            # when there is none (what a retried `ray job submit` wants)
+            fresh = resume_from_checkpoint.lower() == "auto" and not checkpoint.has_checkpoints(args.output_dir)
+            resume_from_checkpoint = None if fresh else True
         if resume_from_checkpoint is True:
             resume_from_checkpoint = checkpoint.newest_complete(args.output_dir, checkpoint.required_files(self),
                                                                 self.model)

@@ -93,3 +93,21 @@ def test_resume_with_another_async_steps_is_refused(model_path, tmp_path):
     other, _ = trainer_for(model_path, tmp_path / "run", async_steps=1)
     with pytest.raises(ValueError, match="async_steps=2"):
         other.train(resume_from_checkpoint=True)
+
+
+def test_checkpoints_are_renamed_when_complete_and_auto_resumes(model_path, tmp_path):
+    """A save goes to `checkpoint-N.incomplete` and is renamed when complete: a folder a killed save
+    left behind is never taken for a checkpoint. `resume_from_checkpoint="auto"` starts fresh
+    without a checkpoint and resumes from the newest complete one otherwise."""
+    out = tmp_path / "run"
+    first, _ = trainer_for(model_path, out, async_steps=1, max_steps=2, save_steps=1)
+    first.train(resume_from_checkpoint="auto")  # nothing to resume: a fresh start
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1",
+                                                                                      "checkpoint-2"]
+    # what a save killed before its rename leaves: a folder under the temporary name, not picked
+    (out / "checkpoint-3.incomplete").mkdir()
+    (out / "checkpoint-3.incomplete" / "model.safetensors").write_bytes(b"partial")
+    again, seen = trainer_for(model_path, out, async_steps=1, max_steps=3, save_steps=1)
+    again.train(resume_from_checkpoint="auto")
+    assert train_rows(again)[-1]["step"] == 3 and len(seen) == 1  # resumed at 2: one step trained
+    assert (out / "checkpoint-3" / "trainer_state.json").exists() and not (out / "checkpoint-3.incomplete").exists()
