@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from odpo_vllm import OnlineDPOConfig, toy
 
@@ -89,3 +90,28 @@ def changed(before: dict[str, torch.Tensor], model) -> set[str]:
 def train_rows(trainer) -> list[dict]:
     """Training log rows (those with the per-step metrics)."""
     return [row for row in trainer.state.log_history if "objective/scores" in row and "loss" in row]
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step` (what a preemption or a crash looks like to a resumed run: the
+    checkpoint of that step, and nothing after it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def record_prompts(trainer) -> list:
+    """The prompts each learner step trains on, in order (wraps the learner's `step`)."""
+    seen, step = [], trainer.learner.step
+
+    def recording(batch, beta):
+        seen.append([tuple(ids) for ids in batch.prompt_ids])
+        return step(batch, beta)
+
+    trainer.learner.step = recording
+    return seen

@@ -6,21 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_args, snapshot, train_rows
-from transformers import AutoModelForCausalLM, TrainerCallback
+from conftest import StopAt, make_args, record_prompts, snapshot, train_rows
+from transformers import AutoModelForCausalLM
 
 from odpo_vllm import OnlineDPOTrainer, toy
 from odpo_vllm.pipeline import sampling_version
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
 
 
 def trainer_for(model_path, out, stop_at=None, **overrides):
@@ -30,14 +20,7 @@ def trainer_for(model_path, out, stop_at=None, **overrides):
     trainer = OnlineDPOTrainer(AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=toy.short_reward,
                                args=make_args(out, output_dir=out, **settings), train_dataset=toy.prompt_dataset(10),
                                callbacks=[StopAt(stop_at)] if stop_at else None)
-    seen, step = [], trainer.learner.step
-
-    def recording(batch, beta):
-        seen.append([tuple(ids) for ids in batch.prompt_ids])
-        return step(batch, beta)
-
-    trainer.learner.step = recording
-    return trainer, seen
+    return trainer, record_prompts(trainer)
 
 
 def test_sampling_version_schedule():

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from odpo_vllm import OnlineDPOTrainer, toy
 
-from conftest import make_args
+from conftest import StopAt, make_args, record_prompts
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
 
@@ -193,28 +192,6 @@ def test_reward_model_in_reward_actors_scores_as_in_process(ray_cluster, model_p
     assert torch.allclose(scores, expected, atol=1e-5)
     assert means == pytest.approx(expected_means, abs=1e-5)
     assert expected.std() > 0  # the scores differ between completions: the comparison means something
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
-def record_prompts(trainer) -> list:
-    """The prompts each learner step trains on, in order (wraps the learner's `step`)."""
-    seen, step = [], trainer.learner.step
-
-    def recording(batch, beta):
-        seen.append([tuple(ids) for ids in batch.prompt_ids])
-        return step(batch, beta)
-
-    trainer.learner.step = recording
-    return seen
 
 
 def test_async_resume_under_ray_continues_the_run(ray_cluster, model_path, tmp_path):

@@ -131,17 +131,25 @@ def test_one_step_loss_gradients_and_metrics_match_trl(model_path, loss_type):
     assert our_stats["objective/entropy"] < trl_stats["objective/entropy"]
 
 
+def moved_policy(model_path):
+    """The tiny policy with every weight moved by seeded noise (policy != reference)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    moved = AutoModelForCausalLM.from_pretrained(model_path)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return moved
+
+
 def test_parity_survives_a_trained_policy(model_path):
     """With policy != reference (the usual case after step 1) the loss is not log 2: perturb the
     policy identically on both sides and compare again (sigmoid)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    torch.manual_seed(3)
-    moved = AutoModelForCausalLM.from_pretrained(model_path)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    moved = moved_policy(model_path)
     # Both sides: the moved policy against the original model as an explicit reference.
     from trl.experimental.online_dpo import OnlineDPOConfig as TRLConfig
     from trl.experimental.online_dpo import OnlineDPOTrainer as TRLTrainer
@@ -197,11 +205,7 @@ def test_every_metric_sign_and_scale_matches_trl(model_path):
     from odpo_vllm.objective import rlhf_reward, score_metrics, select_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    torch.manual_seed(3)
-    moved = AutoModelForCausalLM.from_pretrained(model_path)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    moved = moved_policy(model_path)
     rows = equal_length_completions(tokenizer)
     n, width = len(PROMPTS), len(rows[0])
 
