@@ -150,8 +150,12 @@ def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
     served = ray.get(engine.sequence_logprobs.remote(probe), timeout=120)
     expected = learner.sequence_logprobs(probe)
     assert (served - expected).abs().max().item() < 1e-4
+    # the engine does not count versions: it serves nothing until the publisher names the version
+    with pytest.raises(ray.exceptions.RayTaskError, match="generate\\(\\) before the first weight update"):
+        ray.get(engine.generate.remote([probe[:8]], 2, 0), timeout=120)
+    ray.get(engine.set_policy_version.remote(7), timeout=120)
     rollouts = ray.get(engine.generate.remote([probe[:8]], 2, 0), timeout=120)
-    assert rollouts.policy_version == 0  # the first update made version 0
+    assert rollouts.policy_version == 7
 
     # a second round moves new weights again (the group is reused)
     with torch.no_grad():
