@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
 import re
 import subprocess
 import sys
@@ -70,15 +72,40 @@ def test_configure_logging_silences_libraries_but_not_us(capfd):
         ours.setLevel(saved[2])
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Processes whose command line or environment holds `text` (Ray's workers retitle themselves
+    `ray::Class`, but inherit the run's environment)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline or text in environ:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
 def _demo(tmp_path, *flags):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for key in [k for k in env if k.startswith(("VLLM_LOGGING", console.ENV_VAR))]:
         env.pop(key)
+    # the run's Ray processes (raylet, GCS, workers) name their session folder on their command line
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env["RAY_TMPDIR"] = ray_tmp
     done = subprocess.run([sys.executable, "-m", "odpo_vllm.demo", "--output_dir", str(tmp_path / "demo"), *flags],
                           cwd=tmp_path, env=env, capture_output=True, timeout=560)
     # bytes, not text=True: universal newlines would turn the progress bar's \r updates into lines
     output = (done.stdout + done.stderr).decode("utf-8", errors="replace")
     assert done.returncode == 0, output[-3000:]
+    # a run never leaves processes behind (Ray's daemons need a moment to exit after shutdown)
+    deadline = time.time() + 20
+    while _processes_mentioning(ray_tmp) and time.time() < deadline:
+        time.sleep(1)
+    assert _processes_mentioning(ray_tmp) == []
     return output
 
 
