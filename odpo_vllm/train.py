@@ -16,6 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import OnlineDPOConfig
+from .preemption import Preempted
 from .console import configure_logging
 
 logger = logging.getLogger("odpo_vllm")
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None):
         train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
     )
     with trainer:  # closes the engines, ranks and reward workers (and the run's own Ray cluster)
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        try:
+            result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        except Preempted as stopped:
+            logger.error("%s", stopped)
+            raise SystemExit(stopped.exit_code) from None
         trainer.save_model(args.output_dir)
         if args.push_to_hub:
             trainer.push_to_hub(commit_message=f"Online DPO on {script.dataset_name}")

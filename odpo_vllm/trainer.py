@@ -35,6 +35,7 @@ from .models import context_length
 from .objective import rlhf_reward
 from .pipeline import RolloutPipeline
 from .placement import BUILDERS, RunSpec
+from .preemption import Preempted, stop_signals
 from .rollout import pair_rollouts
 
 logger = logging.getLogger(__name__)
@@ -207,10 +208,12 @@ class OnlineDPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """The loop, in the order of one step: (sampled) -> score -> pair -> learn -> sync -> sample
         ahead -> log -> save. With `async_steps = K` the batches of the next K steps are sampled
-        (and, under Ray, scored) while this step trains; see `pipeline.py` for the schedule. On an error every
-        role is closed (engines, ranks, reward workers, the run's own Ray cluster)."""
+        (and, under Ray, scored) while this step trains; see `pipeline.py` for the schedule. On an
+        error every role is closed (engines, ranks, reward workers, the run's own Ray cluster).
+        SIGTERM or SIGINT: the step finishes, a checkpoint is written, then `Preempted`."""
         try:
-            return self._train(resume_from_checkpoint)
+            with stop_signals() as stop:
+                return self._train(resume_from_checkpoint, stop)
         except BaseException:
             try:
                 self.close()
@@ -218,7 +221,7 @@ class OnlineDPOTrainer:
                 logger.warning("closing after a failed train() also failed: %s", err)
             raise
 
-    def _train(self, resume_from_checkpoint):
+    def _train(self, resume_from_checkpoint, stop: list[int]):
         args, state = self.args, self.state
         if self.roles.learner is None:
             raise RuntimeError("train(): this trainer was closed; build a new OnlineDPOTrainer")
@@ -284,10 +287,12 @@ class OnlineDPOTrainer:
                     sums, maxes, count = defaultdict(float), defaultdict(float), 0
             if self.control.should_evaluate:
                 self.evaluate()
-            if self.control.should_save:
-                checkpoint.save(self)
+            if self.control.should_save or stop:
+                saved = checkpoint.save(self)
                 self.control = self.callback_handler.on_save(args, state, self.control)
                 self.control.should_save = False
+            if stop:  # preempted: the step is done and saved
+                raise Preempted(stop[0], state.global_step, saved)
 
         runtime = time.time() - train_start
         steps_done = max(state.global_step - first_step, 1)
