@@ -228,17 +228,20 @@ class Learner:
 
     def _shared_refusal(self, model, batch: PairBatch) -> str | None:
         """Why `model` cannot take shared-prompt rows, or None. Checked once per model: its attention
-        must take a custom 4D mask, and on a small probe from the batch (first pair, 8 prompt and 4
-        completion tokens each) the shared rows must give the separate sequences' logprobs; a
-        model that ignores the mask or position ids (ALiBi, its own mask) fails here."""
+        must take a custom 4D mask, and on a small probe made of the first pair's tokens (a prompt of
+        8, two different completions of 8) the shared rows must give the separate sequences'
+        logprobs; a model that ignores the mask or position ids (ALiBi, its own mask) fails here."""
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl not in ("eager", "sdpa"):
             return f"uses attention implementation {impl!r}, which takes no 4D attention mask (eager and sdpa do)"
-        prompts, completions = [batch.prompt_ids[0][-8:]], [[batch.chosen_ids[0][:4], batch.rejected_ids[0][:4]]]
+        n = min(8, max(1, (_sliding_window(model) or 16) // 2))  # the probe fits a sliding window
+        pool = (batch.prompt_ids[0] + batch.chosen_ids[0] + batch.rejected_ids[0]) * 3 * n
+        prompts, completions = [pool[:n]], [[pool[n : 2 * n], pool[2 * n : 3 * n][::-1]]]
         shared = shared_prompt_rows(prompts, completions, self.args.max_length, self.pad_token_id)
         separate = pack_sequences(prompts * 2, completions[0], self.args.max_length, self.pad_token_id)
-        was_training = model.training
+        was_training, autocast_dtype = model.training, self.autocast_dtype
         model.eval()
+        self.autocast_dtype = None  # compare in the weights' precision (fp32 unless DeepSpeed holds bf16/fp16)
         try:
             with torch.no_grad():
                 got, _ = self.token_logprobs(model, shared)
@@ -247,9 +250,10 @@ class Learner:
             return f"failed on a shared-prompt row ({type(error).__name__}: {error})"
         finally:
             model.train(was_training)
+            self.autocast_dtype = autocast_dtype
         got, want = got.sum(1), want.sum(1)
         gap = (got - want).abs().max().item()
-        exact = self.autocast_dtype is None and next(model.parameters()).dtype == torch.float32
+        exact = next(model.parameters()).dtype == torch.float32
         tolerance = (1e-4 if exact else 5e-2) * max(1.0, want.abs().max().item())
         if not gap <= tolerance:
             return f"gives logprobs {gap:.2e} away from separate sequences with the shared-prompt mask"

@@ -240,13 +240,18 @@ def test_more_than_two_completions_per_prompt(model_path, tmp_path):
         close(got_grads[name], grad, name)
 
 
-def test_model_without_shared_prompt_support_falls_back_once(tmp_path, caplog):
-    """Bloom's ALiBi attention ignores position ids: the one-time probe finds its logprobs off,
-    logs why once, and every pass then runs separate sequences with the same results."""
-    from transformers import AutoModelForCausalLM, BloomConfig
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_model_without_shared_prompt_support_falls_back_once(tmp_path, caplog, family):
+    """Bloom fails on a 4D mask (it builds ALiBi from a 2D one); MPT takes the mask but its ALiBi
+    ignores position ids, so the one-time probe finds its logprobs off. Either way: one log line
+    saying why, and every pass then runs separate sequences with the same results."""
+    from transformers import AutoModelForCausalLM, BloomConfig, MptConfig
 
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=2, pad_token_id=1, eos_token_id=0)
+    if family == "bloom":
+        config = BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=2, pad_token_id=1, eos_token_id=0)
+    else:
+        config = MptConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=2, pad_token_id=1, eos_token_id=0)
     reference = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     base = moved(copy.deepcopy(reference).requires_grad_(True).train())
     batch = random_pairs(96, n=3, seed=8)
@@ -259,7 +264,8 @@ def test_model_without_shared_prompt_support_falls_back_once(tmp_path, caplog):
             results.append((loss, grads))
     assert learner._shared_ok[id(learner.model)] is False
     lines = [r.getMessage() for r in caplog.records if "shared_prompt_passes" in r.getMessage()]
-    assert len(lines) == 1 and "BloomForCausalLM" in lines[0], lines
+    assert len(lines) == 1 and type(reference).__name__ in lines[0], lines
+    assert ("failed on a shared-prompt row" if family == "bloom" else "away from separate sequences") in lines[0]
     close(results[1][0], results[0][0], "loss")
     for name, grad in results[0][1].items():
         assert torch.equal(results[1][1][name], grad), name
