@@ -140,7 +140,7 @@ class Learner:
                 self._hidden_path[key] = False
         if out is not None:
             hidden = out.hidden_states[-1]
-            cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+            cap = getattr(getattr(_unwrap(model), "config", None), "final_logit_softcapping", None)
 
             def project(states):
                 with self._autocast():
@@ -231,7 +231,7 @@ class Learner:
         must take a custom 4D mask, and on a small probe made of the first pair's tokens (a prompt of
         8, two different completions of 8) the shared rows must give the separate sequences'
         logprobs; a model that ignores the mask or position ids (ALiBi, its own mask) fails here."""
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
         if impl not in ("eager", "sdpa"):
             return f"uses attention implementation {impl!r}, which takes no 4D attention mask (eager and sdpa do)"
         n = min(8, max(1, (_sliding_window(model) or 16) // 2))  # the probe fits a sliding window
@@ -342,12 +342,15 @@ class Learner:
 
 
 def _unwrap(model):
-    return getattr(model, "module", model)  # a DeepSpeed engine's module
+    """A DeepSpeed engine's module (the engine does not forward `config`); any other model itself."""
+    if callable(getattr(model, "zero_optimization_partition_weights", None)):
+        return model.module
+    return model
 
 
 def _mask_dtype(model) -> torch.dtype | None:
     """Attention-mask form for shared-prompt rows: bool for sdpa, additive float for eager."""
-    config = getattr(model, "config", None)
+    config = getattr(_unwrap(model), "config", None)
     if getattr(config, "_attn_implementation", None) == "sdpa":
         return None
     dtype = next(model.parameters()).dtype
@@ -355,7 +358,7 @@ def _mask_dtype(model) -> torch.dtype | None:
 
 
 def _sliding_window(model) -> int | None:
-    config = getattr(model, "config", None)
+    config = getattr(_unwrap(model), "config", None)
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
         return None
