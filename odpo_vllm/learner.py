@@ -115,10 +115,10 @@ class Learner:
         Where the model allows it, the forward stops at the final hidden states (`logits_to_keep=1`)
         and the output layer runs on completion positions only, a chunk of tokens at a time
         (`completion_logprobs_from_hidden`): no (N, T, V) logits exist at any point. The first call
-        per model checks that its output layer alone reproduces its logits (no soft-capping or
-        scaling after it); otherwise, and under ZeRO-3 (partitioned weights must go through the
-        engine's forward), the full logits are computed and the fp32 log-softmax is chunked by
-        `logprob_chunk_rows` rows.
+        per model checks that its output layer alone (followed by the config's
+        `final_logit_softcapping`, if any) reproduces its logits; otherwise (scaling or other
+        post-processing), and under ZeRO-3 (partitioned weights must go through the engine's
+        forward), the full logits are computed and the fp32 log-softmax is chunked.
         """
         shared = isinstance(packed, SharedPromptRows)
         if shared:

@@ -269,3 +269,34 @@ def test_model_without_shared_prompt_support_falls_back_once(tmp_path, caplog, f
     close(results[1][0], results[0][0], "loss")
     for name, grad in results[0][1].items():
         assert torch.equal(results[1][1][name], grad), name
+
+
+def test_training_with_three_samples_matches_separate_sequences(model_path, tmp_path):
+    """The trainer with k = 3 samples per prompt (best vs worst) and gradient checkpointing (its
+    default): two steps with shared-prompt rows log the metrics and reach the weights of two steps
+    with separate sequences."""
+    from transformers import AutoModelForCausalLM
+
+    from odpo_vllm import OnlineDPOTrainer, toy
+
+    from conftest import train_rows
+
+    runs = []
+    for shared in (False, True):
+        args = make_args(tmp_path, output_dir=tmp_path / f"shared{shared}", num_samples=3, max_steps=2,
+                         shared_prompt_passes=shared, optim="sgd", learning_rate=0.5, gradient_checkpointing=True)
+        trainer = OnlineDPOTrainer(AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=toy.sentiment_reward,
+                                   args=args, train_dataset=toy.prompt_dataset(8))
+        trainer.train()
+        assert all(trainer.learner._shared_ok.values()) and bool(trainer.learner._shared_ok) == shared
+        runs.append((train_rows(trainer), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    (rows0, weights0), (rows1, weights1) = runs
+    assert len(rows0) == len(rows1) == 2
+    for row0, row1 in zip(rows0, rows1):
+        for key in ("loss", "logps/chosen", "logps/rejected", "objective/scores"):
+            assert row1[key] == pytest.approx(row0[key], rel=REL, abs=1e-6), key
+    moved_by = max((weights1[n] - AutoModelForCausalLM.from_pretrained(model_path).state_dict()[n]).abs().max().item()
+                   for n in ("model.layers.0.self_attn.q_proj.weight",))
+    assert moved_by > 1e-4  # training did change the weights
+    for name, value in weights0.items():
+        close(weights1[name], value, name)
