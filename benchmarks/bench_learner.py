@@ -20,11 +20,13 @@ A step is what each trainer does per micro-batch once the completions are there:
 - TRL 1.16: `OnlineDPOTrainer.training_step` with `_generate` replaced by one that returns the
   fixed completions (right-padded to the longest, as its generation does), as
   benchmarks/tests/test_trl_parity.py drives it; the reward is a callable returning fixed scores.
-No optimizer step on either side; gradient checkpointing off on both. Each (system, model,
-shape) runs in a fresh process: one warm-up step, then `--repeats` timed steps; reported: the
-median seconds, tokens/s = tokens of the separate prompt+completion sequences of the step (the
-same for every system) / seconds, and peak memory = the resident-set high-water mark during the
-warm-up and timed steps minus the resident set before them (weights and inputs not counted).
+No optimizer step on either side; gradient checkpointing off on both. Per (model, shape), one
+process times all systems: a warm-up step each, then `--repeats` rounds in which every system
+takes one step, in a rotated order, so that load from other work on a shared machine hits all
+systems alike; reported: the median seconds, and tokens/s = tokens of the step's separate
+prompt+completion sequences (the same for every system) / seconds. Peak memory comes from a
+fresh process per system taking one step: the resident-set high-water mark during the step minus
+the resident set before it (weights and inputs not counted).
 """
 
 from __future__ import annotations
@@ -86,12 +88,14 @@ def make_pairs(shape: str, pairs: int, vocab: int, seed: int = 0):
     return prompts, [tokens(length()) for _ in range(pairs)], [tokens(length()) for _ in range(pairs)]
 
 
-def worker(system: str, model_name: str, shape: str, pairs: int, repeats: int, qwen_layers: int, device: str,
-           bf16: bool) -> dict:
+def worker(mode: str, systems: list[str], model_name: str, shape: str, pairs: int, repeats: int, qwen_layers: int,
+           device: str, bf16: bool) -> dict:
+    """mode "time": every system's step in this process, `repeats` rounds, each round running the
+    systems one after the other in a rotated order (drift on a shared machine hits all alike);
+    mode "memory": one system, one step in this fresh process, its peak memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     torch.manual_seed(0)
     config = model_config(model_name, qwen_layers)
     policy = AutoModelForCausalLM.from_config(config).to(device).train()
@@ -101,28 +105,38 @@ def worker(system: str, model_name: str, shape: str, pairs: int, repeats: int, q
         for p in policy.parameters():
             p.add_(1e-3 * torch.randn_like(p))
     prompts, chosen, rejected = make_pairs(shape, pairs, config.vocab_size)
-    step = (_trl_step if system == "trl" else _our_step)(system, policy, reference, prompts, chosen, rejected,
-                                                         pairs, device, bf16)
+    steps = {system: (_trl_step if system == "trl" else _our_step)(system, policy, reference, prompts, chosen,
+                                                                  rejected, pairs, device, bf16)
+             for system in systems}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _reset_peak()
-    step()  # warm-up (counted in the peak: later steps reuse memory the allocator kept from it)
-    sync()
-    seconds, losses = [], []
-    for _ in range(repeats):
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    result = {"tokens": tokens, "params": sum(p.numel() for p in policy.parameters()),
+              "threads": torch.get_num_threads(), "seconds": {s: [] for s in systems}, "loss": {}}
+
+    def timed(system):
         policy.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        losses.append(step())
+        result["loss"][system] = steps[system]()
         sync()
-        seconds.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else \
-        (_status_kib("VmHWM") - before) / 1024
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    return {"seconds": seconds, "peak_mib": peak, "tokens": tokens, "loss": losses[-1],
-            "params": sum(p.numel() for p in policy.parameters()), "threads": torch.get_num_threads()}
+        return time.perf_counter() - start
+
+    if mode == "memory":
+        (system,) = systems
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = _reset_peak()
+        result["seconds"][system].append(timed(system))  # a first step: its one-time costs included
+        result["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else \
+            (_status_kib("VmHWM") - before) / 1024
+        return result
+    for system in systems:  # warm-up
+        timed(system)
+    for r in range(repeats):
+        for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+            result["seconds"][system].append(timed(system))
+    return result
 
 
 def _our_step(system, policy, reference, prompts, chosen, rejected, pairs, device, bf16):
@@ -138,7 +152,7 @@ def _our_step(system, policy, reference, prompts, chosen, rejected, pairs, devic
     def step():
         loss, _, _ = learner._pair_pass(batch, BETA, len(batch), train=True)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -185,27 +199,40 @@ def _trl_step(system, policy, reference, prompts, chosen, rejected, pairs, devic
 
 # ============================================================================================
 def run(options, log=print) -> dict:
+    """Per (model, shape): one timing process (all systems interleaved), then one fresh process per
+    system for its peak memory. Returns {(model, shape, system): {"seconds", "peak_mib", "loss", "tokens"}}."""
     results = {}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
                                         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+
+    def call(mode, systems, model, shape):
+        spec = [mode, systems, model, shape, options.pairs, options.repeats, options.qwen_layers, options.device,
+                options.bf16]
+        command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            log(f"{mode} {systems} {model} {shape}: failed: {done.stderr.strip().splitlines()[-3:]}")
+            return None
+        return json.loads(lines[-1][len("RESULT "):])
+
     for model in options.models:
         for shape in options.shapes:
+            timing = call("time", options.systems, model, shape)
+            if timing is None:
+                continue
             for system in options.systems:
-                spec = [system, model, shape, options.pairs, options.repeats, options.qwen_layers, options.device,
-                        options.bf16]
-                command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-                done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode or not lines:
-                    log(f"{system} {model} {shape}: failed: {done.stderr.strip().splitlines()[-3:]}")
-                    continue
-                result = json.loads(lines[-1][len("RESULT "):])
-                results[(model, shape, system)] = result
-                log(f"{model:7s} {shape:14s} {system:7s} median {statistics.median(result['seconds']):7.2f} s "
-                    f"(runs {', '.join(f'{s:.2f}' for s in result['seconds'])}) peak {result['peak_mib']:7.0f} MiB "
-                    f"loss {result['loss']:.6f}")
+                memory = call("memory", [system], model, shape)
+                seconds = timing["seconds"][system]
+                results[(model, shape, system)] = {
+                    "seconds": seconds, "loss": timing["loss"][system], "tokens": timing["tokens"],
+                    "peak_mib": memory["peak_mib"] if memory else float("nan"),
+                    "first_step_s": memory["seconds"][system][0] if memory else float("nan")}
+                log(f"{model:7s} {shape:14s} {system:7s} median {statistics.median(seconds):7.2f} s "
+                    f"(runs {', '.join(f'{s:.2f}' for s in seconds)}) peak "
+                    f"{results[(model, shape, system)]['peak_mib']:7.0f} MiB loss {timing['loss'][system]:.6f}")
     return results
 
 
@@ -213,7 +240,8 @@ def table(results: dict, options) -> list[str]:
     precision = "bf16" if options.bf16 else "fp32"
     lines = [
         f"Pairs per step: {options.pairs} (one micro-batch), {precision}, gradient checkpointing off, "
-        f"median of {options.repeats} steps after a warm-up, a fresh process per cell. tokens/s = tokens of "
+        f"median of {options.repeats} rounds after a warm-up (systems interleaved in one process; peak "
+        "memory: one step in a fresh process per system). tokens/s = tokens of "
         "the step's separate prompt+completion sequences / seconds (the same work for every column).",
         "",
         "| model | shape | before: tok/s | s | peak MiB | after: tok/s | s | peak MiB | TRL: tok/s | s | peak MiB "
