@@ -164,6 +164,16 @@ class OnlineDPOConfig(TrainingArguments):
         },
     )
 
+    shared_prompt_passes: bool = field(
+        default=True,
+        metadata={
+            "help": "Policy and reference run each prompt once for both completions of its pair (one row, a "
+            "4D attention mask, position ids restarting after the prompt), with several pairs packed per "
+            "row instead of padding. Same logprobs as separate sequences; a model that cannot take the "
+            "mask falls back to separate padded sequences with a log line. False: always separate."
+        },
+    )
+
     # --- logging
     log_completions: bool = field(
         default=True, metadata={"help": "Write sampled pairs to <output_dir>/completions.jsonl at each log."}

@@ -7,6 +7,7 @@ contract; the controller loop does not know which one it drives.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import defaultdict
 
@@ -21,6 +22,15 @@ from .objective import (
     policy_metrics,
     token_logprobs,
 )
+from .packing import (
+    SharedPromptRows,
+    longest_sequence,
+    shared_logprobs_from_hidden,
+    shared_logprobs_from_logits,
+    shared_prompt_rows,
+)
+
+logger = logging.getLogger(__name__)
 
 # fp32 logits per chunk of completion tokens in the logprob pass (150k vocabulary: ~110 tokens)
 LOGPROB_CHUNK_BYTES = 64 << 20
@@ -68,6 +78,8 @@ class Learner:
         self.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
         self._hidden_path: dict[int, bool] = {}  # per model: logprobs from hidden states (see token_logprobs)
+        self._shared_ok: dict[int, bool] = {}  # per model: takes shared-prompt rows (see _shared_rows)
+        self._logged: set[str] = set()
 
     # ---------------------------------------------------------------- logprobs
     def _autocast(self):
@@ -81,18 +93,25 @@ class Learner:
         return contextlib.nullcontext()
 
     def token_logprobs(self, model, packed):
-        """Completion-token logprobs under `model`, (N, T-1) fp32, and the completion mask.
+        """Completion-token logprobs under `model`, (N, T-1) fp32, and the completion mask; for
+        `SharedPromptRows` (prompt once, its completions after it, see `packing.py`) they are
+        (S, C): row s is sequence s of the block layout, column t its completion token t.
 
         Where the model allows it, the forward stops at the final hidden states (`logits_to_keep=1`)
         and the output layer runs on completion positions only, a chunk of tokens at a time
         (`completion_logprobs_from_hidden`): no (N, T, V) logits exist at any point. The first call
-        per model checks that its output layer alone reproduces its logits (no soft-capping or
-        scaling after it); otherwise, and under ZeRO-3 (partitioned weights must go through the
-        engine's forward), the full logits are computed and the fp32 log-softmax is chunked by
-        `logprob_chunk_rows` rows.
+        per model checks that its output layer alone (followed by the config's
+        `final_logit_softcapping`, if any) reproduces its logits; otherwise (scaling or other
+        post-processing), and under ZeRO-3 (partitioned weights must go through the engine's
+        forward), the full logits are computed and the fp32 log-softmax is chunked.
         """
-        inputs = dict(input_ids=packed.input_ids.to(self.device),
-                      attention_mask=packed.attention_mask.to(self.device), use_cache=False)
+        shared = isinstance(packed, SharedPromptRows)
+        if shared:
+            inputs = dict(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
+                          attention_mask=packed.attention_mask(_mask_dtype(model)).to(self.device), use_cache=False)
+        else:
+            inputs = dict(input_ids=packed.input_ids.to(self.device),
+                          attention_mask=packed.attention_mask.to(self.device), use_cache=False)
         key = id(model)
         head = self._output_layer(model) if self._hidden_path.get(key, True) else None
         out = None
@@ -106,10 +125,14 @@ class Learner:
                 self._hidden_path[key] = False
         if out is not None:
             hidden = out.hidden_states[-1]
+            cap = getattr(getattr(_unwrap(model), "config", None), "final_logit_softcapping", None)
 
             def project(states):
                 with self._autocast():
-                    return head(states)
+                    logits = head(states)
+                    if cap:  # Gemma2-style soft-capping after the output layer
+                        logits = torch.tanh(logits / cap) * cap
+                    return logits
 
             if key not in self._hidden_path:  # the output layer alone must give the model's logits
                 with torch.no_grad():
@@ -118,10 +141,14 @@ class Learner:
                     (mine - theirs).abs().max() <= 1e-6 * max(1.0, theirs.abs().max().item()))
             if self._hidden_path[key]:
                 chunk = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
+                if shared:
+                    return shared_logprobs_from_hidden(hidden, project, packed, chunk)
                 return completion_logprobs_from_hidden(hidden, project, packed, chunk)
             del out, hidden
         with self._autocast():
             logits = model(**inputs).logits
+        if shared:
+            return shared_logprobs_from_logits(logits, packed, max(1, LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1])))
         return completion_token_logprobs(logits, packed, self.args.logprob_chunk_rows)
 
     @staticmethod
@@ -139,10 +166,12 @@ class Learner:
 
     def _pair_pass(self, batch: PairBatch, beta: float, total_pairs: int, train: bool):
         """Loss (scaled so micro-batches add up to the mean over `total_pairs`) and metric sums."""
-        packed = pack_sequences(
-            batch.prompt_ids + batch.prompt_ids, batch.chosen_ids + batch.rejected_ids,
-            self.args.max_length, self.pad_token_id,
-        )
+        packed = self._shared_rows(batch)
+        if packed is None:  # separate, right-padded sequences
+            packed = pack_sequences(
+                batch.prompt_ids + batch.prompt_ids, batch.chosen_ids + batch.rejected_ids,
+                self.args.max_length, self.pad_token_id,
+            )
         with torch.no_grad(), self._reference_context():
             ref_model = self.ref_model if self.ref_model is not None else self.model
             ref_logps, _ = self.token_logprobs(ref_model, packed)
@@ -155,6 +184,70 @@ class Learner:
         sums = policy_metrics(policy_logps.detach(), ref_logps, mask, n, beta)
         sums["loss"] = losses.detach().sum()
         return loss, sums, packed.num_truncated_prompts
+
+    # ---------------------------------------------------------------- shared-prompt rows
+    def _shared_rows(self, batch: PairBatch) -> SharedPromptRows | None:
+        """The micro-batch as shared-prompt rows (`packing.py`), or None for separate sequences:
+        when `shared_prompt_passes` is off, when a model failed the one-time check (logged once),
+        or when a sequence is longer than the model's sliding window (a single mask cannot hold
+        both the full and the windowed pattern; this micro-batch only)."""
+        if not getattr(self.args, "shared_prompt_passes", True) or len(batch) == 0:
+            return None
+        completions = [[c, r] for c, r in zip(batch.chosen_ids, batch.rejected_ids)]
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        for model in models:
+            if id(model) not in self._shared_ok:
+                reason = self._shared_refusal(model, batch)
+                self._shared_ok[id(model)] = reason is None
+                if reason:
+                    logger.warning("shared_prompt_passes: %s %s; it runs separate padded sequences instead",
+                                   type(_unwrap(model)).__name__, reason)
+            if not self._shared_ok[id(model)]:
+                return None
+            window = _sliding_window(model)
+            if window and longest_sequence(batch.prompt_ids, completions, self.args.max_length) > window:
+                self._log_once(f"shared_prompt_passes: sequences longer than the sliding window ({window}) "
+                               "run as separate sequences")
+                return None
+        return shared_prompt_rows(batch.prompt_ids, completions, self.args.max_length, self.pad_token_id)
+
+    def _shared_refusal(self, model, batch: PairBatch) -> str | None:
+        """Why `model` cannot take shared-prompt rows, or None. Checked once per model: its attention
+        must take a custom 4D mask, and on a small probe made of the first pair's tokens (a prompt of
+        8, two different completions of 8) the shared rows must give the separate sequences'
+        logprobs; a model that ignores the mask or position ids (ALiBi, its own mask) fails here."""
+        impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
+        if impl not in ("eager", "sdpa"):
+            return f"uses attention implementation {impl!r}, which takes no 4D attention mask (eager and sdpa do)"
+        n = min(8, max(1, (_sliding_window(model) or 16) // 2))  # the probe fits a sliding window
+        pool = (batch.prompt_ids[0] + batch.chosen_ids[0] + batch.rejected_ids[0]) * 3 * n
+        prompts, completions = [pool[:n]], [[pool[n : 2 * n], pool[2 * n : 3 * n][::-1]]]
+        shared = shared_prompt_rows(prompts, completions, self.args.max_length, self.pad_token_id)
+        separate = pack_sequences(prompts * 2, completions[0], self.args.max_length, self.pad_token_id)
+        was_training, autocast_dtype = model.training, self.autocast_dtype
+        model.eval()
+        self.autocast_dtype = None  # compare in the weights' precision (fp32 unless DeepSpeed holds bf16/fp16)
+        try:
+            with torch.no_grad():
+                got, _ = self.token_logprobs(model, shared)
+                want, _ = self.token_logprobs(model, separate)
+        except Exception as error:  # noqa: BLE001 (any failure means: not this model)
+            return f"failed on a shared-prompt row ({type(error).__name__}: {error})"
+        finally:
+            model.train(was_training)
+            self.autocast_dtype = autocast_dtype
+        got, want = got.sum(1), want.sum(1)
+        gap = (got - want).abs().max().item()
+        exact = next(model.parameters()).dtype == torch.float32
+        tolerance = (1e-4 if exact else 5e-2) * max(1.0, want.abs().max().item())
+        if not gap <= tolerance:
+            return f"gives logprobs {gap:.2e} away from separate sequences with the shared-prompt mask"
+        return None
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.warning(message)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
@@ -235,6 +328,33 @@ class Learner:
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
         if self.scaler and os.path.exists(os.path.join(directory, "scaler.pt")):
             self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt")))
+
+
+def _unwrap(model):
+    """A DeepSpeed engine's module (the engine does not forward `config`); any other model itself."""
+    if callable(getattr(model, "zero_optimization_partition_weights", None)):
+        return model.module
+    return model
+
+
+def _mask_dtype(model) -> torch.dtype | None:
+    """Attention-mask form for shared-prompt rows: bool for sdpa, additive float for eager."""
+    config = getattr(_unwrap(model), "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        return None
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _sliding_window(model) -> int | None:
+    config = getattr(_unwrap(model), "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
+        return None
+    return int(window)
 
 
 def load_model_weights(model, directory: str) -> None:

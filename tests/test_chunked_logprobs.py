@@ -1,6 +1,6 @@
 """Logprobs from hidden states, a chunk of completion tokens at a time, equal the full-logits pass
-(values and gradients), and the learner falls back to full logits where the output layer alone
-does not give the model's logits."""
+(values and gradients), also behind a soft-capped output layer, and the learner falls back to full
+logits where the output layer alone does not give the model's logits."""
 
 from __future__ import annotations
 
@@ -78,14 +78,33 @@ def test_learner_uses_hidden_states_and_matches_full_logits(model, tmp_path):
         torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_learner_falls_back_when_logits_are_post_processed(tmp_path):
-    """Gemma2 soft-caps its logits after the output layer: the learner notices and uses them."""
+def test_softcapped_output_layer_uses_hidden_states(tmp_path):
+    """Gemma2 soft-caps its logits after the output layer: the learner applies the same cap to its
+    chunks, so it stays on the hidden-state path, with the full-logits values and gradients."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=2, head_dim=32, final_logit_softcapping=1.0,
                           pad_token_id=1, eos_token_id=0, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config)
+    packed = _packed(64, pad=1)
+    learner, full, full_grads, got = _learner_and_full(model, tmp_path, packed)
+    assert learner._hidden_path[id(model)] is True
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_learner_falls_back_when_logits_are_post_processed(tmp_path):
+    """Cohere scales its logits after the output layer (`logit_scale`), which the learner does not
+    know about: its check notices and it uses the model's logits."""
+    from transformers import AutoModelForCausalLM, CohereConfig
+
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, logit_scale=0.5,
+                          pad_token_id=1, eos_token_id=0, bos_token_id=2)
     model = AutoModelForCausalLM.from_config(config)
     packed = _packed(64, pad=1)
     learner, full, full_grads, got = _learner_and_full(model, tmp_path, packed)

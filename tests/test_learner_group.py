@@ -1,5 +1,6 @@
 """DeepSpeed learner ranks on Ray (real DeepSpeed on gloo, real Ray): data-parallel ZeRO-2 and
-ZeRO-3 steps equal one process training on the whole batch, and the ranks stay identical."""
+ZeRO-3 steps with shared-prompt rows equal one process training on the whole batch with separate
+sequences, and the ranks stay identical."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
 
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     reference = AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)
+    # the ranks run shared-prompt rows (the default); the single process runs separate sequences
     single_args = make_args(tmp_path, optim="sgd", learning_rate=0.5, per_device_train_batch_size=2,
-                            gradient_accumulation_steps=2, gradient_checkpointing=False)
+                            gradient_accumulation_steps=2, gradient_checkpointing=False, shared_prompt_passes=False)
     single = Learner(policy, reference, single_args, tokenizer.pad_token_id, num_training_steps=4)
     expected = single.step(batch, beta=0.1)
 
