@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("trl", reason="the bench extra (trl) is not installed")
 
 from odpo_vllm import OnlineDPOConfig, toy  # noqa: E402
-from odpo_vllm.learner import Learner, PairBatch  # noqa: E402
+from odpo_vllm.batches import PairBatch  # noqa: E402
+from odpo_vllm.learner import Learner  # noqa: E402
 
 BETA = 0.1
 # Two prompts of equal token length (TRL left-pads prompts without position ids, so unequal
