@@ -39,6 +39,8 @@ SYSTEMS = {  # name -> (bench_vs_trl worker system, extra cfg)
     "dedicated 1 rank + 1 engine, K=0": ("ray-ded-z2", {"async_steps": 0}),
     "dedicated 1 rank + 1 engine, K=1": ("ray-ded-z2", {"async_steps": 1}),
     "dedicated 1 rank + 1 engine, K=2": ("ray-ded-z2", {"async_steps": 2}),
+    # the rank may use the core the engine leaves idle while it waits for a version
+    "dedicated, K=1, rank with 2 threads": ("ray-ded-z2", {"async_steps": 1, "threads": 2}),
 }
 
 
@@ -137,10 +139,13 @@ def main():
         errors: dict = {}
         for r in range(options.rounds):
             for index, (name, (system, extra)) in enumerate(SYSTEMS.items()):
+                settings = dict(extra)
+                overrides = {"gradient_checkpointing": False}
+                if "threads" in settings:
+                    overrides["ray_threads_per_actor"] = settings.pop("threads")
                 cfg = dict(system=system, size=f"t{new_tokens}-s{index}", round=r, model_path=path,
                            prompts=options.prompts, new_tokens=new_tokens, steps=options.steps, max_length=512,
-                           learning_rate=1e-5, seed=0, ranks=1, cpus_per_actor=1,
-                           overrides={"gradient_checkpointing": False}, **extra)
+                           learning_rate=1e-5, seed=0, ranks=1, cpus_per_actor=1, overrides=overrides, **settings)
                 result = vs.launch(cfg, log_dir, options.timeout_s)
                 runs[name].append(result)
                 if result.get("ok"):

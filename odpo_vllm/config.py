@@ -125,6 +125,11 @@ class OnlineDPOConfig(TrainingArguments):
     ray_zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage of the learners: 2 or 3."})
     ray_num_engines: int = field(default=1, metadata={"help": "vLLM engine actors."})
     ray_cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per learner rank and per engine (fractions allowed)."})
+    ray_threads_per_actor: int | None = field(
+        default=None,
+        metadata={"help": "torch threads of each learner rank and reward worker (default: its CPUs, at least 1). "
+                          "More than its CPUs lets a rank use the cores an idle engine leaves free."},
+    )
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
     weight_transport: str = field(
         default="auto",
@@ -269,6 +274,8 @@ class OnlineDPOConfig(TrainingArguments):
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         if not self.ray_cpus_per_actor > 0:
             fail("ray_cpus_per_actor", f"must be > 0, got {self.ray_cpus_per_actor}")
+        if self.ray_threads_per_actor is not None and self.ray_threads_per_actor < 1:
+            fail("ray_threads_per_actor", f"must be >= 1, got {self.ray_threads_per_actor}")
         if not self.ray_timeout_s > 0:
             fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
         if self.weight_transport not in WEIGHT_TRANSPORTS:

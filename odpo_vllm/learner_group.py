@@ -145,7 +145,7 @@ class LearnerGroup:
                 name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
             ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
-                     zero_stage, max(int(cpus_per_rank), 1), peft_config)
+                     zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config)
             for rank in range(num_ranks)
         ]
         self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]

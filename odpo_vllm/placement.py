@@ -198,7 +198,8 @@ def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
     names = [f"reward-worker-{i}" for i in range(count)]
     workers = [Worker.options(name=name, num_cpus=args.ray_cpus_per_actor,
                               num_gpus=args.reward_gpus if on_gpu else 0).remote(
-        local.model_specs, args.model_init_kwargs, args.trust_remote_code, max(int(args.ray_cpus_per_actor), 1))
+        local.model_specs, args.model_init_kwargs, args.trust_remote_code,
+        args.ray_threads_per_actor or max(int(args.ray_cpus_per_actor), 1))
         for name in names]
     remote = RemoteRewards(local, workers, names, args.ray_timeout_s)
     try:

@@ -114,7 +114,9 @@ class VLLMGenerator:
             logger.info("vllm_enable_sleep_mode: sleep mode needs a GPU; ignored on CPU (nothing to free)")
         self.dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
         self.policy_version = -1  # no weights yet; set by the weight publisher after each update
-        self._idle_since = time.perf_counter()  # end of the last generate or weight update
+        # engine idle time (time/wait_weights): from the end of one generate to the start of the
+        # next, less the time spent loading weights and answering the probe in between
+        self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
@@ -219,7 +221,7 @@ class VLLMGenerator:
         if self.policy_version < 0:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
         started = time.perf_counter()
-        idle = started - self._idle_since
+        idle = max(0.0, started - self._last_generate_end - self._busy_s)
         self._wake("weights", "kv_cache")
         # One request per completion (n=1), in block layout, each with its own seed. With n=k and
         # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
@@ -241,8 +243,8 @@ class VLLMGenerator:
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
         rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
         rollouts.engine_idle_s = idle
-        self._idle_since = time.perf_counter()
-        rollouts.sample_s = self._idle_since - started
+        self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
+        rollouts.sample_s = self._last_generate_end - started
         return rollouts
 
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
@@ -250,8 +252,10 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         self._wake("weights", "kv_cache")
+        start = time.perf_counter()
         out = self.llm.generate([{"prompt_token_ids": token_ids}],
                                 SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        self._busy_s += time.perf_counter() - start
         return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
 
     # ------------------------------------------------------------------------------ weights
@@ -265,13 +269,13 @@ class VLLMGenerator:
         runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         # Cached KV blocks were computed with the old weights (measured: ~10 nats off if kept).
         self.llm.reset_prefix_cache()
+        self._busy_s += time.perf_counter() - start
         return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
 
 
     def set_policy_version(self, version: int) -> None:
         """Called by the weight publisher once this engine serves the weights of `version`."""
         self.policy_version = version
-        self._idle_since = time.perf_counter()
 
     # ------------------------------------------------------------------------------ remote updates
     # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
@@ -285,6 +289,7 @@ class VLLMGenerator:
         self.llm.init_weight_transfer_engine({"init_info": info})
 
     def start_weight_update(self) -> None:
+        self._update_started = time.perf_counter()
         self._wake("weights")
         self.llm.start_weight_update()
 
@@ -294,6 +299,7 @@ class VLLMGenerator:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()
+        self._busy_s += time.perf_counter() - self._update_started
 
     def update_weight_version(self, version: str) -> None:
         self.llm.update_weight_version(version)
