@@ -97,11 +97,13 @@ def targets(new_tokens: int, summaries: dict) -> list[str]:
         balance = k0["sample_score"] / k0["train_sync"]
         lines.append(f"- {new_tokens} tokens: K=1 / K=0 samples/s = {speedup:.2f}x at sample/learn balance "
                      f"{balance:.2f} (target >= 1.6x where they cost about the same)")
-    for other, label in ((local, "in process K=0"), (trl, "TRL best")):
-        if k1 and other:
-            ratio = k1["samples_per_s"] / other["samples_per_s"]
-            lines.append(f"- {new_tokens} tokens: dedicated K=1 / {label} = {ratio:.2f}x "
-                         f"({'faster' if ratio > 1 else 'NOT faster'})")
+    for mine, mine_label in ((k1, "dedicated K=1"), (summaries.get("dedicated, K=1, rank with 2 threads"),
+                                                     "dedicated K=1 (2-thread rank)")):
+        for other, label in ((local, "in process K=0"), (trl, "TRL best")):
+            if mine and other:
+                ratio = mine["samples_per_s"] / other["samples_per_s"]
+                verdict = "faster" if ratio > 1.02 else "NOT faster" if ratio < 0.98 else "about equal"
+                lines.append(f"- {new_tokens} tokens: {mine_label} / {label} = {ratio:.2f}x ({verdict})")
     return lines
 
 
