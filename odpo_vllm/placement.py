@@ -22,7 +22,7 @@ from . import console, validation
 from .batches import Rollouts
 from .publisher import LocalWeightPublisher, RayWeightPublisher
 from .rewards import Rewards
-from .roles import Roles
+from .roles import Roles, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ class RemoteGenerator:
         self.in_flight: list = []  # (ref, engine name) of every generate not yet waited for
 
     def _get(self, refs: list, names: list[str], call: str):
-        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [names[refs.index(ref)] for ref in pending]
-            raise TimeoutError(f"generator: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
-        return self.ray.get(refs)
+        return wait_for(refs, names, self.timeout_s, "generator", call)
 
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
         names = list(self.engines)

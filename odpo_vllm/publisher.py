@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from .roles import wait_for
 from .weights import LearnerWeights
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,7 @@ class RayWeightPublisher:
         self.transport_open = False
 
     def _get(self, refs: list, names: list[str], call: str) -> list:
-        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [names[refs.index(ref)] for ref in pending]
-            raise TimeoutError(f"weight publisher: {', '.join(late)} did not answer {call}() within "
-                               f"{self.timeout_s:.0f}s")
-        return self.ray.get(refs)
+        return wait_for(refs, names, self.timeout_s, "weight publisher", call)
 
     # ---------------------------------------------------------------- transport lifecycle
     def open_transport(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .rewards import Rewards
+from .roles import wait_for
 
 
 class RewardWorker:
@@ -35,11 +36,7 @@ class RemoteRewards:
         self.ray, self.local, self.workers, self.names, self.timeout_s = ray, local, workers, names, timeout_s
 
     def _get(self, refs: list, names: list[str], call: str) -> list:
-        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [names[refs.index(ref)] for ref in pending]
-            raise TimeoutError(f"rewards: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
-        return self.ray.get(refs)
+        return wait_for(refs, names, self.timeout_s, "rewards", call)
 
     def wait_ready(self) -> None:
         """Until every worker has loaded its reward models (a bad model fails here, before training)."""

@@ -65,6 +65,18 @@ class WeightPublisher(Protocol):
     def close(self) -> None: ...
 
 
+def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str) -> list:
+    """The results of Ray calls `refs` (made to the actors `names`, in order), or a TimeoutError
+    that names the actors which did not answer `call` within `timeout_s`."""
+    import ray
+
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [names[refs.index(ref)] for ref in pending]
+        raise TimeoutError(f"{who}: {', '.join(late)} did not answer {call}() within {timeout_s:.0f}s")
+    return ray.get(refs)
+
+
 class Done:
     """The handle of work already finished (an in-process generator samples at submit time)."""
 
