@@ -131,6 +131,12 @@ class OnlineDPOConfig(TrainingArguments):
                           "More than its CPUs lets a rank use the cores an idle engine leaves free."},
     )
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+    ray_max_engine_restarts: int = field(
+        default=3,
+        metadata={"help": "Times each vLLM engine actor may be replaced after its process died or a call to it "
+                          "timed out (the replacement gets the current weights before it samples; the lost batch "
+                          "is sampled again with the same seeds). Past it the run stops."},
+    )
     weight_transport: str = field(
         default="auto",
         metadata={"help": "How learner ranks send weights to engine actors: nccl (GPUs, dedicated), ipc (CUDA IPC, "
@@ -278,6 +284,9 @@ class OnlineDPOConfig(TrainingArguments):
             fail("ray_threads_per_actor", f"must be >= 1, got {self.ray_threads_per_actor}")
         if not self.ray_timeout_s > 0:
             fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
+        if self.ray_max_engine_restarts < 0:
+            fail("ray_max_engine_restarts", f"must be >= 0 (0: a dead engine stops the run), got "
+                                            f"{self.ray_max_engine_restarts}")
         if self.weight_transport not in WEIGHT_TRANSPORTS:
             fail("weight_transport", f"{self.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
         if self.async_steps < 0:

@@ -60,6 +60,158 @@ class LearnerWorker:
             self.sender.close()
             self.sender = None
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def save_pretrained(self, directory: str) -> None:
+        """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);
+        a collective under ZeRO-3: every rank joins."""
+        module, learner = self.learner.engine.module, self.learner
+        if hasattr(module, "peft_config"):
+            from .deepspeed_learner import import_deepspeed
+
+            with import_deepspeed().zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                                            enabled=learner.zero_stage == 3):
+                if learner.rank == 0:
+                    module.save_pretrained(directory)
+            return
+        weights = dict(learner.named_weights())
+        if learner.rank == 0:
+            module.save_pretrained(directory, state_dict=weights)
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.learner.load(directory)
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
+        return dict(self.learner.named_weights())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_address() -> tuple[str, int, int]:
+    """This node's IP and two free ports on it (run as a task in rank 0's bundle)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port(), free_port()
+
+
+def shard(batch: PairBatch, parts: int) -> list[PairBatch]:
+    """Contiguous, as-even-as-possible slices (ranks get equal shares when the step divides)."""
+    size, extra = divmod(len(batch), parts)
+    out, start = [], 0
+    for rank in range(parts):
+        stop = start + size + (rank < extra)
+        out.append(batch.slice(start, stop))
+        start = stop
+    return out
+
+
+class LearnerGroup:
+    """N `LearnerWorker` actors in a placement group, used like a `Learner` by the loop."""
+
+    def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
+                 zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
+                 timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None,
+                 peft_config=None):
+        """`bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
+        engine share (`bundle_index` = rank)."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ray, self.timeout_s, self.name = ray, timeout_s, name
+        bundle: dict[str, Any] = {"CPU": cpus_per_rank}
+        if gpus_per_rank:
+            bundle["GPU"] = gpus_per_rank
+        for key, value in (bundle_extra or {}).items():
+            bundle[key] = bundle.get(key, 0) + value
+        self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
+        # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
+        # address and free ports on rank 0's node, which on a cluster is not the driver's.
+        locate = ray.remote(num_cpus=0)(_node_address).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
+        self.master_addr, port, _ = self._wait([locate.remote()], "rank 0's node")[0]
+        if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
+            self.master_addr = "127.0.0.1"  # a one-node cluster: keep every rendezvous on loopback
+        Worker = ray.remote(LearnerWorker)
+        self.workers = [
+            Worker.options(
+                name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
+                     zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config)
+            for rank in range(num_ranks)
+        ]
+        self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
+        # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
+        self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start")
+
+    def _wait(self, refs, what: str):
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise TimeoutError(f"{what} did not answer within {self.timeout_s:.0f}s")
+        return self.ray.get(ready)
+
+    def _gather(self, refs, call: str) -> list:
+        """Every rank's result of `call`. Ranks are watched one by one, so a rank that died is
+        reported at once, even while the others wait for it in a collective."""
+        import time
+
+        names = dict(zip(refs, self.names))
+        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                late = ", ".join(names[ref] for ref in pending)
+                raise TimeoutError(f"learner group: {late} did not answer {call}() within {self.timeout_s:.0f}s")
+            try:
+                self.ray.get(ready)
+            except self.ray.exceptions.RayActorError as err:
+                # A rank holds a shard of the optimizer state and takes part in every collective:
+                # it cannot be replaced mid-run. Stop; the last checkpoint is the way back.
+                raise RuntimeError(
+                    f"learner group: {names[ready[0]]} died during {call}() ({type(err).__name__}); the run "
+                    "stops. Resume from the last checkpoint with --resume_from_checkpoint true") from err
+        return self.ray.get(refs)
+
+    def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        return self.learner.step(batch, beta)
+
+    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:
+        return self.learner.evaluate(batch, beta)
+
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return self.learner.sequence_logprobs(token_ids)
+
+    # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
+    def open_weight_transport(self, engines: list, info: dict) -> None:
+        from .deepspeed_learner import WeightSender
+
+        self.close_weight_transport()
+        self.sender = WeightSender(self.learner, engines, info)
+
+    def send_weights(self) -> dict[str, float]:
+        if self.sender is None:
+            raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
+        return self.sender.send()
+
+    def close_weight_transport(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);
         a collective under ZeRO-3: every rank joins."""
@@ -163,7 +315,17 @@ class LearnerGroup:
         if pending:
             late = [self.names[refs.index(ref)] for ref in pending]
             raise TimeoutError(f"learner group: {', '.join(late)} did not answer {call}() within {self.timeout_s:.0f}s")
-        return self.ray.get(refs)
+        results = []
+        for name, ref in zip(self.names, refs):
+            try:
+                results.append(self.ray.get(ref))
+            except self.ray.exceptions.RayActorError as err:
+                # A rank holds a shard of the optimizer state and takes part in every collective:
+                # it cannot be replaced mid-run. Stop; the last checkpoint is the way back.
+                raise RuntimeError(
+                    f"learner group: {name} died during {call}() ({type(err).__name__}); the run stops. "
+                    "Resume from the last checkpoint with --resume_from_checkpoint true") from err
+        return results
 
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
         shards = shard(batch, len(self.workers))

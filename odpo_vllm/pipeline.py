@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from .batches import Pairs
@@ -86,6 +87,15 @@ class RolloutPipeline:
         self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), version,
                                        future)
 
+    def _wait(self, future: Future) -> Pairs:
+        """The future's pairs; meanwhile, replace engines that die (the background thread waits
+        for their lost parts to be re-issued, which only this thread does)."""
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                self.roles.recover()
+
     def position_of(self, step: int) -> tuple[int, int | None]:
         """(epoch, batches taken in that epoch) of the batch of `step` (requested already)."""
         request = self.requests[step]
@@ -95,7 +105,7 @@ class RolloutPipeline:
         """The scored pairs of `step` and how long the loop waited for them."""
         start = time.perf_counter()
         request = self.requests.pop(step)
-        pairs = request.pairs.result()
+        pairs = self._wait(request.pairs)
         waited = time.perf_counter() - start
         if pairs.policy_version != request.version:  # an update overtook the batch: a bug, never timing
             raise RuntimeError(f"rollout schedule: the batch of step {step} was sampled by policy version "
@@ -110,7 +120,7 @@ class RolloutPipeline:
         for step in sorted(self.requests):
             request = self.requests[step]
             ready.append({"step": step, "epoch": request.epoch, "position": request.position,
-                          "version": request.version, "pairs": request.pairs.result()})
+                          "version": request.version, "pairs": self._wait(request.pairs)})
         return {"async_steps": self.async_steps, "next_step": self.next_step, "ready": ready}
 
     def load_state_dict(self, state: dict) -> None:

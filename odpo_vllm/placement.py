@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from . import console, validation
-from .batches import Rollouts
 from .publisher import LocalWeightPublisher, RayWeightPublisher
+from .remote_generator import RemoteGenerator
 from .rewards import Rewards
-from .roles import Roles, wait_for
+from .roles import Roles
 
 logger = logging.getLogger(__name__)
 
@@ -102,83 +102,6 @@ def ensure_ray(args) -> bool:
     return True
 
 
-class RemoteRollouts:
-    """Rollouts being sampled by engine actors; `result()` merges their parts into one block layout."""
-
-    def __init__(self, generator: "RemoteGenerator", refs: list, work: list, prompt_ids, num_samples: int):
-        self.generator, self.refs, self.work = generator, refs, work
-        self.prompt_ids, self.num_samples = prompt_ids, num_samples
-
-    def result(self) -> Rollouts:
-        parts = self.generator._get(self.refs, [name for name, _, _ in self.work], "generate")
-        total, k = len(self.prompt_ids), self.num_samples
-        completions: list = [None] * (k * total)
-        logprobs: list = [None] * (k * total)
-        ended = torch.zeros(k * total, dtype=torch.bool)
-        for (_, a, b), part in zip(self.work, parts):
-            local = b - a
-            for j in range(k):
-                for i in range(local):
-                    row, global_row = j * local + i, j * total + a + i
-                    completions[global_row] = part.completion_ids[row]
-                    logprobs[global_row] = part.sampling_logprobs[row] if part.sampling_logprobs else None
-                    ended[global_row] = part.contains_eos[row]
-        versions = {part.policy_version for part in parts}
-        if len(versions) != 1:
-            raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
-        return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(), logprobs,
-                        engine_idle_s=max(part.engine_idle_s for part in parts),
-                        sample_s=max(part.sample_s for part in parts))
-
-
-class RemoteGenerator:
-    """vLLM engine actors used as one generator: prompts split across engines, completions merged
-    back into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
-    attaches and detaches engines; this class only samples from them."""
-
-    def __init__(self, engines: dict, timeout_s: float):
-        import ray
-
-        self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
-        self.in_flight: list = []  # (ref, engine name) of every generate not yet waited for
-
-    def _get(self, refs: list, names: list[str], call: str):
-        return wait_for(refs, names, self.timeout_s, "generator", call)
-
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
-        names = list(self.engines)
-        size, extra = divmod(len(prompt_ids), len(names))
-        work, start = [], 0
-        for e, name in enumerate(names):
-            stop = start + size + (e < extra)
-            if stop > start:
-                work.append((name, start, stop))
-            start = stop
-        refs = [self.engines[name].generate.remote(prompt_ids[a:b], num_samples, seed + names.index(name) * 1_000_003)
-                for name, a, b in work]
-        self.in_flight += [(ref, name) for ref, (name, _, _) in zip(refs, work)]
-        return RemoteRollouts(self, refs, work, prompt_ids, num_samples)
-
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
-        return self.submit(prompt_ids, num_samples, seed).result()
-
-    def wait_idle(self) -> None:
-        """Until every submitted batch is sampled (a weight update must not overtake one)."""
-        if self.in_flight:
-            refs, names = [ref for ref, _ in self.in_flight], [name for _, name in self.in_flight]
-            self.in_flight = []
-            _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-            if pending:
-                late = sorted({names[refs.index(ref)] for ref in pending})
-                raise TimeoutError(f"generator: {', '.join(late)} did not finish sampling within "
-                                   f"{self.timeout_s:.0f}s (a weight update was waiting for it)")
-
-    def close(self) -> None:
-        for engine in self.engines.values():
-            self.ray.kill(engine)
-        self.engines.clear()
-
-
 def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
     import ray
 
@@ -247,20 +170,26 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         Engine = ray.remote(VLLMGenerator)
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
-        engines = {}
-        for i in range(num_engines):
-            name = f"vllm-engine-{i}"
-            options = dict(name=name, num_cpus=cpus, num_gpus=engine_gpus)
+
+        def start_engine(name: str, index: int, attempt: int = 0):
+            """Engine `name` (a replacement: same resources, same place, a fresh Ray name)."""
+            options = dict(name=name if attempt == 0 else f"{name}-restart{attempt}", num_cpus=cpus,
+                           num_gpus=engine_gpus)
             if colocated:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    roles.learner.placement, placement_group_bundle_index=i)
-            engines[name] = Engine.options(**options).remote(
+                    roles.learner.placement, placement_group_bundle_index=index)
+            return Engine.options(**options).remote(
                 config, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
-                name=name, weight_transfer_backend=transport, engine_index=i, max_sequences=max_sequences)
+                name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences)
+
+        engines = {f"vllm-engine-{i}": start_engine(f"vllm-engine-{i}", i) for i in range(num_engines)}
         roles.generator = RemoteGenerator(engines, args.ray_timeout_s)
         roles.publisher = RayWeightPublisher(
             roles.learner, engines, transport, spec.probe_ids, args.vllm_sync_tolerance, _engine_dtype(args),
-            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.wait_idle)
+            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.wait_idle,
+            start_engine=start_engine, max_restarts=args.ray_max_engine_restarts, faults=roles.faults)
+        roles.generator.replace_engine = roles.publisher.replace_engine
+        roles.recover = roles.generator.recover
     except BaseException:
         roles.close()
         raise

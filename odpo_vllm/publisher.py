@@ -9,13 +9,14 @@ like training. Learners only expose their weights; engines only load what they a
 - `LocalWeightPublisher`: learner and engine in this process (vLLM `reload_weights`, or the
   transformers sampler that shares the learner's model and needs nothing moved).
 - `RayWeightPublisher`: engine actors fed by DeepSpeed ranks over vLLM's weight-transfer engines
-  (NCCL, CUDA IPC or our gloo backend). Engines can be detached and attached again (a restarted
-  engine), and the transport closed and reopened (on a fresh port).
+  (NCCL, CUDA IPC or our gloo backend). A dead engine is replaced here: restarted in its place,
+  sent the current weights alone and probed before it samples anything.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -63,14 +64,20 @@ class LocalWeightPublisher:
 
 
 class RayWeightPublisher:
-    """Engine actors fed by a `LearnerGroup`: rank 0 sends (ZeRO-3: every rank joins the gathers)."""
+    """Engine actors fed by a `LearnerGroup`: rank 0 sends (ZeRO-3: every rank joins the gathers).
+    It also replaces dead engines (`replace_engine`), since a replacement must be given the
+    current weights before it serves anything."""
 
     def __init__(self, learner_group, engines: dict, backend: str, probe_ids: list[int] | None,
                  tolerance: float | None, dtype: torch.dtype, timeout_s: float, workers_per_engine: int = 1,
-                 bucket_bytes: int = 256 << 20, before_update=None):
+                 bucket_bytes: int = 256 << 20, before_update=None, start_engine=None, max_restarts: int = 0,
+                 faults: dict | None = None):
         """`engines`: name -> actor handle, shared with the generator that samples from them (this
         publisher is the one that changes it). `before_update()`: called before each push, so an
-        engine finishes the batch it is sampling with the previous version first."""
+        engine finishes the batch it is sampling with the previous version first.
+        `start_engine(name, index, attempt)`: a new engine actor in the place of `name` (the
+        placement's); `max_restarts`: replacements allowed per engine; `faults`: where the
+        restart count and the seconds they cost are kept (the run logs them)."""
         import ray
 
         self.ray, self.learner, self.engines = ray, learner_group, engines
@@ -78,58 +85,98 @@ class RayWeightPublisher:
         self.tolerance = default_tolerance(tolerance, dtype)
         self.workers_per_engine, self.bucket_bytes = workers_per_engine, bucket_bytes
         self.before_update = before_update
+        self.start_engine, self.max_restarts = start_engine, max_restarts
+        self.faults = faults if faults is not None else {}
+        self.restarts: dict[str, int] = {}
+        self.positions = {name: index for index, name in enumerate(engines)}
         self.version = -1
-        self.transport_open = False
+        self.transport: list[str] | None = None  # the engines of the open transport
 
     def _get(self, refs: list, names: list[str], call: str) -> list:
         return wait_for(refs, names, self.timeout_s, "weight publisher", call)
 
     # ---------------------------------------------------------------- transport lifecycle
-    def open_transport(self) -> None:
-        names = list(self.engines)
+    def open_transport(self, names: list[str] | None = None) -> None:
+        """A transport from the learner to `names` (default: every engine), on a fresh port."""
+        names = list(self.engines) if names is None else names
+        # each engine's place among the receivers (a replacement is synced alone, in place 0)
+        self._get([self.engines[n].set_transport_position.remote(i) for i, n in enumerate(names)], names,
+                  "set_transport_position")
         info = {"backend": self.backend, "master_address": self.learner.master_addr,
                 "master_port": self.learner.free_port_on_rank0(),
                 "world_size": 1 + len(names) * self.workers_per_engine, "bucket_bytes": self.bucket_bytes,
                 "timeout_s": self.timeout_s, "engine_name": ", ".join(names)}
         self.learner.call("open_weight_transport", [self.engines[n] for n in names], info)
-        self.transport_open = True
+        self.transport = names
 
-    def close_transport(self) -> None:
-        if not self.transport_open:
+    def close_transport(self, engines_alive: bool = True) -> None:
+        if self.transport is None:
             return
-        self.transport_open = False
+        names, self.transport = self.transport, None
         self.learner.call("close_weight_transport")
-        names = list(self.engines)
-        self._get([self.engines[n].shutdown_weight_transfer_engine.remote() for n in names], names,
-                  "shutdown_weight_transfer_engine")
-
-    def attach(self, name: str, engine) -> None:
-        """Add an engine (e.g. a restarted one). It serves nothing until the next `publish`."""
-        self.close_transport()
-        self.engines[name] = engine
-
-    def detach(self, name: str) -> None:
-        """Stop serving `name` (dead or being replaced); the transport reopens without it."""
-        self.engines.pop(name, None)
-        self.transport_open = False  # a dead peer cannot take part in an orderly shutdown
-        self.learner.call("close_weight_transport")
+        if engines_alive:  # a dead peer cannot take part in an orderly shutdown
+            self._get([self.engines[n].shutdown_weight_transfer_engine.remote() for n in names], names,
+                      "shutdown_weight_transfer_engine")
 
     # ---------------------------------------------------------------- publishing
+    def _probe(self, names: list[str], version: int) -> float:
+        """The largest logprob gap between the learner and the engines `names` on the probe."""
+        served = self._get([self.engines[n].sequence_logprobs.remote(self.probe_ids) for n in names], names,
+                           "sequence_logprobs")
+        learned = self.learner.sequence_logprobs(self.probe_ids)
+        return max(probe_gap(s, learned, self.tolerance, n, version) for s, n in zip(served, names))
+
     def publish(self, version: int) -> dict[str, float]:
         if self.before_update is not None:
             self.before_update()
-        if not self.transport_open:
+        if self.transport != list(self.engines):
+            self.close_transport()
             self.open_transport()
         metrics = self.learner.call("send_weights")[0]  # rank 0's figures
         names = list(self.engines)
         self._get([self.engines[n].set_policy_version.remote(version) for n in names], names, "set_policy_version")
         self.version = version
         if self.probe_ids is not None:
-            served = self._get([self.engines[names[0]].sequence_logprobs.remote(self.probe_ids)], names[:1],
-                               "sequence_logprobs")[0]
-            metrics["sync/logprob_gap"] = probe_gap(served, self.learner.sequence_logprobs(self.probe_ids),
-                                                    self.tolerance, names[0], version)
+            metrics["sync/logprob_gap"] = self._probe(names, version)
         return metrics
+
+    # ---------------------------------------------------------------- faults
+    def replace_engine(self, name: str, reason: str):
+        """A new engine in the place of `name` (dead or stuck: `reason`), serving the current
+        version before anything can be sampled from it; its handle. Past `max_restarts` for this
+        engine: an error naming it and how often it failed."""
+        failures = self.restarts.get(name, 0) + 1
+        if failures > self.max_restarts:
+            raise RuntimeError(
+                f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
+                f"{self.max_restarts}; the run stops (resume from the last checkpoint with "
+                "--resume_from_checkpoint true)")
+        logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
+                       self.max_restarts)
+        start = time.perf_counter()
+        self.restarts[name] = failures
+        self.ray.kill(self.engines[name])
+        if self.transport is not None and name in self.transport:
+            self.close_transport(engines_alive=False)
+        engine = self.start_engine(name, self.positions[name], failures)
+        self.engines[name] = engine  # same name, same place: same prompts and seeds
+        self._get([engine.ping.remote()], [name], "ping")  # vLLM is up
+        # An engine that has not been synced serves nothing: send it the current version alone
+        # (the other engines keep sampling), then prove it with the probe.
+        self.open_transport([name])
+        self.learner.call("send_weights")
+        self.close_transport()
+        self._get([engine.set_policy_version.remote(self.version)], [name], "set_policy_version")
+        if self.probe_ids is not None:
+            gap = self._probe([name], self.version)
+            if gap > self.tolerance:
+                raise RuntimeError(f"{name}: the replacement engine does not serve the learner's weights "
+                                   f"(logprob gap {gap:.3g} > {self.tolerance:.3g}); the run stops")
+        lost = time.perf_counter() - start
+        self.faults["faults/engine_restarts"] = float(sum(self.restarts.values()))
+        self.faults["faults/seconds_lost"] = self.faults.get("faults/seconds_lost", 0.0) + lost
+        logger.warning("%s replaced in %.1fs; it serves policy version %d", name, lost, self.version)
+        return engine
 
     def close(self) -> None:
         try:

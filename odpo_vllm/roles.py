@@ -97,6 +97,11 @@ class Roles:
     # process the roles share the model and the cores, so the pipeline runs them in turn.
     background_sampling: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)  # run in reverse order by close()
+    # Called by whoever waits for rollouts in the main thread: replaces engines that died
+    # (Ray placements; nothing to do in one process).
+    recover: Callable[[], None] = lambda: None
+    # Faults survived so far (`faults/engine_restarts`, `faults/seconds_lost`), logged by the loop.
+    faults: dict[str, float] = field(default_factory=dict)
 
     def close(self) -> None:
         """Close every role (publisher first: the transport needs live peers); idempotent."""

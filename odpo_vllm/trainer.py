@@ -275,6 +275,7 @@ class OnlineDPOTrainer:
             for key, value in metrics.items():
                 sums[key] += value
             maxes["async/staleness_max"] = max(maxes["async/staleness_max"], metrics["async/staleness"])
+            maxes.update(self.roles.faults)  # totals so far (engine restarts, seconds they cost)
             count += 1
             self.control = self.callback_handler.on_step_end(args, state, self.control)
             if self.control.should_log:

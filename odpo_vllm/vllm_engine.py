@@ -277,12 +277,24 @@ class VLLMGenerator:
         """Called by the weight publisher once this engine serves the weights of `version`."""
         self.policy_version = version
 
+    def ping(self) -> int:
+        """A cheap call: answered once the engine is up; the version it serves."""
+        return self.policy_version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_transport_position(self, position: int) -> None:
+        """This engine's place among the receivers of the next weight transport."""
+        self.engine_index = position
+
     # ------------------------------------------------------------------------------ remote updates
     # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
     # learner in another process drives this engine through vLLM's trainer-side engines.
     def init_weight_transfer_engine(self, request) -> None:
         # One learner sends to several engines in one group: vLLM's clients give every engine
-        # the same init info, so each engine moves its workers past the engines before it.
+        # the same init info, so each engine moves its workers past the engines before it (its
+        # place is set by the weight publisher for each transport).
         info = dict(request["init_info"] if isinstance(request, dict) else request.init_info)
         if "rank_offset" in info:
             info["rank_offset"] += self.engine_index * self.args.vllm_tensor_parallel_size

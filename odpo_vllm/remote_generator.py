@@ -1,0 +1,229 @@
+"""vLLM engine actors used as one generator, and what happens when one of them dies.
+
+A batch's prompts are split into parts, one per engine; each part keeps its engine's name, its
+prompts and its seed until it is sampled. When an engine's process dies (or a part waits longer
+than `timeout_s`), the part is *lost*: the main thread asks the weight publisher for a replacement
+engine that serves the current weights (`replace_engine`, which restarts and syncs it) and
+re-issues every unfinished part of that engine there, with the same seeds. Every part in flight
+was submitted while the engines served the publisher's current version (a push waits for the
+engines to go idle), so the replacement samples each lost part with the version it was meant for
+and the run goes on as if nothing happened.
+
+Threads: parts are waited for in the pipeline's background thread (`RemoteRollouts.result`) and
+in the main thread (`wait_idle`, `recover`); only the main thread replaces engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .batches import Rollouts
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often a waiter looks at a part that is not sampled yet
+
+
+def engine_lost(err: BaseException) -> bool:
+    """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
+    engine core inside a live actor did), rather than a bug in the call."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
+
+
+@dataclass
+class _Part:
+    """One engine's share of one batch, until it is sampled."""
+
+    engine: str
+    index: int  # the part's position in the batch: its rows and its seed follow from it
+    prompts: list
+    num_samples: int
+    seed: int
+    ref: Any
+    submitted: float = field(default_factory=time.monotonic)
+    value: Any = None
+    lost: str | None = None  # why the current ref will never give a value
+    error: BaseException | None = None  # the run cannot recover this part
+
+
+class RemoteRollouts:
+    """Rollouts being sampled by engine actors; `result()` merges their parts into one block layout."""
+
+    def __init__(self, generator: "RemoteGenerator", parts: list[_Part], bounds: list[tuple[int, int]],
+                 prompt_ids, num_samples: int):
+        self.generator, self.parts, self.bounds = generator, parts, bounds
+        self.prompt_ids, self.num_samples = prompt_ids, num_samples
+
+    def result(self, repair: bool = False) -> Rollouts:
+        """Wait for every part (re-issued ones included). `repair`: this is the main thread, which
+        replaces dead engines itself; a background thread waits for the main thread to do it."""
+        parts = [self.generator.wait_part(part, repair) for part in self.parts]
+        total, k = len(self.prompt_ids), self.num_samples
+        completions: list = [None] * (k * total)
+        logprobs: list = [None] * (k * total)
+        ended = torch.zeros(k * total, dtype=torch.bool)
+        for (a, b), part in zip(self.bounds, parts):
+            local = b - a
+            for j in range(k):
+                for i in range(local):
+                    row, global_row = j * local + i, j * total + a + i
+                    completions[global_row] = part.completion_ids[row]
+                    logprobs[global_row] = part.sampling_logprobs[row] if part.sampling_logprobs else None
+                    ended[global_row] = part.contains_eos[row]
+        versions = {part.policy_version for part in parts}
+        if len(versions) != 1:
+            raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
+        return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(), logprobs,
+                        engine_idle_s=max(part.engine_idle_s for part in parts),
+                        sample_s=max(part.sample_s for part in parts))
+
+
+class RemoteGenerator:
+    """Engine actors used as one generator: prompts split across engines, completions merged back
+    into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
+    replaces engines in it; this class samples from them and notices when one is gone.
+    `replace_engine(name, reason) -> handle`: set by the placement (the publisher's)."""
+
+    def __init__(self, engines: dict, timeout_s: float, replace_engine: Callable[[str, str], Any] | None = None):
+        import ray
+
+        self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
+        self.replace_engine = replace_engine
+        self.lock = threading.Lock()
+        self.parts: list[_Part] = []  # every part not yet known to be sampled, in submission order
+
+    # ---------------------------------------------------------------- sampling
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
+        names = list(self.engines)
+        size, extra = divmod(len(prompt_ids), len(names))
+        parts, bounds, start = [], [], 0
+        for index, name in enumerate(names):
+            stop = start + size + (index < extra)
+            if stop > start:
+                part_seed = seed + index * 1_000_003
+                ref = self.engines[name].generate.remote(prompt_ids[start:stop], num_samples, part_seed)
+                parts.append(_Part(name, index, prompt_ids[start:stop], num_samples, part_seed, ref))
+                bounds.append((start, stop))
+            start = stop
+        with self.lock:
+            self.parts += parts
+        return RemoteRollouts(self, parts, bounds, prompt_ids, num_samples)
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
+        return self.submit(prompt_ids, num_samples, seed).result(repair=True)
+
+    def _poll(self, part: _Part, timeout: float) -> None:
+        """Wait up to `timeout` for the part's current call; record its value or why it is lost."""
+        ref = part.ref
+        ready, _ = self.ray.wait([ref], timeout=timeout)
+        lost = None
+        if ready:
+            try:
+                value = self.ray.get(ref)
+            except Exception as err:
+                if not engine_lost(err):
+                    raise
+                lost = f"died ({type(err).__name__})"
+            else:
+                with self.lock:
+                    if part.ref is ref:
+                        part.value = value
+                return
+        elif time.monotonic() - part.submitted > self.timeout_s:
+            lost = f"did not answer generate() within {self.timeout_s:.0f}s"
+        if lost is not None:
+            with self.lock:
+                if part.ref is ref and part.lost is None:
+                    part.lost = lost
+
+    def wait_part(self, part: _Part, repair: bool):
+        while True:
+            if part.error is not None:
+                raise part.error
+            if part.value is not None:
+                return part.value
+            if part.lost is None:
+                self._poll(part, POLL_S)
+            elif repair:
+                self.recover()
+            else:
+                time.sleep(POLL_S)  # the main thread re-issues it
+
+    def wait_idle(self) -> None:
+        """Until every submitted part is sampled (a weight update must not overtake one) and
+        every engine answers, replacing dead engines on the way."""
+        while True:
+            with self.lock:
+                pending = [part for part in self.parts if part.value is None]
+                if not pending:
+                    self.parts = []
+                    break
+            for part in pending:
+                if part.error is not None:
+                    raise part.error
+                if part.lost is None and part.value is None:
+                    self._poll(part, POLL_S / len(pending))
+            self.recover()
+        self.check_alive()
+
+    # ---------------------------------------------------------------- faults
+    def recover(self) -> None:
+        """(Main thread.) Replace every engine with a lost part and re-issue its unfinished parts
+        there, in their order, with their seeds."""
+        with self.lock:
+            self.parts = [part for part in self.parts if part.value is None]
+            dead = {}
+            for part in self.parts:
+                if part.lost is not None and part.error is None:
+                    dead.setdefault(part.engine, part.lost)
+        for name, reason in dead.items():
+            if self.replace_engine is None:  # nothing can replace it: the run stops here
+                error = TimeoutError if "within" in reason else RuntimeError
+                raise error(f"generator: {name} {reason}")
+            try:
+                engine = self.replace_engine(name, reason)
+            except BaseException as err:
+                with self.lock:
+                    for part in self.parts:
+                        if part.engine == name:
+                            part.error = err
+                raise
+            with self.lock:
+                for part in self.parts:
+                    if part.engine == name and part.value is None:
+                        part.ref = engine.generate.remote(part.prompts, part.num_samples, part.seed)
+                        part.submitted, part.lost = time.monotonic(), None
+
+    def check_alive(self) -> None:
+        """(Main thread, engines idle.) Replace any engine that died while it had nothing to do."""
+        names = list(self.engines)
+        refs = [self.engines[name].ping.remote() for name in names]
+        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        for name, ref in zip(names, refs):
+            reason = f"did not answer ping() within {self.timeout_s:.0f}s" if ref in pending else None
+            if reason is None:
+                try:
+                    self.ray.get(ref)
+                except Exception as err:
+                    if not engine_lost(err):
+                        raise
+                    reason = f"died ({type(err).__name__})"
+            if reason is not None:
+                if self.replace_engine is None:
+                    raise RuntimeError(f"generator: {name} {reason}")
+                self.replace_engine(name, reason)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            self.ray.kill(engine)
+        self.engines.clear()

@@ -1,0 +1,127 @@
+"""Faults on the dedicated Ray placement, with real processes killed: a vLLM engine actor's process
+SIGKILLed mid-run is replaced (same seeds, current weights before it samples) and the run ends
+with the weights of a run without the fault; past `ray_max_engine_restarts` the run stops naming
+the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from transformers import TrainerCallback
+
+from odpo_vllm import OnlineDPOTrainer, toy
+
+from conftest import make_args
+
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.ray, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    yield ray
+    ray.shutdown()
+
+
+def settings(tmp_path, name, **overrides):
+    base = dict(use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
+                ray_timeout_s=120, max_steps=8, per_device_train_batch_size=4, max_new_tokens=8,
+                learning_rate=1e-2, gradient_checkpointing=False, lr_scheduler_type="constant",
+                output_dir=tmp_path / name)
+    base.update(overrides)
+    return make_args(tmp_path, **base)
+
+
+def kill_engine(trainer, name: str) -> int:
+    """SIGKILL the process of engine `name` (a Ray actor on this machine); its pid."""
+    import ray
+
+    pid = ray.get(trainer.publisher.engines[name].pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+class KillEngineAfterStep(TrainerCallback):
+    """Kills an engine at the end of `step`: it is sampling the next batch (or, async, a later one)."""
+
+    def __init__(self, trainer, name: str, step: int):
+        self.trainer, self.name, self.step, self.killed = trainer, name, step, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.killed.append(kill_engine(self.trainer, self.name))
+
+
+def kill_engine_while_learning(trainer, name: str, step: int) -> list[int]:
+    """Kills an engine while the learner trains `step`: with async_steps=0 it has nothing to
+    sample then, so its death shows only when the next weight push needs it."""
+    killed, learn = [], trainer.learner.step
+
+    def learning(batch, beta):
+        if len(killed) == 0 and trainer.state.global_step == step:
+            killed.append(kill_engine(trainer, name))
+        return learn(batch, beta)
+
+    trainer.learner.step = learning
+    return killed
+
+
+def run(model_path, args, fault=None):
+    """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
+    at the end."""
+    import ray
+
+    with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                          train_dataset=toy.prompt_dataset(24)) as trainer:
+        killed = fault(trainer) if fault is not None else []
+        trainer.train()
+        weights = trainer.learner.full_weights()[0]
+        pids = {name: ray.get(engine.pid.remote()) for name, engine in trainer.publisher.engines.items()}
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    return weights, rows, killed, pids
+
+
+@pytest.mark.parametrize("engines,async_steps,when", [(1, 0, "sampling"), (2, 0, "idle"), (2, 1, "sampling")],
+                         ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async"])
+def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_cluster, model_path, tmp_path, engines,
+                                                                          async_steps, when):
+    common = dict(ray_num_engines=engines, async_steps=async_steps)
+    expected, clean_rows, _, _ = run(model_path, settings(tmp_path, "clean", **common))
+    victim = f"vllm-engine-{engines - 1}"
+
+    def fault(trainer):
+        if when == "idle":
+            return kill_engine_while_learning(trainer, victim, step=3)
+        callback = KillEngineAfterStep(trainer, victim, step=3)
+        trainer.add_callback(callback)
+        return callback.killed
+
+    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault)
+
+    assert len(killed) == 1 and pids[victim] != killed[0]  # a new process serves in its place
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert "faults/engine_restarts" not in rows[2] and rows[-1]["faults/engine_restarts"] == 1
+    assert rows[-1]["faults/seconds_lost"] > 0
+    assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
+    assert [r["async/staleness"] for r in rows] == [r["async/staleness"] for r in clean_rows]
+    for key in ("loss", "objective/scores"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
+    assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+
+
+def test_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluster, model_path, tmp_path):
+    def fault(trainer):
+        trainer.add_callback(KillEngineAfterStep(trainer, "vllm-engine-0", step=2))
+
+    args = settings(tmp_path, "budget", ray_max_engine_restarts=0, max_steps=6)
+    with pytest.raises(RuntimeError, match=r"vllm-engine-0 died \(\w+\): it failed 1 times, more than "
+                                           r"ray_max_engine_restarts=0"):
+        run(model_path, args, fault)
+    # the failed run closed its roles: no engine, rank or placement group of it is left
+    assert ray_cluster.util.list_named_actors() == []
