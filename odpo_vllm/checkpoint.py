@@ -44,10 +44,22 @@ def save(trainer) -> str:
     with open(os.path.join(directory, RUN_FILE), "w") as f:
         json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.publisher.version}, f)
     if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(directory, final)
     _rotate(output_dir, trainer.args.save_total_limit)  # only after the new checkpoint is complete
+    for name in os.listdir(output_dir):  # what killed saves and deletions left
+        if re.fullmatch(r"checkpoint-\d+\.(incomplete|deleting)", name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return final
+
+
+def _remove(directory: str) -> None:
+    """Delete a checkpoint folder so that a kill halfway never leaves a partly deleted
+    `checkpoint-<step>`: it is renamed out of the pattern first (one atomic step)."""
+    doomed = f"{directory}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def required_files(trainer) -> tuple[str, ...]:
@@ -143,6 +155,9 @@ def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RU
         match = re.fullmatch(r"checkpoint-(\d+)", name)
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
+        elif re.fullmatch(r"checkpoint-\d+\.(incomplete|deleting)", name):
+            logger.warning("resume_from_checkpoint: skipping %s (a save or a deletion that was interrupted; it is "
+                           "not a checkpoint)", os.path.join(output_dir, name))
     if not found:
         raise MissingCheckpointError(f"resume_from_checkpoint=True: no checkpoint-* folder in {output_dir}")
     for _, directory in sorted(found, reverse=True):
@@ -164,4 +179,4 @@ def _rotate(output_dir: str, limit: int | None) -> None:
         if match:
             found.append((int(match.group(1)), name))
     for _, name in sorted(found)[:-limit]:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        _remove(os.path.join(output_dir, name))
