@@ -23,6 +23,7 @@ from .publisher import LocalWeightPublisher, RayWeightPublisher
 from .remote_generator import RemoteGenerator
 from .rewards import Rewards
 from .roles import Roles
+from .watchdog import Watchdog, cluster_roots
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,13 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------
-def ensure_ray(args) -> bool:
-    """Connect to Ray; True when this call started a local cluster that the run then owns."""
+def ensure_ray(args) -> list:
+    """Connect to Ray. When this call starts a local cluster, the run owns it: the closers that
+    shut it down (and the watchdog that kills it if this process is killed), else []."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return []
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "PYTHONPATH") if k in os.environ}
     env.update(console.library_log_env(args.log_level))  # quiet actors unless log_level asks
@@ -95,11 +97,11 @@ def ensure_ray(args) -> bool:
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, **console.ray_init_kwargs(args.log_level))
-        return False
+        return []
     # a local cluster owned by this process, even if `ray start` left one running here
     ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
              runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
-    return True
+    return [Watchdog(cluster_roots()).close, ray.shutdown]  # closed in reverse order
 
 
 def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
@@ -146,9 +148,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         path = os.path.join(args.output_dir, "initial_policy")
         spec.model.save_pretrained(path)
         spec.model = path
-    owns_cluster = ensure_ray(args)
-    roles = Roles(None, None, None, None, background_sampling=True,
-                  closers=[ray.shutdown] if owns_cluster else [])
+    roles = Roles(None, None, None, None, background_sampling=True, closers=ensure_ray(args))
     try:
         # The cluster's GPUs, not the driver's: a `ray job submit` driver often runs on a CPU-only head.
         on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and not args.use_cpu

@@ -145,7 +145,11 @@ class RayWeightPublisher:
         """A new engine in the place of `name` (dead or stuck: `reason`), serving the current
         version before anything can be sampled from it; its handle. Past `max_restarts` for this
         engine: an error naming it and how often it failed."""
+        start = time.perf_counter()
         failures = self.restarts.get(name, 0) + 1
+        self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
+        if self.transport is not None and name in self.transport:
+            self.close_transport(engines_alive=False)
         if failures > self.max_restarts:
             raise RuntimeError(
                 f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
@@ -153,11 +157,7 @@ class RayWeightPublisher:
                 "--resume_from_checkpoint true)")
         logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
                        self.max_restarts)
-        start = time.perf_counter()
         self.restarts[name] = failures
-        self.ray.kill(self.engines[name])
-        if self.transport is not None and name in self.transport:
-            self.close_transport(engines_alive=False)
         engine = self.start_engine(name, self.positions[name], failures)
         self.engines[name] = engine  # same name, same place: same prompts and seeds
         self._get([engine.ping.remote()], [name], "ping")  # vLLM is up

@@ -38,24 +38,24 @@ def settings(tmp_path, name, **overrides):
     return make_args(tmp_path, **base)
 
 
-def kill_engine(trainer, name: str) -> int:
-    """SIGKILL the process of engine `name` (a Ray actor on this machine); its pid."""
+def kill_engine(trainer, name: str, sig: int = signal.SIGKILL) -> int:
+    """Send `sig` to the process of engine `name` (a Ray actor on this machine); its pid."""
     import ray
 
     pid = ray.get(trainer.publisher.engines[name].pid.remote())
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     return pid
 
 
 class KillEngineAfterStep(TrainerCallback):
     """Kills an engine at the end of `step`: it is sampling the next batch (or, async, a later one)."""
 
-    def __init__(self, trainer, name: str, step: int):
-        self.trainer, self.name, self.step, self.killed = trainer, name, step, []
+    def __init__(self, trainer, name: str, step: int, sig: int = signal.SIGKILL):
+        self.trainer, self.name, self.step, self.sig, self.killed = trainer, name, step, sig, []
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            self.killed.append(kill_engine(self.trainer, self.name))
+            self.killed.append(kill_engine(self.trainer, self.name, self.sig))
 
 
 def kill_engine_while_learning(trainer, name: str, step: int) -> list[int]:
@@ -115,13 +115,15 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
 
 
-def test_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluster, model_path, tmp_path):
+def test_stuck_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluster, model_path, tmp_path):
+    """SIGSTOP: the engine's process is alive but answers nothing; after ray_timeout_s (its batch
+    or the liveness check before the next push) it counts as failed. With no restarts allowed the
+    run stops, naming the engine, and closes its roles."""
     def fault(trainer):
-        trainer.add_callback(KillEngineAfterStep(trainer, "vllm-engine-0", step=2))
+        trainer.add_callback(KillEngineAfterStep(trainer, "vllm-engine-0", step=2, sig=signal.SIGSTOP))
 
-    args = settings(tmp_path, "budget", ray_max_engine_restarts=0, max_steps=6)
-    with pytest.raises(RuntimeError, match=r"vllm-engine-0 died \(\w+\): it failed 1 times, more than "
-                                           r"ray_max_engine_restarts=0"):
+    args = settings(tmp_path, "budget", ray_max_engine_restarts=0, max_steps=6, ray_timeout_s=15)
+    with pytest.raises(RuntimeError, match=r"vllm-engine-0 did not answer (generate|ping)\(\) within 15s: it failed 1 "
+                                           r"times, more than ray_max_engine_restarts=0"):
         run(model_path, args, fault)
-    # the failed run closed its roles: no engine, rank or placement group of it is left
-    assert ray_cluster.util.list_named_actors() == []
+    assert ray_cluster.util.list_named_actors() == []  # the stopped engine was killed with the rest

@@ -1,12 +1,18 @@
-"""Preemption of a real run: SIGTERM to the driver of a dedicated Ray run (a vLLM engine actor and
-a DeepSpeed rank, async_steps=1) finishes the step, writes a checkpoint at the step reached, stops
-every process of the run and exits 143; `--resume_from_checkpoint auto` then ends with the weights
-of the uninterrupted run."""
+"""Stops of a real run on the command line (a dedicated Ray run: a vLLM engine actor and a
+DeepSpeed rank, async_steps=1, its own Ray cluster):
+- SIGTERM to the driver finishes the step, writes a checkpoint at the step reached, stops every
+  process of the run and exits 143; `--resume_from_checkpoint auto` then ends with the weights of
+  the uninterrupted run;
+- SIGKILL of the learner rank stops the run within ray_timeout_s + 30 s, naming the rank, with
+  nothing left running; `--resume_from_checkpoint true` continues from the last checkpoint to the
+  uninterrupted weights;
+- SIGKILL of the driver: the watchdog removes every process of the run's cluster."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,21 +65,47 @@ def logged_steps(out: Path) -> list[int]:
     return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-def test_sigterm_checkpoints_stops_everything_and_resumes_exactly(model_path, tmp_path):
-    prompts = toy.write_prompts(tmp_path / "prompts.jsonl", n=24)
+def wait_for_step(driver, out: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while max(logged_steps(out), default=0) < step and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert driver.poll() is None, "the run ended before the fault"
+
+
+def wait_until_gone(ray_tmp: str, within_s: float) -> list[str]:
+    deadline = time.time() + within_s
+    while processes_of(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    return processes_of(ray_tmp)
+
+
+def same_weights(a_dir: Path, b_dir: Path) -> float:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert set(a) == set(b)
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+@pytest.fixture(scope="module")
+def full_run(model_path, tmp_path_factory):
+    """The uninterrupted run (14 steps) every stopped run is compared with."""
+    base = tmp_path_factory.mktemp("stops")
+    prompts = toy.write_prompts(base / "prompts.jsonl", n=24)
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+    full = subprocess.run(command(model_path, prompts, base / "full"), env=run_env(ray_tmp), capture_output=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return prompts, base / "full"
+
+
+def test_sigterm_checkpoints_stops_everything_and_resumes_exactly(model_path, tmp_path, full_run):
+    prompts, full = full_run
     ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
     env = run_env(ray_tmp)
-
-    full = subprocess.run(command(model_path, prompts, tmp_path / "full"), env=env, capture_output=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "preempted"
     driver = subprocess.Popen(command(model_path, prompts, out), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while max(logged_steps(out), default=0) < 3 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.2)
-    assert driver.poll() is None, "the run ended before it could be preempted"
+    wait_for_step(driver, out, 3)
     driver.send_signal(signal.SIGTERM)
     sent = time.time()
     _, stderr = driver.communicate(timeout=120)
@@ -92,7 +124,49 @@ def test_sigterm_checkpoints_stops_everything_and_resumes_exactly(model_path, tm
                              capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged_steps(out)[-1] == 14
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert set(a) == set(b)
-    assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
-    assert not torch.equal(a["model.norm.weight"], load_file(Path(model_path) / "model.safetensors")["model.norm.weight"])
+    assert same_weights(full, out) < 1e-5
+    trained = load_file(out / "model.safetensors")["model.norm.weight"]
+    assert not torch.equal(trained, load_file(Path(model_path) / "model.safetensors")["model.norm.weight"])
+
+
+def test_killed_learner_rank_stops_the_run_naming_it_and_resume_continues(model_path, tmp_path, full_run):
+    prompts, full = full_run
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+    env, out = run_env(ray_tmp), tmp_path / "rank_lost"
+    saving = ("--save_strategy", "steps", "--save_steps", "3")
+    driver = subprocess.Popen(command(model_path, prompts, out, *saving), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    wait_for_step(driver, out, 5)
+    ranks = [pid for pid in processes_of(ray_tmp)
+             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::LearnerWorker")]
+    assert len(ranks) == 1
+    os.kill(int(ranks[0]), signal.SIGKILL)
+    killed = time.time()
+    _, stderr = driver.communicate(timeout=300)
+    stopped_after = time.time() - killed
+    stderr = stderr.decode(errors="replace")
+    assert driver.returncode == 1, stderr[-3000:]
+    assert stopped_after < 120 + 30  # ray_timeout_s + 30
+    assert "learner group: learner-rank0 died during" in stderr
+    assert wait_until_gone(ray_tmp, 10) == [], "processes of the stopped run are still alive"
+    complete = [int(p.name.split("-")[1]) for p in out.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name)]
+    assert complete and max(complete) >= 3  # (a save the kill interrupted is left as checkpoint-N.incomplete)
+
+    resumed = subprocess.run(command(model_path, prompts, out, *saving, "--resume_from_checkpoint", "true"),
+                             env=env, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_steps(out)[-1] == 14
+    assert same_weights(full, out) < 1e-5
+
+
+def test_killed_driver_leaves_no_process_of_its_cluster(model_path, tmp_path, full_run):
+    prompts, _ = full_run
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+    out = tmp_path / "driver_lost"
+    driver = subprocess.Popen(command(model_path, prompts, out), env=run_env(ray_tmp), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_for_step(driver, out, 3)
+    driver.kill()
+    driver.wait()
+    # Ray's own agents lingered 45-90 s after their GCS died; the watchdog kills them at once
+    assert wait_until_gone(ray_tmp, 15) == [], "processes of the killed driver's cluster are still alive"
