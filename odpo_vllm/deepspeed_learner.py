@@ -168,10 +168,17 @@ def _full_numel(param) -> int:
 
 
 class _EngineWeights:
-    """The `WeightSource` of a DeepSpeed rank: metadata without gathering, gathered iteration."""
+    """The `WeightSource` of a DeepSpeed rank: metadata without gathering, gathered iteration.
+
+    With `keep`, rank 0 keeps in host memory what it last sent (the published version), and with
+    `replay` it sends that again instead of the live weights: a replacement engine must sample
+    the batch it inherits with the version that batch was scheduled for, even when the learners
+    have taken a step since (async_steps >= 1)."""
 
     def __init__(self, learner: DeepSpeedLearner, bucket_bytes: int):
         self.learner, self.bucket_bytes = learner, bucket_bytes
+        self.keep, self.replay = False, False
+        self.kept: list[tuple[str, torch.Tensor]] | None = None
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -179,7 +186,23 @@ class _EngineWeights:
         return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
 
     def __iter__(self):
-        return self.learner.named_weights(self.bucket_bytes)
+        if not self.replay:
+            return self._live()
+        if self.learner.rank != 0:  # nothing to gather: rank 0 replays alone
+            return iter(())
+        if self.kept is None:
+            raise RuntimeError("weight source: no published weights were kept to replay")
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return ((name, tensor.to(device)) for name, tensor in self.kept)
+
+    def _live(self):
+        # filled as the tensors go out (a sender stops asking after the last one, so nothing
+        # after this loop would run); a send that fails halfway fails the run anyway
+        kept = self.kept = [] if self.keep and self.learner.rank == 0 else None
+        for name, tensor in self.learner.named_weights(self.bucket_bytes):
+            if kept is not None:
+                kept.append((name, tensor.to("cpu")))  # named_weights yields copies: no second copy on CPU
+            yield name, tensor
 
 
 class WeightSender:
@@ -187,7 +210,9 @@ class WeightSender:
     trainer-side engine of the chosen backend over this rank's `named_weights`. Rank 0 sends and
     drives the engines; the other ranks take part in the ZeRO-3 gathers."""
 
-    def __init__(self, learner: DeepSpeedLearner, engines: list, info: dict):
+    def __init__(self, learner: DeepSpeedLearner, engines: list, info: dict, source: _EngineWeights | None = None):
+        """`source`: the rank's weight source, kept by the caller across transports (it holds the
+        published weights when asked to keep them); a fresh one by default."""
         from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
 
         from .transport_vllm import open_trainer_transport
@@ -195,12 +220,14 @@ class WeightSender:
         info = dict(info)
         self.backend, self.info = info.pop("backend"), info
         self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.source = source or _EngineWeights(learner, info["bucket_bytes"])
+        self.source.bucket_bytes = info["bucket_bytes"]
         self.engine = open_trainer_transport(
-            self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)),
-            source=_EngineWeights(learner, info["bucket_bytes"]))
+            self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)), source=self.source)
         self.bytes = sum(m.nbytes for m in learner.weights_meta())
 
-    def send(self) -> dict[str, float]:
+    def send(self, replay: bool = False) -> dict[str, float]:
+        """Send the live weights, or (`replay`) the published ones the source kept."""
         import time
 
         from .transport import call_with_timeout
@@ -211,8 +238,12 @@ class WeightSender:
             self.engine.send_weights()
 
         start = time.perf_counter()
-        call_with_timeout(send, self.info["timeout_s"],
-                          f"{self.info['engine_name']} did not finish the {self.backend} weight update")
+        self.source.replay = replay
+        try:
+            call_with_timeout(send, self.info["timeout_s"],
+                              f"{self.info['engine_name']} did not finish the {self.backend} weight update")
+        finally:
+            self.source.replay = False
         return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
 
     def close(self) -> None:

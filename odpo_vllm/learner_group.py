@@ -32,7 +32,7 @@ class LearnerWorker:
 
         policy, reference = prepare_policy_and_reference(model_path, None, peft_config, args)
         self.learner = DeepSpeedLearner(policy, reference, args, pad_token_id, num_training_steps, zero_stage)
-        self.sender = None
+        self.sender, self.weights = None, None
 
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
         return self.learner.step(batch, beta)
@@ -45,15 +45,23 @@ class LearnerWorker:
 
     # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
     def open_weight_transport(self, engines: list, info: dict) -> None:
-        from .deepspeed_learner import WeightSender
+        """`info["keep_published"]`: rank 0 keeps each version it sends in host memory, so that
+        `send_weights(published=True)` can give it to a replacement engine later."""
+        from .deepspeed_learner import WeightSender, _EngineWeights
 
         self.close_weight_transport()
-        self.sender = WeightSender(self.learner, engines, info)
+        info = dict(info)
+        if self.weights is None:  # one source for every transport: it holds the kept version
+            self.weights = _EngineWeights(self.learner, info["bucket_bytes"])
+        self.weights.keep = info.pop("keep_published", False)
+        self.sender = WeightSender(self.learner, engines, info, self.weights)
 
-    def send_weights(self) -> dict[str, float]:
+    def send_weights(self, published: bool = False) -> dict[str, float]:
+        """The live weights to the engines of the open transport, or (`published`) the version
+        sent last by a live send."""
         if self.sender is None:
             raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
-        return self.sender.send()
+        return self.sender.send(replay=published)
 
     def close_weight_transport(self) -> None:
         if self.sender is not None:
@@ -194,15 +202,23 @@ class LearnerGroup:
 
     # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
     def open_weight_transport(self, engines: list, info: dict) -> None:
-        from .deepspeed_learner import WeightSender
+        """`info["keep_published"]`: rank 0 keeps each version it sends in host memory, so that
+        `send_weights(published=True)` can give it to a replacement engine later."""
+        from .deepspeed_learner import WeightSender, _EngineWeights
 
         self.close_weight_transport()
-        self.sender = WeightSender(self.learner, engines, info)
+        info = dict(info)
+        if self.weights is None:  # one source for every transport: it holds the kept version
+            self.weights = _EngineWeights(self.learner, info["bucket_bytes"])
+        self.weights.keep = info.pop("keep_published", False)
+        self.sender = WeightSender(self.learner, engines, info, self.weights)
 
-    def send_weights(self) -> dict[str, float]:
+    def send_weights(self, published: bool = False) -> dict[str, float]:
+        """The live weights to the engines of the open transport, or (`published`) the version
+        sent last by a live send."""
         if self.sender is None:
             raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
-        return self.sender.send()
+        return self.sender.send(replay=published)
 
     def close_weight_transport(self) -> None:
         if self.sender is not None:

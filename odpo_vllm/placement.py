@@ -187,7 +187,8 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         roles.publisher = RayWeightPublisher(
             roles.learner, engines, transport, spec.probe_ids, args.vllm_sync_tolerance, _engine_dtype(args),
             args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.wait_idle,
-            start_engine=start_engine, max_restarts=args.ray_max_engine_restarts, faults=roles.faults)
+            start_engine=start_engine, max_restarts=args.ray_max_engine_restarts, faults=roles.faults,
+            keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
         roles.generator.replace_engine = roles.publisher.replace_engine
         roles.recover = roles.generator.recover
     except BaseException:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .remote_generator import engine_lost
 from .roles import wait_for
 from .weights import LearnerWeights
 
@@ -71,13 +72,15 @@ class RayWeightPublisher:
     def __init__(self, learner_group, engines: dict, backend: str, probe_ids: list[int] | None,
                  tolerance: float | None, dtype: torch.dtype, timeout_s: float, workers_per_engine: int = 1,
                  bucket_bytes: int = 256 << 20, before_update=None, start_engine=None, max_restarts: int = 0,
-                 faults: dict | None = None):
+                 faults: dict | None = None, keep_published: bool = False):
         """`engines`: name -> actor handle, shared with the generator that samples from them (this
         publisher is the one that changes it). `before_update()`: called before each push, so an
         engine finishes the batch it is sampling with the previous version first.
         `start_engine(name, index, attempt)`: a new engine actor in the place of `name` (the
         placement's); `max_restarts`: replacements allowed per engine; `faults`: where the
-        restart count and the seconds they cost are kept (the run logs them)."""
+        restart count and the seconds they cost are kept (the run logs them). `keep_published`:
+        batches can be in flight while the learners step (async_steps >= 1), so rank 0 keeps the
+        published version in host memory for a replacement engine (see `replace_engine`)."""
         import ray
 
         self.ray, self.learner, self.engines = ray, learner_group, engines
@@ -86,10 +89,12 @@ class RayWeightPublisher:
         self.workers_per_engine, self.bucket_bytes = workers_per_engine, bucket_bytes
         self.before_update = before_update
         self.start_engine, self.max_restarts = start_engine, max_restarts
+        self.keep_published = keep_published
         self.faults = faults if faults is not None else {}
         self.restarts: dict[str, int] = {}
         self.positions = {name: index for index, name in enumerate(engines)}
         self.version = -1
+        self.published_probe: torch.Tensor | None = None  # the learner's probe logprobs at `version`
         self.transport: list[str] | None = None  # the engines of the open transport
 
     def _get(self, refs: list, names: list[str], call: str) -> list:
@@ -105,7 +110,7 @@ class RayWeightPublisher:
         info = {"backend": self.backend, "master_address": self.learner.master_addr,
                 "master_port": self.learner.free_port_on_rank0(),
                 "world_size": 1 + len(names) * self.workers_per_engine, "bucket_bytes": self.bucket_bytes,
-                "timeout_s": self.timeout_s, "engine_name": ", ".join(names)}
+                "timeout_s": self.timeout_s, "engine_name": ", ".join(names), "keep_published": self.keep_published}
         self.learner.call("open_weight_transport", [self.engines[n] for n in names], info)
         self.transport = names
 
@@ -119,11 +124,13 @@ class RayWeightPublisher:
                       "shutdown_weight_transfer_engine")
 
     # ---------------------------------------------------------------- publishing
-    def _probe(self, names: list[str], version: int) -> float:
-        """The largest logprob gap between the learner and the engines `names` on the probe."""
+    def _probe(self, names: list[str], version: int, learned: torch.Tensor | None = None) -> float:
+        """The largest logprob gap between the learner (or `learned`: its logprobs at an earlier
+        version) and the engines `names` on the probe."""
         served = self._get([self.engines[n].sequence_logprobs.remote(self.probe_ids) for n in names], names,
                            "sequence_logprobs")
-        learned = self.learner.sequence_logprobs(self.probe_ids)
+        if learned is None:
+            learned = self.published_probe = self.learner.sequence_logprobs(self.probe_ids)
         return max(probe_gap(s, learned, self.tolerance, n, version) for s, n in zip(served, names))
 
     def publish(self, version: int) -> dict[str, float]:
@@ -143,40 +150,54 @@ class RayWeightPublisher:
     # ---------------------------------------------------------------- faults
     def replace_engine(self, name: str, reason: str):
         """A new engine in the place of `name` (dead or stuck: `reason`), serving the current
-        version before anything can be sampled from it; its handle. Past `max_restarts` for this
-        engine: an error naming it and how often it failed."""
+        version before anything can be sampled from it; its handle. A replacement that fails to
+        start counts as another failure. Past `max_restarts` for this engine: an error naming it
+        and how often it failed."""
         start = time.perf_counter()
-        failures = self.restarts.get(name, 0) + 1
-        self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
-        if self.transport is not None and name in self.transport:
-            self.close_transport(engines_alive=False)
-        if failures > self.max_restarts:
-            raise RuntimeError(
-                f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
-                f"{self.max_restarts}; the run stops (resume from the last checkpoint with "
-                "--resume_from_checkpoint true)")
-        logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
-                       self.max_restarts)
-        self.restarts[name] = failures
-        engine = self.start_engine(name, self.positions[name], failures)
-        self.engines[name] = engine  # same name, same place: same prompts and seeds
-        self._get([engine.ping.remote()], [name], "ping")  # vLLM is up
-        # An engine that has not been synced serves nothing: send it the current version alone
-        # (the other engines keep sampling), then prove it with the probe.
-        self.open_transport([name])
-        self.learner.call("send_weights")
-        self.close_transport()
-        self._get([engine.set_policy_version.remote(self.version)], [name], "set_policy_version")
-        if self.probe_ids is not None:
-            gap = self._probe([name], self.version)
-            if gap > self.tolerance:
-                raise RuntimeError(f"{name}: the replacement engine does not serve the learner's weights "
-                                   f"(logprob gap {gap:.3g} > {self.tolerance:.3g}); the run stops")
+        while True:
+            failures = self.restarts.get(name, 0) + 1
+            self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
+            if self.transport is not None and name in self.transport:
+                self.close_transport(engines_alive=False)
+            if failures > self.max_restarts:
+                raise RuntimeError(
+                    f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
+                    f"{self.max_restarts}; the run stops (resume from the last checkpoint with "
+                    "--resume_from_checkpoint true)")
+            logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
+                           self.max_restarts)
+            self.restarts[name] = failures
+            self.engines[name] = self.start_engine(name, self.positions[name], failures)  # same place, same seeds
+            try:
+                self._sync_replacement(name)
+                break
+            except Exception as err:
+                if not (engine_lost(err) or isinstance(err, TimeoutError)):
+                    raise
+                reason = f"(its replacement) failed to start: {type(err).__name__}: {str(err)[:200]}"
         lost = time.perf_counter() - start
         self.faults["faults/engine_restarts"] = float(sum(self.restarts.values()))
         self.faults["faults/seconds_lost"] = self.faults.get("faults/seconds_lost", 0.0) + lost
         logger.warning("%s replaced in %.1fs; it serves policy version %d", name, lost, self.version)
-        return engine
+        return self.engines[name]
+
+    def _sync_replacement(self, name: str) -> None:
+        """An engine that has not been synced serves nothing: send it the published version alone
+        (the other engines keep sampling), then prove it with the probe. The batches it inherits
+        were scheduled for that version; with async_steps >= 1 the learners may have stepped past
+        it already, so rank 0 sends the copy it kept. (Otherwise nothing is in flight while the
+        learners step: the live weights are the published ones whenever a batch is inherited.)"""
+        engine = self.engines[name]
+        self._get([engine.ping.remote()], [name], "ping")  # vLLM is up
+        self.open_transport([name])
+        self.learner.call("send_weights", self.keep_published)
+        self.close_transport()
+        self._get([engine.set_policy_version.remote(self.version)], [name], "set_policy_version")
+        if self.probe_ids is not None:  # against the learner's logprobs at the published version
+            gap = self._probe([name], self.version, self.published_probe)
+            if gap > self.tolerance:
+                raise RuntimeError(f"{name}: the replacement engine does not serve the learner's weights "
+                                   f"(logprob gap {gap:.3g} > {self.tolerance:.3g}); the run stops")
 
     def close(self) -> None:
         try:

@@ -72,6 +72,23 @@ def kill_engine_while_learning(trainer, name: str, step: int) -> list[int]:
     return killed
 
 
+def kill_engine_with_batch_in_flight(trainer, name: str, step: int) -> list[int]:
+    """Kills an engine right after the batch of `step` is submitted to it: with async_steps >= 1
+    the learners then take a step while that batch is lost, and its replacement must still sample
+    it with the version it was scheduled for."""
+    killed, submit, submitted = [], trainer.generator.submit, []
+
+    def submitting(*args, **kwargs):
+        handle = submit(*args, **kwargs)
+        submitted.append(1)
+        if len(submitted) == step + 1 and not killed:
+            killed.append(kill_engine(trainer, name))
+        return handle
+
+    trainer.generator.submit = submitting
+    return killed
+
+
 def run(model_path, args, fault=None):
     """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
     at the end."""
@@ -87,8 +104,8 @@ def run(model_path, args, fault=None):
     return weights, rows, killed, pids
 
 
-@pytest.mark.parametrize("engines,async_steps,when", [(1, 0, "sampling"), (2, 0, "idle"), (2, 1, "sampling")],
-                         ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async"])
+@pytest.mark.parametrize("engines,async_steps,when", [(1, 0, "sampling"), (2, 0, "idle"), (2, 1, "in flight")],
+                         ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async-in-flight"])
 def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_cluster, model_path, tmp_path, engines,
                                                                           async_steps, when):
     common = dict(ray_num_engines=engines, async_steps=async_steps)
@@ -98,6 +115,8 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     def fault(trainer):
         if when == "idle":
             return kill_engine_while_learning(trainer, victim, step=3)
+        if when == "in flight":
+            return kill_engine_with_batch_in_flight(trainer, victim, step=5)
         callback = KillEngineAfterStep(trainer, victim, step=3)
         trainer.add_callback(callback)
         return callback.killed
