@@ -148,11 +148,12 @@ class RayWeightPublisher:
         return metrics
 
     # ---------------------------------------------------------------- faults
-    def replace_engine(self, name: str, reason: str):
-        """A new engine in the place of `name` (dead or stuck: `reason`), serving the current
-        version before anything can be sampled from it; its handle. A replacement that fails to
-        start counts as another failure. Past `max_restarts` for this engine: an error naming it
-        and how often it failed."""
+    def replace_engine(self, name: str, reason: str, sync: bool = True):
+        """A new engine in the place of `name` (dead or stuck: `reason`), serving the published
+        version before anything can be sampled from it; its handle. `sync=False`: a weight push
+        follows at once (nothing waits for this engine before it), which gives it the weights.
+        A replacement that fails to start counts as another failure. Past `max_restarts` for this
+        engine: an error naming it and how often it failed."""
         start = time.perf_counter()
         while True:
             failures = self.restarts.get(name, 0) + 1
@@ -169,7 +170,10 @@ class RayWeightPublisher:
             self.restarts[name] = failures
             self.engines[name] = self.start_engine(name, self.positions[name], failures)  # same place, same seeds
             try:
-                self._sync_replacement(name)
+                if sync:
+                    self._sync_replacement(name)
+                else:
+                    self._get([self.engines[name].ping.remote()], [name], "ping")  # vLLM is up
                 break
             except Exception as err:
                 if not (engine_lost(err) or isinstance(err, TimeoutError)):
@@ -178,7 +182,8 @@ class RayWeightPublisher:
         lost = time.perf_counter() - start
         self.faults["faults/engine_restarts"] = float(sum(self.restarts.values()))
         self.faults["faults/seconds_lost"] = self.faults.get("faults/seconds_lost", 0.0) + lost
-        logger.warning("%s replaced in %.1fs; it serves policy version %d", name, lost, self.version)
+        logger.warning("%s replaced in %.1fs%s", name, lost,
+                       f"; it serves policy version {self.version}" if sync else "")
         return self.engines[name]
 
     def _sync_replacement(self, name: str) -> None:

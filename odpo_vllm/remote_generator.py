@@ -37,7 +37,9 @@ def engine_lost(err: BaseException) -> bool:
 
     if isinstance(err, ray.exceptions.RayActorError):
         return True
-    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
+    if isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err):
+        return True
+    return err.__cause__ is not None and engine_lost(err.__cause__)  # wrapped by `roles.wait_for`
 
 
 @dataclass
@@ -92,9 +94,9 @@ class RemoteGenerator:
     """Engine actors used as one generator: prompts split across engines, completions merged back
     into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
     replaces engines in it; this class samples from them and notices when one is gone.
-    `replace_engine(name, reason) -> handle`: set by the placement (the publisher's)."""
+    `replace_engine(name, reason, sync=True) -> handle`: set by the placement (the publisher's)."""
 
-    def __init__(self, engines: dict, timeout_s: float, replace_engine: Callable[[str, str], Any] | None = None):
+    def __init__(self, engines: dict, timeout_s: float, replace_engine: Callable[..., Any] | None = None):
         import ray
 
         self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
@@ -205,7 +207,8 @@ class RemoteGenerator:
                         part.submitted, part.lost = time.monotonic(), None
 
     def check_alive(self) -> None:
-        """(Main thread, engines idle.) Replace any engine that died while it had nothing to do."""
+        """(Main thread, engines idle, right before a weight push.) Replace any engine that died
+        while it had nothing to do."""
         names = list(self.engines)
         refs = [self.engines[name].ping.remote() for name in names]
         _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
@@ -221,7 +224,8 @@ class RemoteGenerator:
             if reason is not None:
                 if self.replace_engine is None:
                     raise RuntimeError(f"generator: {name} {reason}")
-                self.replace_engine(name, reason)
+                # no batch waits for it: the weight push that follows gives it the new version
+                self.replace_engine(name, reason, sync=False)
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -66,15 +66,21 @@ class WeightPublisher(Protocol):
 
 
 def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str) -> list:
-    """The results of Ray calls `refs` (made to the actors `names`, in order), or a TimeoutError
-    that names the actors which did not answer `call` within `timeout_s`."""
+    """The results of Ray calls `refs` (made to the actors `names`, in order), or an error that
+    names the actors which did not answer `call` within `timeout_s` (TimeoutError) or died."""
     import ray
 
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         late = [names[refs.index(ref)] for ref in pending]
         raise TimeoutError(f"{who}: {', '.join(late)} did not answer {call}() within {timeout_s:.0f}s")
-    return ray.get(refs)
+    results = []
+    for name, ref in zip(names, refs):
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayActorError as err:
+            raise RuntimeError(f"{who}: {name} died during {call}() ({type(err).__name__})") from err
+    return results
 
 
 class Done:

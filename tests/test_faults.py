@@ -146,3 +146,32 @@ def test_stuck_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluste
                                            r"times, more than ray_max_engine_restarts=0"):
         run(model_path, args, fault)
     assert ray_cluster.util.list_named_actors() == []  # the stopped engine was killed with the rest
+
+
+def test_dead_rank_is_named_while_the_others_wait_for_it(ray_cluster):
+    """Two ranks in a step: rank 0 blocks (as in a collective waiting for its peer) and rank 1's
+    process is SIGKILLed; the group reports rank 1 by name at once, not rank 0 after the timeout."""
+    import time
+
+    from odpo_vllm.learner_group import LearnerGroup
+
+    @ray_cluster.remote(num_cpus=0.1)
+    class Rank:
+        def pid(self):
+            return os.getpid()
+
+        def step(self):
+            time.sleep(300)
+
+    ranks = [Rank.remote(), Rank.remote()]
+    group = LearnerGroup.__new__(LearnerGroup)  # only the waiting logic, no DeepSpeed
+    group.ray, group.timeout_s, group.names, group.workers = ray_cluster, 120, ["learner-rank0", "learner-rank1"], []
+    pids = ray_cluster.get([rank.pid.remote() for rank in ranks])  # (before the steps: calls run in order)
+    refs = [rank.step.remote() for rank in ranks]
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"learner group: learner-rank1 died during step\(\)"):
+        group._gather(refs, "step")
+    assert time.time() - start < 30
+    for rank in ranks:
+        ray_cluster.kill(rank)

@@ -84,12 +84,13 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
     assert moved > 1e-4  # the step did change the weights
 
 
-def test_publisher_pushes_zero3_buckets_and_detaches_and_reattaches_engines(ray_cluster, model_path, tokenizer,
-                                                                           tmp_path):
+def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_published_version(ray_cluster, model_path,
+                                                                                          tokenizer, tmp_path):
     """Learner ranks (ZeRO-3) -> two vLLM engine actors over odpo_gloo in size-capped buckets,
-    driven by the weight publisher: both serve the trained weights; a detached engine keeps the
-    old version while the other follows; attached again, it gets the current weights (the
-    transport reopened on a fresh port with both)."""
+    driven by the weight publisher: both serve the trained weights. After one more learner step
+    (not published yet) engine-1 is replaced: the new engine gets the *published* version, which
+    rank 0 kept (keep_published), not the live weights; the next push reaches both engines
+    (transport reopened on a fresh port). Past ray_max_engine_restarts the replacement is refused."""
     from transformers import AutoConfig
 
     from odpo_vllm.publisher import RayWeightPublisher
@@ -100,44 +101,51 @@ def test_publisher_pushes_zero3_buckets_and_detaches_and_reattaches_engines(ray_
                      gradient_accumulation_steps=2, gradient_checkpointing=False, use_vllm=True)
     probe = tokenizer("Review the film: it was")["input_ids"] * 2
     Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
-    engines = {
-        f"engine-{i}": Engine.options(name=f"engine-{i}").remote(
+
+    def start_engine(name, index, attempt=0):
+        return Engine.options(name=f"{name}-{attempt}").remote(
             AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
-            probe_ids=probe, name=f"engine-{i}", weight_transfer_backend="odpo_gloo", engine_index=i)
-        for i in range(2)
-    }
-    handles = dict(engines)
+            probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index)
+
+    engines = {f"engine-{i}": start_engine(f"engine-{i}", i) for i in range(2)}
     group = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps=4, num_ranks=2,
                          zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher")
+    faults = {}
     publisher = RayWeightPublisher(group, engines, "odpo_gloo", probe, None, torch.float32, timeout_s=300,
-                                   bucket_bytes=64 << 10)
+                                   bucket_bytes=64 << 10, start_engine=start_engine, max_restarts=1, faults=faults,
+                                   keep_published=True)
 
-    def gaps():
-        learner_logprobs = group.sequence_logprobs(probe)
-        served = ray.get([h.sequence_logprobs.remote(probe) for h in handles.values()], timeout=300)
-        return [(s - learner_logprobs).abs().max().item() for s in served]
+    def gaps(learned):
+        served = ray.get([h.sequence_logprobs.remote(probe) for h in engines.values()], timeout=300)
+        return [(s - learned).abs().max().item() for s in served]
 
     def versions():
-        return ray.get([h.__ray_call__.remote(lambda engine: engine.policy_version) for h in handles.values()])
+        return ray.get([h.ping.remote() for h in engines.values()])
 
     try:
         group.step(pairs(tokenizer), beta=0.1)
         stats = publisher.publish(1)
-        first_gaps, first_versions = gaps(), versions()
-        publisher.detach("engine-1")
-        group.step(pairs(tokenizer), beta=0.1)
-        detached = publisher.publish(2)
-        detached_gaps, detached_versions = gaps(), versions()
-        publisher.attach("engine-1", handles["engine-1"])
-        publisher.publish(2)
-        attached_gaps, attached_versions = gaps(), versions()
+        published = group.sequence_logprobs(probe)
+        first_gaps, first_versions = gaps(published), versions()
+        group.step(pairs(tokenizer), beta=0.1)  # the learners move on; version 1 is still served
+        old = engines["engine-1"]
+        publisher.replace_engine("engine-1", "was replaced by the test")
+        replaced = engines["engine-1"]
+        replaced_gaps, replaced_versions = gaps(published), versions()
+        live_gap = gaps(group.sequence_logprobs(probe))[1]
+        pushed = publisher.publish(2)
+        pushed_gaps, pushed_versions = gaps(group.sequence_logprobs(probe)), versions()
+        with pytest.raises(RuntimeError, match="engine-1 stuck: it failed 2 times, more than "
+                                               "ray_max_engine_restarts=1"):
+            publisher.replace_engine("engine-1", "stuck")
     finally:
         publisher.close()
         group.close()
-        for engine in handles.values():
+        for engine in engines.values():
             ray.kill(engine)
     assert stats["sync/bytes"] > 64 << 10  # more than one bucket
     assert stats["sync/logprob_gap"] < 1e-4 and max(first_gaps) < 1e-4 and first_versions == [1, 1]
-    assert detached["sync/logprob_gap"] < 1e-4 and detached_gaps[0] < 1e-4
-    assert detached_gaps[1] > 1e-3 and detached_versions == [2, 1]  # stale while detached
-    assert max(attached_gaps) < 1e-4 and attached_versions == [2, 2]
+    assert replaced is not old and replaced_versions == [1, 1]
+    assert max(replaced_gaps) < 1e-4 and live_gap > 1e-3  # the published version, not the live weights
+    assert faults["faults/engine_restarts"] == 1 and faults["faults/seconds_lost"] > 0
+    assert pushed["sync/logprob_gap"] < 1e-4 and max(pushed_gaps) < 1e-4 and pushed_versions == [2, 2]
