@@ -3,7 +3,7 @@
     python benchmarks/bench_faults.py [--out benchmarks/results/faults_cpu.md] [--steps 16]
 
 Rows (each a fresh `python -m odpo_vllm.train` on the dedicated placement, its own Ray cluster,
-1 learner rank + `engines` vLLM engines at 0.5 CPU each, async_steps=1, 16 prompts x 2 x 8 tokens):
+1 learner rank + `engines` vLLM engines at 0.5 CPU each, async_steps=1, 8 prompts x 2 x 8 tokens a step):
 - engine SIGKILL at step 5: `faults/seconds_lost` (replacing it: start, sync, probe), the run's
   extra wall-clock time against the same run without the fault (detection and the lost batch's
   resampling included), and whether the final weights equal the clean run's;
@@ -116,14 +116,18 @@ def main() -> None:
         table.append((f"engine SIGKILL at step 5, {engines} engine(s)",
                       f"faults/seconds_lost {last['faults/seconds_lost']:.1f} s; run {runtime(faulty):.1f} s vs "
                       f"{runtime(clean):.1f} s clean (+{runtime(faulty) - runtime(clean):.1f} s); "
-                      f"restarts {last['faults/engine_restarts']:.0f}; final weights vs clean: max |diff| "
+                      f"restarts {last['faults/engine_restarts']:.0f}; final weights vs clean: max abs difference "
                       f"{max_weight_diff(clean, faulty):.1e}"))
         print(table[-1], flush=True)
 
-    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
-    out = tmp / "rank"
-    driver = start(model, prompts, out, cli.steps, 1, ray_tmp)
-    wait_for_step(driver, out, 5)
+    def started_run(name: str):
+        """A run of its own cluster that has logged step 5: (driver, its Ray folder)."""
+        ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+        driver = start(model, prompts, tmp / name, cli.steps, 1, ray_tmp)
+        wait_for_step(driver, tmp / name, 5)
+        return driver, ray_tmp
+
+    driver, ray_tmp = started_run("rank")
     os.kill(pid_of(ray_tmp, b"ray::LearnerWorker"), signal.SIGKILL)
     killed = time.time()
     status = driver.wait()
@@ -137,10 +141,7 @@ def main() -> None:
                   f"no process left {time.time() - killed:.1f} s after the kill"))
     print(table[-1], flush=True)
 
-    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
-    out = tmp / "driver"
-    driver = start(model, prompts, out, cli.steps, 1, ray_tmp)
-    wait_for_step(driver, out, 5)
+    driver, ray_tmp = started_run("driver")
     driver.kill()
     killed = time.time()
     driver.wait()
@@ -152,7 +153,7 @@ def main() -> None:
     print(table[-1], flush=True)
 
     lines = ["# Faults on the dedicated placement (CPU, 2 cores)", "",
-             f"`python benchmarks/bench_faults.py` ({cli.steps} steps, async_steps=1, 16 prompts x 2 x 8 tokens, "
+             f"`python benchmarks/bench_faults.py` ({cli.steps} steps, async_steps=1, 8 prompts x 2 x 8 tokens a step, "
              "the demo's tiny model, ray_cpus_per_actor=0.5).", "", "| fault | what it cost |", "|---|---|"]
     lines += [f"| {fault} | {cost} |" for fault, cost in table]
     Path(cli.out).write_text("\n".join(lines) + "\n")

@@ -18,17 +18,6 @@ from conftest import make_args
 pytestmark = [pytest.mark.timeout(1200), pytest.mark.ray, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-    yield ray
-    ray.shutdown()
-
-
 def settings(tmp_path, name, **overrides):
     base = dict(use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
                 ray_timeout_s=120, max_steps=8, per_device_train_batch_size=4, max_new_tokens=8,

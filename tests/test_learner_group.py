@@ -4,7 +4,6 @@ sequences, and the ranks stay identical."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -23,18 +22,6 @@ def test_shard_is_contiguous_and_even():
     parts = shard(batch, 3)
     assert [len(p) for p in parts] == [3, 2, 2]
     assert [p.prompt_ids for p in parts] == [[[0], [1], [2]], [[3], [4]], [[5], [6]]]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY",) if k in os.environ}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
-             runtime_env={"env_vars": env})
-    yield ray
-    ray.shutdown()
 
 
 def pairs(tokenizer) -> PairBatch:

@@ -13,19 +13,6 @@ from conftest import StopAt, make_args, record_prompts
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-    yield ray
-    ray.shutdown()
-
-
 def settings(tmp_path, name, **overrides):
     base = dict(use_vllm=True, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 max_new_tokens=8, learning_rate=1e-2, gradient_checkpointing=False, output_dir=tmp_path / name)

@@ -3,7 +3,6 @@ over our `odpo_gloo` backend (vLLM's weight-transfer API, packed size-capped buc
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 
@@ -93,17 +92,6 @@ def test_rendezvous_timeout_names_the_engine():
 
 
 # ---------------------------------------------------------------------------------- across processes
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "PYTHONPATH") if k in os.environ}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
-             runtime_env={"env_vars": env})
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.ray
 @pytest.mark.vllm
