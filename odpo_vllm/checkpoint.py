@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -43,23 +44,29 @@ def save(trainer) -> str:
     trainer.state.save_to_json(os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, RUN_FILE), "w") as f:
         json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.publisher.version}, f)
-    if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
-        _remove(final)
+    old = _set_aside(final) if os.path.exists(final) else None  # the same step saved again (a resumed run)
     os.replace(directory, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _rotate(output_dir, trainer.args.save_total_limit)  # only after the new checkpoint is complete
     for name in os.listdir(output_dir):  # what killed saves and deletions left
-        if re.fullmatch(r"checkpoint-\d+\.(incomplete|deleting)", name):
+        if LEFTOVER.fullmatch(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return final
 
 
-def _remove(directory: str) -> None:
-    """Delete a checkpoint folder so that a kill halfway never leaves a partly deleted
-    `checkpoint-<step>`: it is renamed out of the pattern first (one atomic step)."""
+LEFTOVER = re.compile(r"checkpoint-\d+\.(incomplete|deleting(\.\d+)?)")
+
+
+def _set_aside(directory: str) -> str:
+    """Rename a checkpoint folder out of the `checkpoint-<step>` pattern (one atomic step), so
+    that a kill while it is deleted never leaves a partly deleted checkpoint; the new name."""
     doomed = f"{directory}.deleting"
     shutil.rmtree(doomed, ignore_errors=True)
+    if os.path.exists(doomed):  # could not be emptied (e.g. files held open on NFS): another name
+        doomed = f"{doomed}.{time.time_ns()}"
     os.replace(directory, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
 def required_files(trainer) -> tuple[str, ...]:
@@ -155,7 +162,7 @@ def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RU
         match = re.fullmatch(r"checkpoint-(\d+)", name)
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
-        elif re.fullmatch(r"checkpoint-\d+\.(incomplete|deleting)", name):
+        elif LEFTOVER.fullmatch(name):
             logger.warning("resume_from_checkpoint: skipping %s (a save or a deletion that was interrupted; it is "
                            "not a checkpoint)", os.path.join(output_dir, name))
     if not found:
@@ -179,4 +186,4 @@ def _rotate(output_dir: str, limit: int | None) -> None:
         if match:
             found.append((int(match.group(1)), name))
     for _, name in sorted(found)[:-limit]:
-        _remove(os.path.join(output_dir, name))
+        shutil.rmtree(_set_aside(os.path.join(output_dir, name)), ignore_errors=True)

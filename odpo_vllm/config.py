@@ -133,9 +133,11 @@ class OnlineDPOConfig(TrainingArguments):
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
     ray_max_engine_restarts: int = field(
         default=3,
-        metadata={"help": "Times each vLLM engine actor may be replaced after its process died or a call to it "
-                          "timed out (the replacement gets the current weights before it samples; the lost batch "
-                          "is sampled again with the same seeds). Past it the run stops."},
+        metadata={"help": "Times each vLLM engine actor may be replaced after its process died or its batch (or "
+                          "the ping before a weight push) went unanswered for ray_timeout_s. The replacement gets "
+                          "the published weights before it samples and the lost batch is sampled again with the "
+                          "same seeds. Past it the run stops. With async_steps >= 1, learner rank 0 keeps a copy "
+                          "of the published weights in host memory for this; 0 turns both off."},
     )
     weight_transport: str = field(
         default="auto",

@@ -170,15 +170,15 @@ def _full_numel(param) -> int:
 class _EngineWeights:
     """The `WeightSource` of a DeepSpeed rank: metadata without gathering, gathered iteration.
 
-    With `keep`, rank 0 keeps in host memory what it last sent (the published version), and with
-    `replay` it sends that again instead of the live weights: a replacement engine must sample
-    the batch it inherits with the version that batch was scheduled for, even when the learners
-    have taken a step since (async_steps >= 1)."""
+    With `keep_published`, rank 0 keeps in host memory the version it last sent live (the
+    published one), and with `send_published` it sends that copy instead of the live weights: a
+    replacement engine must sample the batch it inherits with the version that batch was
+    scheduled for, even when the learners have taken a step since (async_steps >= 1)."""
 
     def __init__(self, learner: DeepSpeedLearner, bucket_bytes: int):
         self.learner, self.bucket_bytes = learner, bucket_bytes
-        self.keep, self.replay = False, False
-        self.kept: list[tuple[str, torch.Tensor]] | None = None
+        self.keep_published, self.send_published = False, False
+        self.published: list[tuple[str, torch.Tensor]] | None = None
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -186,22 +186,25 @@ class _EngineWeights:
         return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
 
     def __iter__(self):
-        if not self.replay:
+        if not self.send_published:
             return self._live()
-        if self.learner.rank != 0:  # nothing to gather: rank 0 replays alone
+        if self.learner.rank != 0:  # nothing to gather: rank 0 sends its copy alone
             return iter(())
-        if self.kept is None:
-            raise RuntimeError("weight source: no published weights were kept to replay")
+        if self.published is None:
+            raise RuntimeError("weight source: no published version was kept")
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        return ((name, tensor.to(device)) for name, tensor in self.kept)
+        return ((name, tensor.to(device)) for name, tensor in self.published)
 
     def _live(self):
         # filled as the tensors go out (a sender stops asking after the last one, so nothing
         # after this loop would run); a send that fails halfway fails the run anyway
-        kept = self.kept = [] if self.keep and self.learner.rank == 0 else None
+        published = self.published = [] if self.keep_published and self.learner.rank == 0 else None
+        copies: dict[int, torch.Tensor] = {}  # tied weights come under several names: one copy
         for name, tensor in self.learner.named_weights(self.bucket_bytes):
-            if kept is not None:
-                kept.append((name, tensor.to("cpu")))  # named_weights yields copies: no second copy on CPU
+            if published is not None:
+                if id(tensor) not in copies:  # named_weights yields copies already: on CPU this copies nothing
+                    copies[id(tensor)] = tensor.to("cpu")
+                published.append((name, copies[id(tensor)]))
             yield name, tensor
 
 
@@ -226,8 +229,8 @@ class WeightSender:
             self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)), source=self.source)
         self.bytes = sum(m.nbytes for m in learner.weights_meta())
 
-    def send(self, replay: bool = False) -> dict[str, float]:
-        """Send the live weights, or (`replay`) the published ones the source kept."""
+    def send(self, published: bool = False) -> dict[str, float]:
+        """Send the live weights, or (`published`) the copy of the published version the source kept."""
         import time
 
         from .transport import call_with_timeout
@@ -238,12 +241,12 @@ class WeightSender:
             self.engine.send_weights()
 
         start = time.perf_counter()
-        self.source.replay = replay
+        self.source.send_published = published
         try:
             call_with_timeout(send, self.info["timeout_s"],
                               f"{self.info['engine_name']} did not finish the {self.backend} weight update")
         finally:
-            self.source.replay = False
+            self.source.send_published = False
         return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
 
     def close(self) -> None:

@@ -51,9 +51,9 @@ class LearnerWorker:
 
         self.close_weight_transport()
         info = dict(info)
-        if self.weights is None:  # one source for every transport: it holds the kept version
+        if self.weights is None:  # one source for every transport: it holds the published copy
             self.weights = _EngineWeights(self.learner, info["bucket_bytes"])
-        self.weights.keep = info.pop("keep_published", False)
+        self.weights.keep_published = info.pop("keep_published", False)
         self.sender = WeightSender(self.learner, engines, info, self.weights)
 
     def send_weights(self, published: bool = False) -> dict[str, float]:
@@ -61,7 +61,7 @@ class LearnerWorker:
         sent last by a live send."""
         if self.sender is None:
             raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
-        return self.sender.send(replay=published)
+        return self.sender.send(published=published)
 
     def close_weight_transport(self) -> None:
         if self.sender is not None:
@@ -184,12 +184,35 @@ class LearnerGroup:
             try:
                 self.ray.get(ready)
             except self.ray.exceptions.RayActorError as err:
-                # A rank holds a shard of the optimizer state and takes part in every collective:
-                # it cannot be replaced mid-run. Stop; the last checkpoint is the way back.
-                raise RuntimeError(
-                    f"learner group: {names[ready[0]]} died during {call}() ({type(err).__name__}); the run "
-                    "stops. Resume from the last checkpoint with --resume_from_checkpoint true") from err
+                raise self._rank_died(names[ready[0]], call, err) from err
+            except self.ray.exceptions.RayTaskError as err:
+                # a collective of a live rank often fails before Ray reports its dead peer
+                dead = self._dead_ranks()
+                if dead:
+                    raise self._rank_died(", ".join(dead), call, err) from err
+                raise
         return self.ray.get(refs)
+
+    @staticmethod
+    def _rank_died(name: str, call: str, err: BaseException) -> RuntimeError:
+        # A rank holds a shard of the optimizer state and takes part in every collective: it
+        # cannot be replaced mid-run. Stop; the last checkpoint is the way back.
+        return RuntimeError(f"learner group: {name} died during {call}() ({type(err).__name__}); the run stops. "
+                            "Resume from the last checkpoint with --resume_from_checkpoint true")
+
+    def _dead_ranks(self, wait_s: float = 10.0) -> list[str]:
+        """The ranks whose process is gone (Ray notices a dead process within a few seconds)."""
+        refs = [worker.pid.remote() for worker in self.workers]
+        self.ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        dead = []
+        for name, ref in zip(self.names, refs):
+            try:
+                self.ray.get(ref, timeout=0)
+            except self.ray.exceptions.RayActorError:
+                dead.append(name)
+            except Exception:  # busy or slow: not known to be dead
+                pass
+        return dead
 
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
         shards = shard(batch, len(self.workers))

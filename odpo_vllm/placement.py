@@ -101,7 +101,13 @@ def ensure_ray(args) -> list:
     # a local cluster owned by this process, even if `ray start` left one running here
     ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
              runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
-    return [Watchdog(cluster_roots()).close, ray.shutdown]  # closed in reverse order
+    closers = [ray.shutdown]
+    try:
+        closers.insert(0, Watchdog(cluster_roots()).close)  # closed in reverse order: after ray.shutdown
+    except Exception as err:  # the run works without it; only a SIGKILLed driver would leave processes
+        logger.warning("no watchdog for this run's Ray cluster (%s): if this process is killed, Ray's agents "
+                       "may outlive it for a minute", err)
+    return closers
 
 
 def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
@@ -186,7 +192,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         roles.generator = RemoteGenerator(engines, args.ray_timeout_s)
         roles.publisher = RayWeightPublisher(
             roles.learner, engines, transport, spec.probe_ids, args.vllm_sync_tolerance, _engine_dtype(args),
-            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.wait_idle,
+            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.prepare_for_push,
             start_engine=start_engine, max_restarts=args.ray_max_engine_restarts, faults=roles.faults,
             keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
         roles.generator.replace_engine = roles.publisher.replace_engine

@@ -10,7 +10,8 @@ engines to go idle), so the replacement samples each lost part with the version 
 and the run goes on as if nothing happened.
 
 Threads: parts are waited for in the pipeline's background thread (`RemoteRollouts.result`) and
-in the main thread (`wait_idle`, `recover`); only the main thread replaces engines.
+in the thread that runs the training loop (`prepare_for_push`, `recover`); only the loop's thread
+replaces engines (the background thread waits for it, and gives up when the generator closes).
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ def engine_lost(err: BaseException) -> bool:
 
     if isinstance(err, ray.exceptions.RayActorError):
         return True
-    if isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err):
-        return True
-    return err.__cause__ is not None and engine_lost(err.__cause__)  # wrapped by `roles.wait_for`
+    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
 
 
 @dataclass
@@ -47,7 +46,6 @@ class _Part:
     """One engine's share of one batch, until it is sampled."""
 
     engine: str
-    index: int  # the part's position in the batch: its rows and its seed follow from it
     prompts: list
     num_samples: int
     seed: int
@@ -94,7 +92,8 @@ class RemoteGenerator:
     """Engine actors used as one generator: prompts split across engines, completions merged back
     into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
     replaces engines in it; this class samples from them and notices when one is gone.
-    `replace_engine(name, reason, sync=True) -> handle`: set by the placement (the publisher's)."""
+    `replace_engine(name, reason, push_follows=False) -> handle`: set by the placement (the
+    publisher's)."""
 
     def __init__(self, engines: dict, timeout_s: float, replace_engine: Callable[..., Any] | None = None):
         import ray
@@ -103,6 +102,8 @@ class RemoteGenerator:
         self.replace_engine = replace_engine
         self.lock = threading.Lock()
         self.parts: list[_Part] = []  # every part not yet known to be sampled, in submission order
+        # when each engine last finished a part: a part queued behind others is timed from there
+        self.free_since: dict[str, float] = {}
 
     # ---------------------------------------------------------------- sampling
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
@@ -114,7 +115,7 @@ class RemoteGenerator:
             if stop > start:
                 part_seed = seed + index * 1_000_003
                 ref = self.engines[name].generate.remote(prompt_ids[start:stop], num_samples, part_seed)
-                parts.append(_Part(name, index, prompt_ids[start:stop], num_samples, part_seed, ref))
+                parts.append(_Part(name, prompt_ids[start:stop], num_samples, part_seed, ref))
                 bounds.append((start, stop))
             start = stop
         with self.lock:
@@ -140,8 +141,9 @@ class RemoteGenerator:
                 with self.lock:
                     if part.ref is ref:
                         part.value = value
+                        self.free_since[part.engine] = time.monotonic()
                 return
-        elif time.monotonic() - part.submitted > self.timeout_s:
+        elif time.monotonic() - max(part.submitted, self.free_since.get(part.engine, 0.0)) > self.timeout_s:
             lost = f"did not answer generate() within {self.timeout_s:.0f}s"
         if lost is not None:
             with self.lock:
@@ -149,6 +151,9 @@ class RemoteGenerator:
                     part.lost = lost
 
     def wait_part(self, part: _Part, repair: bool):
+        """The part's rollouts. `repair`: this thread runs the loop and replaces dead engines
+        itself; otherwise it waits for that thread to re-issue a lost part (`close()` or a failed
+        replacement ends the wait with an error)."""
         while True:
             if part.error is not None:
                 raise part.error
@@ -161,9 +166,9 @@ class RemoteGenerator:
             else:
                 time.sleep(POLL_S)  # the main thread re-issues it
 
-    def wait_idle(self) -> None:
-        """Until every submitted part is sampled (a weight update must not overtake one) and
-        every engine answers, replacing dead engines on the way."""
+    def prepare_for_push(self) -> None:
+        """Before a weight push: wait until every submitted part is sampled (an update must not
+        overtake one) and every engine answers a ping, replacing dead engines on the way."""
         while True:
             with self.lock:
                 pending = [part for part in self.parts if part.value is None]
@@ -195,10 +200,7 @@ class RemoteGenerator:
             try:
                 engine = self.replace_engine(name, reason)
             except BaseException as err:
-                with self.lock:
-                    for part in self.parts:
-                        if part.engine == name:
-                            part.error = err
+                self._fail_all(err)  # the run stops: no waiter may wait for a re-issue
                 raise
             with self.lock:
                 for part in self.parts:
@@ -225,9 +227,16 @@ class RemoteGenerator:
                 if self.replace_engine is None:
                     raise RuntimeError(f"generator: {name} {reason}")
                 # no batch waits for it: the weight push that follows gives it the new version
-                self.replace_engine(name, reason, sync=False)
+                self.replace_engine(name, reason, push_follows=True)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self.lock:
+            for part in self.parts:
+                if part.value is None and part.error is None:
+                    part.error = err
 
     def close(self) -> None:
+        self._fail_all(RuntimeError("generator: closed while this batch was being sampled"))
         for engine in self.engines.values():
             self.ray.kill(engine)
         self.engines.clear()

@@ -65,6 +65,10 @@ class WeightPublisher(Protocol):
     def close(self) -> None: ...
 
 
+class ActorDied(RuntimeError):
+    """An actor's process is gone (the error names it)."""
+
+
 def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str) -> list:
     """The results of Ray calls `refs` (made to the actors `names`, in order), or an error that
     names the actors which did not answer `call` within `timeout_s` (TimeoutError) or died."""
@@ -79,7 +83,7 @@ def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str
         try:
             results.append(ray.get(ref))
         except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"{who}: {name} died during {call}() ({type(err).__name__})") from err
+            raise ActorDied(f"{who}: {name} died during {call}() ({type(err).__name__})") from err
     return results
 
 

@@ -106,7 +106,8 @@ class VLLMGenerator:
         _set_engine_env(on_gpu)
         import vllm
 
-        self.args, self.name, self.engine_index = args, name, engine_index
+        self.args, self.name = args, name
+        self.transport_position = engine_index  # its place among the receivers of a weight transport
         self.eos_token_ids = set(eos_token_ids)
         self.on_gpu = on_gpu
         self.sleep_mode = bool(args.vllm_enable_sleep_mode and on_gpu)
@@ -285,8 +286,9 @@ class VLLMGenerator:
         return os.getpid()
 
     def set_transport_position(self, position: int) -> None:
-        """This engine's place among the receivers of the next weight transport."""
-        self.engine_index = position
+        """This engine's place among the receivers of the next weight transport (set by the
+        weight publisher: a replacement is synced alone, in place 0)."""
+        self.transport_position = position
 
     # ------------------------------------------------------------------------------ remote updates
     # vLLM's weight-sync client protocol (what `RayVLLMWeightSyncClient` calls on an actor), so a
@@ -297,7 +299,7 @@ class VLLMGenerator:
         # place is set by the weight publisher for each transport).
         info = dict(request["init_info"] if isinstance(request, dict) else request.init_info)
         if "rank_offset" in info:
-            info["rank_offset"] += self.engine_index * self.args.vllm_tensor_parallel_size
+            info["rank_offset"] += self.transport_position * self.args.vllm_tensor_parallel_size
         self.llm.init_weight_transfer_engine({"init_info": info})
 
     def start_weight_update(self) -> None:

@@ -99,9 +99,12 @@ def cluster_roots() -> list[int]:
     """The processes `ray.init` started for a local cluster (their workers are found below them)."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)
+    node = getattr(ray._private.worker, "_global_node", None)  # (private: checked below)
     processes = getattr(node, "all_processes", None) or {}
-    return [info.process.pid for infos in processes.values() for info in infos]
+    roots = [info.process.pid for infos in processes.values() for info in infos]
+    if not roots:
+        raise RuntimeError("Ray's list of the processes it started is not available")
+    return roots
 
 
 if __name__ == "__main__":
