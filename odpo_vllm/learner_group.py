@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import torch
@@ -172,8 +173,6 @@ class LearnerGroup:
     def _gather(self, refs, call: str) -> list:
         """Every rank's result of `call`. Ranks are watched one by one, so a rank that died is
         reported at once, even while the others wait for it in a collective."""
-        import time
-
         names = dict(zip(refs, self.names))
         pending, deadline = list(refs), time.monotonic() + self.timeout_s
         while pending:

@@ -91,7 +91,6 @@ class RayWeightPublisher:
         self.keep_published = keep_published
         self.faults = faults if faults is not None else {}
         self.restarts: dict[str, int] = {}
-        self.positions = {name: index for index, name in enumerate(engines)}
         self.version = -1
         self.published_probe: torch.Tensor | None = None  # the learner's probe logprobs at `version`
         self.transport: list[str] | None = None  # the engines of the open transport
@@ -132,13 +131,11 @@ class RayWeightPublisher:
                   "shutdown_weight_transfer_engine", timeout_s)
 
     # ---------------------------------------------------------------- publishing
-    def _probe(self, names: list[str], version: int, learned: torch.Tensor | None = None) -> float:
-        """The largest logprob gap between the learner (or `learned`: its logprobs at an earlier
-        version) and the engines `names` on the probe."""
+    def _probe(self, names: list[str], version: int, learned: torch.Tensor) -> float:
+        """The largest logprob gap between the learner's probe logprobs `learned` and the engines
+        `names`."""
         served = self._get([self.engines[n].sequence_logprobs.remote(self.probe_ids) for n in names], names,
                            "sequence_logprobs")
-        if learned is None:
-            learned = self.published_probe = self.learner.sequence_logprobs(self.probe_ids)
         return max(probe_gap(s, learned, self.tolerance, n, version) for s, n in zip(served, names))
 
     def publish(self, version: int) -> dict[str, float]:
@@ -155,7 +152,8 @@ class RayWeightPublisher:
         self._get([self.engines[n].set_policy_version.remote(version) for n in names], names, "set_policy_version")
         self.version = version
         if self.probe_ids is not None:
-            metrics["sync/logprob_gap"] = self._probe(names, version)
+            self.published_probe = self.learner.sequence_logprobs(self.probe_ids)
+            metrics["sync/logprob_gap"] = self._probe(names, version, self.published_probe)
         return metrics
 
     # ---------------------------------------------------------------- faults
@@ -179,8 +177,8 @@ class RayWeightPublisher:
             logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
                            self.max_restarts)
             self.restarts[name] = failures
-            # the same resources (colocated: the same bundle), name and seeds
-            self.engines[name] = self.start_engine(name, self.positions[name], failures)
+            # the same resources (colocated: the same bundle), name, place in `engines` and seeds
+            self.engines[name] = self.start_engine(name, list(self.engines).index(name), failures)
             try:
                 self._get([self.engines[name].ping.remote()], [name], "ping")  # vLLM is up
                 break
