@@ -49,9 +49,9 @@ def params_m(model) -> float:
 
 
 def bench_generation(root, prompts, new_tokens, repeats):
-    from odpo_vllm.generation import TransformersGenerator
-    from odpo_vllm.learner import Learner
-    from odpo_vllm.vllm_engine import VLLMGenerator
+    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+    from odpo_vllm.learning.learner import Learner
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     rows = []
     for hidden, layers in GEN_SIZES:
@@ -121,11 +121,11 @@ def bench_sync(root, repeats):
     import ray
     from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
 
-    from odpo_vllm.learner import Learner
-    from odpo_vllm.transport_vllm import register_gloo_backend
-    from odpo_vllm.weights import LearnerWeights
-    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
-    from odpo_vllm.vllm_engine import VLLMGenerator
+    from odpo_vllm.learning.learner import Learner
+    from odpo_vllm.weights.vllm_backend import register_gloo_backend
+    from odpo_vllm.weights.names import LearnerWeights
+    from odpo_vllm.weights.vllm_backend import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     register_gloo_backend()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,

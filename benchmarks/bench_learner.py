@@ -141,8 +141,8 @@ def worker(mode: str, systems: list[str], model_name: str, shape: str, pairs: in
 
 def _our_step(system, policy, reference, prompts, chosen, rejected, pairs, device, bf16):
     from odpo_vllm import OnlineDPOConfig
-    from odpo_vllm.batches import PairBatch
-    from odpo_vllm.learner import Learner
+    from odpo_vllm.core.batches import PairBatch
+    from odpo_vllm.learning.learner import Learner
 
     args = OnlineDPOConfig(output_dir="/tmp/odpo_bench_learner", report_to="none", gradient_checkpointing=False,
                            per_device_train_batch_size=pairs, max_length=1024, max_new_tokens=256, beta=BETA,

@@ -52,8 +52,8 @@ def worker(method: str, grad: bool, vocab: int, prompt_len: int, completion_len:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from odpo_vllm import OnlineDPOConfig
-    from odpo_vllm.learner import Learner
-    from odpo_vllm.objective import completion_token_logprobs, pack_sequences
+    from odpo_vllm.learning.learner import Learner
+    from odpo_vllm.core.objective import completion_token_logprobs, pack_sequences
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,

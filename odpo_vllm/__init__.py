@@ -7,13 +7,13 @@ import os as _os
 # It only takes effect if set before the OpenMP runtime starts, i.e. before torch is imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .console import apply_env_log_level as _apply_env_log_level
+from odpo_vllm.run.console import apply_env_log_level as _apply_env_log_level
 
 _apply_env_log_level()  # before vLLM and DeepSpeed are imported: a quiet console unless log_level asks
 
-from .config import OnlineDPOConfig
-from .rewards import PairwiseJudge
-from .trainer import OnlineDPOTrainer
+from odpo_vllm.config import OnlineDPOConfig
+from odpo_vllm.rewards.scorer import PairwiseJudge
+from odpo_vllm.trainer import OnlineDPOTrainer
 
 __all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PairwiseJudge"]
 __version__ = "0.1.0"

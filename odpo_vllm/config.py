@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .objective import LOSS_TYPES
+from odpo_vllm.core.objective import LOSS_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class OnlineDPOConfig(TrainingArguments):
         return 1 if self.placement == "in_process" else self.ray_learner_ranks
 
     def beta_at(self, epoch: float) -> float:
-        from .objective import beta_for_epoch
+        from odpo_vllm.core.objective import beta_for_epoch
 
         return beta_for_epoch(self.beta, epoch)
 

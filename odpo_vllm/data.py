@@ -16,7 +16,7 @@ def load_prompt_dataset(name_or_path: str, split: str = "train", config_name: st
     """A `datasets.Dataset` from a hub name, a local data file, or a local dataset directory."""
     import datasets
 
-    from .validation import check_local_path
+    from odpo_vllm.validation import check_local_path
 
     check_local_path(name_or_path, "dataset_name")
     if os.path.isfile(name_or_path):

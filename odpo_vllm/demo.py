@@ -14,8 +14,8 @@ import argparse
 import os
 import shutil
 
-from . import toy
-from .console import configure_logging
+from odpo_vllm import toy
+from odpo_vllm.run.console import configure_logging
 
 
 def main(argv: list[str] | None = None):
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None):
     else:  # 16 prompts per step either way: 4 x 2 accumulation x 2 ranks
         flags += ["--placement", "dedicated", "--ray_learner_ranks", "2", "--ray_zero_stage", "2",
                   "--ray_cpus_per_actor", "0.5", "--ray_num_cpus", "2", "--per_device_train_batch_size", "4"]
-    from .train import main as train_main
+    from odpo_vllm.train import main as train_main
 
     trainer, _ = train_main(flags + extra)  # the trainer closed its actors and Ray cluster at the end
     rows = [r for r in trainer.state.log_history if "objective/scores" in r]

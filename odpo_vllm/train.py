@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser
 
-from .config import OnlineDPOConfig
-from .preemption import Preempted
-from .console import configure_logging
+from odpo_vllm.config import OnlineDPOConfig
+from odpo_vllm.run.preemption import Preempted
+from odpo_vllm.run.console import configure_logging
 
 logger = logging.getLogger("odpo_vllm")
 
@@ -98,8 +98,8 @@ def import_callable(spec: str):
 def main(argv: list[str] | None = None):
     script, args, model_args = parse_args(argv)
     configure_logging(args.log_level)  # quiet libraries (here and in Ray actors) unless --log_level asks
-    from .data import load_prompt_dataset
-    from .trainer import OnlineDPOTrainer
+    from odpo_vllm.data import load_prompt_dataset
+    from odpo_vllm.trainer import OnlineDPOTrainer
 
     train_dataset = load_prompt_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
     eval_dataset = None

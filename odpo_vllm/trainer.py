@@ -26,17 +26,18 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from . import checkpoint, validation
-from .config import OnlineDPOConfig
-from .console import configure_logging
-from .data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
-from .generation import step_seed
-from .models import context_length
-from .objective import rlhf_reward
-from .pipeline import RolloutPipeline
-from .placement import BUILDERS, RunSpec
-from .preemption import Preempted, stop_signals
-from .rollout import pair_rollouts
+from odpo_vllm.run import checkpoint
+from odpo_vllm import validation
+from odpo_vllm.config import OnlineDPOConfig
+from odpo_vllm.run.console import configure_logging
+from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
+from odpo_vllm.sampling.hf_sampler import step_seed
+from odpo_vllm.learning.models import context_length
+from odpo_vllm.core.objective import rlhf_reward
+from odpo_vllm.sampling.pipeline import RolloutPipeline
+from odpo_vllm.runtime.placement import BUILDERS, RunSpec
+from odpo_vllm.run.preemption import Preempted, stop_signals
+from odpo_vllm.sampling.pairing import pair_rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ class OnlineDPOTrainer:
         self.log(summary)
         self.control = self.callback_handler.on_train_end(args, state, self.control)
         if args.plot_at_end:
-            from .plots import plot_training_curves
+            from odpo_vllm.run.plots import plot_training_curves
 
             plot_training_curves(state.log_history, os.path.join(args.output_dir, "training_curves.png"))
         return TrainOutput(state.global_step, train_loss, summary)

@@ -151,7 +151,7 @@ def generation_kwargs_keys(use_vllm: bool) -> set[str]:
     if use_vllm:
         from vllm import SamplingParams
 
-        from .vllm_engine import _HF_ONLY_KEYS, _SAMPLING_ALIASES
+        from odpo_vllm.sampling.vllm_engine import _HF_ONLY_KEYS, _SAMPLING_ALIASES
 
         fields = {f for f in SamplingParams.__struct_fields__ if not f.startswith("_")}
         return fields | set(_SAMPLING_ALIASES) | set(_HF_ONLY_KEYS) | OUR_SAMPLING_KEYS
@@ -186,7 +186,7 @@ def check_generation_kwargs(generation_kwargs: dict | None, use_vllm: bool) -> N
 
 def check_inputs(model, ref_model, reward_funcs, args) -> None:
     """What can be checked before anything is loaded: paths and the sampling settings."""
-    from .vllm_engine import vllm_available
+    from odpo_vllm.sampling.vllm_engine import vllm_available
 
     check_paths(model, ref_model, reward_funcs, args)
     use_vllm = args.placement != "in_process" or (args.use_vllm if args.use_vllm is not None else vllm_available())

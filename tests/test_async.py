@@ -10,7 +10,7 @@ from conftest import StopAt, make_args, record_prompts, snapshot, train_rows
 from transformers import AutoModelForCausalLM
 
 from odpo_vllm import OnlineDPOTrainer, toy
-from odpo_vllm.pipeline import sampling_version
+from odpo_vllm.sampling.pipeline import sampling_version
 
 
 def trainer_for(model_path, out, stop_at=None, **overrides):

@@ -13,9 +13,9 @@ from conftest import make_args, snapshot
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from odpo_vllm import OnlineDPOTrainer, toy
-from odpo_vllm.checkpoint import CheckpointError
+from odpo_vllm.run.checkpoint import CheckpointError
 from odpo_vllm.data import load_prompt_dataset
-from odpo_vllm.rewards import Rewards
+from odpo_vllm.rewards.scorer import Rewards
 
 
 def trainer_for(model, tmp_path, reward_funcs=toy.sentiment_reward, dataset=None, **kwargs):

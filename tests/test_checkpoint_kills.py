@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from odpo_vllm import checkpoint, toy
+from odpo_vllm import toy
+from odpo_vllm.run import checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odpo_vllm.learner import Learner
-from odpo_vllm.objective import completion_logprobs_from_hidden, completion_token_logprobs, pack_sequences
+from odpo_vllm.learning.learner import Learner
+from odpo_vllm.core.objective import completion_logprobs_from_hidden, completion_token_logprobs, pack_sequences
 
 from conftest import make_args
 

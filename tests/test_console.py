@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from odpo_vllm import console
+from odpo_vllm.run import console
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,14 +57,14 @@ def test_configure_logging_silences_libraries_but_not_us(capfd):
         for name in LIBRARY_LOGGERS:
             assert not logging.getLogger(name).isEnabledFor(logging.WARNING), name
             assert logging.getLogger(name).isEnabledFor(logging.ERROR), name
-        logging.getLogger("odpo_vllm.rewards").warning("our own warning")
-        logging.getLogger("odpo_vllm.placement").info("our detail")
+        logging.getLogger("odpo_vllm.rewards.scorer").warning("our own warning")
+        logging.getLogger("odpo_vllm.runtime.placement").info("our detail")
         err = capfd.readouterr().err
         assert "our own warning" in err and "our detail" not in err
         console.configure_logging("info")
         for name in LIBRARY_LOGGERS:
             assert logging.getLogger(name).isEnabledFor(logging.INFO), name
-        logging.getLogger("odpo_vllm.placement").info("our detail")
+        logging.getLogger("odpo_vllm.runtime.placement").info("our detail")
         assert "our detail" in capfd.readouterr().err
     finally:
         console.configure_logging("passive", own_handler=False)

@@ -142,7 +142,7 @@ def test_dead_rank_is_named_while_the_others_wait_for_it(ray_cluster):
     process is SIGKILLed; the group reports rank 1 by name at once, not rank 0 after the timeout."""
     import time
 
-    from odpo_vllm.learner_group import LearnerGroup
+    from odpo_vllm.learning.group import LearnerGroup
 
     @ray_cluster.remote(num_cpus=0.1)
     class Rank:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odpo_vllm.batches import PairBatch
-from odpo_vllm.learner import Learner
-from odpo_vllm.learner_group import LearnerGroup, shard
+from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.learning.learner import Learner
+from odpo_vllm.learning.group import LearnerGroup, shard
 
 from conftest import make_args
 
@@ -80,8 +80,8 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     (transport reopened on a fresh port). Past ray_max_engine_restarts the replacement is refused."""
     from transformers import AutoConfig
 
-    from odpo_vllm.publisher import RayWeightPublisher
-    from odpo_vllm.vllm_engine import VLLMGenerator
+    from odpo_vllm.weights.publisher import RayWeightPublisher
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     ray = ray_cluster
     args = make_args(tmp_path, optim="sgd", learning_rate=0.5, per_device_train_batch_size=1,

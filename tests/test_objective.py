@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from odpo_vllm.objective import (
+from odpo_vllm.core.objective import (
     apply_missing_eos_penalty,
     beta_for_epoch,
     completion_token_logprobs,
@@ -305,7 +305,7 @@ def test_score_metrics_hand_values():
 
 
 def test_rlhf_reward_is_score_plus_non_score_reward():
-    from odpo_vllm.objective import non_score_reward, rlhf_reward
+    from odpo_vllm.core.objective import non_score_reward, rlhf_reward
 
     kl = torch.tensor([2.0, 0.0, -1.0])
     assert non_score_reward(kl, 0.1).tolist() == pytest.approx([-0.2, 0.0, 0.1])

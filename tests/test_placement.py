@@ -78,7 +78,7 @@ def test_dedicated_zero2_async_learns_with_ranks_in_step(ray_cluster, model_path
 
 
 def test_stalled_engine_fails_naming_it(ray_cluster, model_path, tmp_path):
-    from odpo_vllm.placement import RemoteGenerator
+    from odpo_vllm.runtime.placement import RemoteGenerator
 
     @ray_cluster.remote(num_cpus=0.1)
     class Stalled:
@@ -155,8 +155,8 @@ def test_lora_under_dedicated_trains_and_syncs_merged_weights(ray_cluster, model
 def test_reward_model_in_reward_actors_scores_as_in_process(ray_cluster, model_path, reward_model_path, tmp_path):
     """A reward model in two reward-worker actors (rows split between them) plus a callable in the
     driver give the scores of the same functions in process."""
-    from odpo_vllm.placement import RunSpec, _start_reward_workers
-    from odpo_vllm.rewards import Rewards
+    from odpo_vllm.runtime.placement import RunSpec, _start_reward_workers
+    from odpo_vllm.rewards.scorer import Rewards
 
     funcs = [str(reward_model_path), toy.sentiment_reward]
     prompts = [f"Review the film {i}:" for i in range(10)]

@@ -13,10 +13,10 @@ import logging
 import pytest
 import torch
 
-from odpo_vllm.batches import PairBatch
-from odpo_vllm.learner import Learner
-from odpo_vllm.objective import pack_sequences
-from odpo_vllm.packing import attention_mask, build_groups, pack_rows, shared_prompt_rows
+from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.learning.learner import Learner
+from odpo_vllm.core.objective import pack_sequences
+from odpo_vllm.core.packing import attention_mask, build_groups, pack_rows, shared_prompt_rows
 
 from conftest import make_args
 
@@ -206,7 +206,7 @@ def test_sliding_window_longer_sequences_run_separately(model_path, tmp_path, ca
     short = random_pairs(96, n=4, prompt=(3, 5), completion=(1, 6), seed=4)
     assert_same_pass(lambda: copy.deepcopy(base), reference, tmp_path, short, pad=1)
     long = random_pairs(96, n=3, prompt=(10, 14), completion=(4, 8), seed=5)
-    with caplog.at_level(logging.WARNING, logger="odpo_vllm.learner"):
+    with caplog.at_level(logging.WARNING, logger="odpo_vllm.learning.learner"):
         learner = Learner(copy.deepcopy(base), reference, make_args(tmp_path), 1, 1)
         assert learner._shared_rows(long) is None
         assert learner._shared_rows(short) is not None
@@ -257,7 +257,7 @@ def test_model_without_shared_prompt_support_falls_back_once(tmp_path, caplog, f
     base = moved(copy.deepcopy(reference).requires_grad_(True).train())
     batch = random_pairs(96, n=3, seed=8)
     results = []
-    with caplog.at_level(logging.WARNING, logger="odpo_vllm.learner"):
+    with caplog.at_level(logging.WARNING, logger="odpo_vllm.learning.learner"):
         for shared in (False, True):
             args = make_args(tmp_path, shared_prompt_passes=shared)
             learner, loss, sums, _, grads = pair_pass(copy.deepcopy(base), reference, args, batch, 1)

@@ -614,7 +614,7 @@ def test_iterable_dataset(model, tmp_path):
 
 # ------------------------------------------------------------------------------------- Rewards unit
 def test_rewards_combination_by_hand():
-    from odpo_vllm.rewards import Rewards
+    from odpo_vllm.rewards.scorer import Rewards
 
     def f1(prompts, completions, completion_ids, **kwargs):
         return [1.0, None, 3.0, None]
@@ -631,7 +631,7 @@ def test_rewards_combination_by_hand():
 
 
 def test_rewards_wrong_number_of_values_raises():
-    from odpo_vllm.rewards import Rewards
+    from odpo_vllm.rewards.scorer import Rewards
 
     rewards = Rewards(lambda prompts, completions, completion_ids, **kw: [0.0])
     with pytest.raises(ValueError, match="returned 1 values for 2"):
@@ -639,7 +639,7 @@ def test_rewards_wrong_number_of_values_raises():
 
 
 def test_judge_invalid_answer_raises():
-    from odpo_vllm.rewards import Rewards
+    from odpo_vllm.rewards.scorer import Rewards
 
     rewards = Rewards(PairwiseJudge(lambda prompts, pairs: [2] * len(pairs)))
     with pytest.raises(ValueError, match="judge returned 2"):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from odpo_vllm import OnlineDPOTrainer, toy
-from odpo_vllm.generation import TransformersGenerator
-from odpo_vllm.publisher import LocalWeightPublisher
-from odpo_vllm.learner import Learner
-from odpo_vllm.objective import pack_sequences
-from odpo_vllm.weights import LearnerWeights
-from odpo_vllm.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cache_bytes
+from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+from odpo_vllm.weights.publisher import LocalWeightPublisher
+from odpo_vllm.learning.learner import Learner
+from odpo_vllm.core.objective import pack_sequences
+from odpo_vllm.weights.names import LearnerWeights
+from odpo_vllm.sampling.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cache_bytes
 
 from conftest import make_args
 
@@ -212,7 +212,7 @@ def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
 
 
 def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path):
-    from odpo_vllm import checkpoint
+    from odpo_vllm.run import checkpoint
 
     args = make_args(tmp_path, use_vllm=True, max_steps=2, save_strategy="steps", save_steps=2,
                      learning_rate=5e-2)
@@ -232,7 +232,7 @@ def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path
 
 
 def test_use_vllm_without_vllm_names_the_setting(model_path, tmp_path, monkeypatch):
-    import odpo_vllm.vllm_engine as vllm_engine
+    import odpo_vllm.sampling.vllm_engine as vllm_engine
 
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
     from transformers import AutoConfig, AutoTokenizer

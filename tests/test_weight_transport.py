@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from odpo_vllm.transport import DEFAULT_BUCKET_BYTES, pack, plan_buckets, resolve_weight_transport, unpack
-from odpo_vllm.weights import LearnerWeights, TensorMeta
+from odpo_vllm.runtime.placement import resolve_weight_transport
+from odpo_vllm.weights.wire import DEFAULT_BUCKET_BYTES, pack, plan_buckets, unpack
+from odpo_vllm.weights.names import LearnerWeights, TensorMeta
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,7 +79,7 @@ def test_learner_weights_cover_tied_head_and_merge_lora(model):
 
 def test_rendezvous_timeout_names_the_engine():
     """An engine that never joins fails the learner within the timeout, naming the engine."""
-    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+    from odpo_vllm.weights.vllm_backend import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
     class SilentEngine:  # accepts the init call but never opens its end of the group
         def init_weight_transfer_engine(self, info):
@@ -102,9 +103,9 @@ def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     from odpo_vllm import OnlineDPOConfig
-    from odpo_vllm.learner import Learner
-    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, register_gloo_backend
-    from odpo_vllm.vllm_engine import VLLMGenerator
+    from odpo_vllm.learning.learner import Learner
+    from odpo_vllm.weights.vllm_backend import GlooTrainerInitInfo, register_gloo_backend
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     args = OnlineDPOConfig(output_dir=str(tmp_path), report_to="none", use_vllm=True)
@@ -156,7 +157,7 @@ def test_gloo_buckets_across_processes(ray_cluster, model_path, tmp_path):
 
 def test_engine_failure_surfaces_at_once_naming_the_engine():
     """An engine whose init call fails does not leave the learner waiting for the full timeout."""
-    from odpo_vllm.transport_vllm import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+    from odpo_vllm.weights.vllm_backend import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 
     class BrokenEngine:
         def init_weight_transfer_engine(self, info):

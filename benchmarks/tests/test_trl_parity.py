@@ -19,8 +19,8 @@ import torch
 pytest.importorskip("trl", reason="the bench extra (trl) is not installed")
 
 from odpo_vllm import OnlineDPOConfig, toy  # noqa: E402
-from odpo_vllm.batches import PairBatch  # noqa: E402
-from odpo_vllm.learner import Learner  # noqa: E402
+from odpo_vllm.core.batches import PairBatch  # noqa: E402
+from odpo_vllm.learning.learner import Learner  # noqa: E402
 
 BETA = 0.1
 # Two prompts of equal token length (TRL left-pads prompts without position ids, so unequal
@@ -203,7 +203,7 @@ def test_every_metric_sign_and_scale_matches_trl(model_path):
     from trl.experimental.online_dpo import OnlineDPOConfig as TRLConfig
     from trl.experimental.online_dpo import OnlineDPOTrainer as TRLTrainer
 
-    from odpo_vllm.objective import rlhf_reward, score_metrics, select_pairs
+    from odpo_vllm.core.objective import rlhf_reward, score_metrics, select_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     moved = moved_policy(model_path)

@@ -1,4 +1,4 @@
-"""A learner group on Ray: N DeepSpeed ranks, one actor each, driven as one `Learner`.
+"""A learner group on Ray: N DeepSpeed ranks (`RankActor`s), driven from the driver as one `Learner`.
 
 The driver shards each step's pairs across the ranks, waits for all of them with a timeout that
 names the rank that did not answer, and combines their metrics into the step's means.
@@ -6,97 +6,14 @@ names the rank that did not answer, and combines their metrics into the step's m
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Any
 
 import torch
 
-from .batches import PairBatch
-
-
-class LearnerWorker:
-    """One rank (a Ray actor): loads the policy and reference with the in-process loader
-    (`models.prepare_policy_and_reference`: LoRA, model_init_kwargs, trust_remote_code), runs
-    `DeepSpeedLearner`, and exposes its weights to the weight publisher."""
-
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 args, pad_token_id: int, num_training_steps: int, zero_stage: int, threads: int = 1,
-                 peft_config=None):
-        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        torch.set_num_threads(threads)  # oversubscribed ranks ran 10x slower on 2 cores
-        torch.manual_seed(args.seed)
-        from .deepspeed_learner import DeepSpeedLearner
-        from .models import prepare_policy_and_reference
-
-        policy, reference = prepare_policy_and_reference(model_path, None, peft_config, args)
-        self.learner = DeepSpeedLearner(policy, reference, args, pad_token_id, num_training_steps, zero_stage)
-        self.sender, self.weights = None, None
-
-    def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
-        return self.learner.step(batch, beta)
-
-    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]:
-        return self.learner.evaluate(batch, beta)
-
-    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        return self.learner.sequence_logprobs(token_ids)
-
-    # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
-    def open_weight_transport(self, engines: list, info: dict) -> None:
-        """`info["keep_published"]`: rank 0 keeps each version it sends in host memory, so that
-        `send_weights(published=True)` can give it to a replacement engine later."""
-        from .deepspeed_learner import WeightSender, _EngineWeights
-
-        self.close_weight_transport()
-        info = dict(info)
-        if self.weights is None:  # one source for every transport: it holds the published copy
-            self.weights = _EngineWeights(self.learner, info["bucket_bytes"])
-        self.weights.keep_published = info.pop("keep_published", False)
-        self.sender = WeightSender(self.learner, engines, info, self.weights)
-
-    def send_weights(self, published: bool = False) -> dict[str, float]:
-        """The live weights to the engines of the open transport, or (`published`) the version
-        sent last by a live send."""
-        if self.sender is None:
-            raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
-        return self.sender.send(published=published)
-
-    def close_weight_transport(self) -> None:
-        if self.sender is not None:
-            self.sender.close()
-            self.sender = None
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def save_pretrained(self, directory: str) -> None:
-        """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);
-        a collective under ZeRO-3: every rank joins."""
-        module, learner = self.learner.engine.module, self.learner
-        if hasattr(module, "peft_config"):
-            from .deepspeed_learner import import_deepspeed
-
-            with import_deepspeed().zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                                            enabled=learner.zero_stage == 3):
-                if learner.rank == 0:
-                    module.save_pretrained(directory)
-            return
-        weights = dict(learner.named_weights())
-        if learner.rank == 0:
-            module.save_pretrained(directory, state_dict=weights)
-
-    def save(self, directory: str) -> None:
-        self.learner.save(directory)
-
-    def load(self, directory: str) -> None:
-        self.learner.load(directory)
-
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
-        return dict(self.learner.named_weights())
+from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.learning.rank_actor import RankActor
 
 
 def free_port() -> int:
@@ -124,14 +41,15 @@ def shard(batch: PairBatch, parts: int) -> list[PairBatch]:
 
 
 class LearnerGroup:
-    """N `LearnerWorker` actors in a placement group, used like a `Learner` by the loop."""
+    """N `RankActor`s in a placement group, used like a `Learner` by the loop."""
 
     def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
                  zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
                  timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None,
-                 peft_config=None):
+                 peft_config=None, keep_published: bool = False, bucket_bytes: int = 256 << 20):
         """`bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
-        engine share (`bundle_index` = rank)."""
+        engine share (`bundle_index` = rank). `keep_published`, `bucket_bytes`: how each rank's
+        weight source sends (see `RankWeightSource`)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -151,13 +69,14 @@ class LearnerGroup:
         self.master_addr, port, _ = self._wait([locate.remote()], "rank 0's node")[0]
         if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
             self.master_addr = "127.0.0.1"  # a one-node cluster: keep every rendezvous on loopback
-        Worker = ray.remote(LearnerWorker)
+        Worker = ray.remote(RankActor)
         self.workers = [
             Worker.options(
                 name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
             ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
-                     zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config)
+                     zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config,
+                     keep_published, bucket_bytes)
             for rank in range(num_ranks)
         ]
         self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]

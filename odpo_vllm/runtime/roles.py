@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .batches import PairBatch, Rollouts
+from odpo_vllm.core.batches import PairBatch, Rollouts
 
 logger = logging.getLogger(__name__)
 

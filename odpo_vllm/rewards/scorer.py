@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from .data import is_conversational
-from .objective import apply_missing_eos_penalty
-from .validation import check_reward_model, reward_values
+from odpo_vllm.data import is_conversational
+from odpo_vllm.core.objective import apply_missing_eos_penalty
+from odpo_vllm.validation import check_reward_model, reward_values
 
 logger = logging.getLogger(__name__)
 

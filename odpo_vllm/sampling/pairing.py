@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .batches import PairBatch, Pairs, Rollouts
-from .objective import score_metrics, select_pairs
+from odpo_vllm.core.batches import PairBatch, Pairs, Rollouts
+from odpo_vllm.core.objective import score_metrics, select_pairs
 
 
 def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_samples: int) -> Pairs:

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .generation import finish_rollouts
-from .roles import Done
-from .transport import SyncStats
-from .weights import LearnerWeights, TensorMeta, validate_weights
+from odpo_vllm.sampling.hf_sampler import finish_rollouts
+from odpo_vllm.runtime.roles import Done
+from odpo_vllm.weights.wire import SyncStats
+from odpo_vllm.weights.names import LearnerWeights, TensorMeta, validate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class VLLMGenerator:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
             engine_args["enable_sleep_mode"] = self.sleep_mode
         if weight_transfer_backend:
-            from .transport import GLOO_BACKEND
-            from .transport_vllm import register_gloo_backend
+            from odpo_vllm.weights.wire import GLOO_BACKEND
+            from odpo_vllm.weights.vllm_backend import register_gloo_backend
 
             if weight_transfer_backend == GLOO_BACKEND:
                 register_gloo_backend()

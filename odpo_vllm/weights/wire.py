@@ -1,9 +1,10 @@
-"""Weight transport from the learner to vLLM engines.
+"""The wire between learner ranks and vLLM engines: bucket plans, packing, a private gloo group,
+and waits that name the peer.
 
-One interface, vLLM 0.32's `vllm.distributed.weight_transfer`: a trainer-side engine
-(`TrainerWeightTransferEngine.send_weights`) drives the inference side through a client
+The transport is vLLM 0.32's `vllm.distributed.weight_transfer`: a trainer-side transfer
+engine (`TrainerWeightTransferEngine.send_weights`) drives the inference side through a client
 (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`, `finish_weight_update`)
-and a worker-side engine receives. Backends per medium:
+and a worker-side transfer engine receives. Backends per medium:
 
 - ``nccl``: vLLM's own NCCL engines (separate GPUs, packed broadcast).
 - ``ipc``: vLLM's own CUDA IPC engine (learner and engine on the same GPU).
@@ -11,8 +12,8 @@ and a worker-side engine receives. Backends per medium:
   private gloo group (CPU machines, and a fallback anywhere).
 - in-process: no wire at all; `VLLMGenerator.load_weights` hands tensors to `reload_weights`.
 
-What is sent (names, merged LoRA, tied weights) is defined once in `weights.py`; this module is
-the wire: bucket plans, packing, a private gloo group, and waits that name the peer.
+What is sent (names, merged LoRA, tied weights) is defined once in `names.py`; our backend's
+two sides are in `vllm_backend.py`; which backend a placement uses is `placement.resolve_weight_transport`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .weights import TensorMeta
+from odpo_vllm.weights.names import TensorMeta
 
 logger = logging.getLogger(__name__)
 
@@ -137,20 +138,6 @@ def call_with_timeout(fn, timeout_s: float, what: str):
     if not done:
         raise TimeoutError(f"weight transport: {what} within {timeout_s:.0f}s")
     return future.result()
-
-
-def resolve_weight_transport(requested: str, on_gpu: bool, colocated: bool) -> str:
-    """The backend that moves weights from learner ranks to engine actors. `auto`: CUDA IPC when
-    each engine shares its rank's GPU, NCCL between separate GPUs, odpo_gloo without GPUs."""
-    if requested == "auto":
-        return ("ipc" if colocated else "nccl") if on_gpu else GLOO_BACKEND
-    if requested in ("nccl", "ipc") and not on_gpu:
-        raise ValueError(f"OnlineDPOConfig.weight_transport: {requested!r} needs CUDA GPUs and the cluster has none; "
-                         f"use 'auto' or '{GLOO_BACKEND}'")
-    if requested == "ipc" and not colocated:
-        raise ValueError("OnlineDPOConfig.weight_transport: 'ipc' shares GPU memory, so each engine must sit on its "
-                         "learner rank's GPU: use placement='colocated', or 'nccl' for placement='dedicated'")
-    return requested
 
 
 def run_with_peer(call, args: tuple, work, timeout_s: float, peer: str):

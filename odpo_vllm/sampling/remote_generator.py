@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .batches import Rollouts
+from odpo_vllm.core.batches import Rollouts
 
 logger = logging.getLogger(__name__)
 

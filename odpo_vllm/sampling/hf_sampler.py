@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .batches import Rollouts
-from .roles import Done
-from .objective import truncate_after_eos
+from odpo_vllm.core.batches import Rollouts
+from odpo_vllm.runtime.roles import Done
+from odpo_vllm.core.objective import truncate_after_eos
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:

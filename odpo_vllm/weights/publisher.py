@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from .roles import ActorDied, wait_for
-from .weights import LearnerWeights
+from odpo_vllm.runtime.roles import ActorDied, wait_for
+from odpo_vllm.weights.names import LearnerWeights
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
-from . import console, validation
-from .publisher import LocalWeightPublisher, RayWeightPublisher
-from .remote_generator import RemoteGenerator
-from .rewards import Rewards
-from .roles import Roles
-from .watchdog import Watchdog, cluster_roots
+from odpo_vllm.run import console
+from odpo_vllm import validation
+from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
+from odpo_vllm.sampling.remote_generator import RemoteGenerator
+from odpo_vllm.rewards.scorer import Rewards
+from odpo_vllm.runtime.roles import Roles
+from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
+from odpo_vllm.weights.wire import GLOO_BACKEND
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,10 @@ def _engine_dtype(args) -> torch.dtype:
 # In process
 # --------------------------------------------------------------------------------------------
 def build_in_process_roles(spec: RunSpec) -> Roles:
-    from .generation import TransformersGenerator
-    from .learner import Learner
-    from .models import prepare_policy_and_reference
-    from .vllm_engine import VLLMGenerator, vllm_available
+    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+    from odpo_vllm.learning.learner import Learner
+    from odpo_vllm.learning.models import prepare_policy_and_reference
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
 
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
@@ -83,6 +85,20 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------
+def resolve_weight_transport(requested: str, on_gpu: bool, colocated: bool) -> str:
+    """The backend that moves weights from learner ranks to engine actors. `auto`: CUDA IPC when
+    each engine shares its rank's GPU, NCCL between separate GPUs, odpo_gloo without GPUs."""
+    if requested == "auto":
+        return ("ipc" if colocated else "nccl") if on_gpu else GLOO_BACKEND
+    if requested in ("nccl", "ipc") and not on_gpu:
+        raise ValueError(f"OnlineDPOConfig.weight_transport: {requested!r} needs CUDA GPUs and the cluster has none; "
+                         f"use 'auto' or '{GLOO_BACKEND}'")
+    if requested == "ipc" and not colocated:
+        raise ValueError("OnlineDPOConfig.weight_transport: 'ipc' shares GPU memory, so each engine must sit on its "
+                         "learner rank's GPU: use placement='colocated', or 'nccl' for placement='dedicated'")
+    return requested
+
+
 def ensure_ray(args) -> list:
     """Connect to Ray. When this call starts a local cluster, the run owns it: the closers that
     shut it down (and the watchdog that kills it if this process is killed), else []."""
@@ -115,7 +131,7 @@ def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
 
     """Reward models in `ray_num_reward_workers` actors behind a `RemoteRewards`; `local` itself
     when there is no reward model (callables and judges run in the driver)."""
-    from .reward_workers import RemoteRewards, RewardWorker
+    from odpo_vllm.rewards.workers import RemoteRewards, RewardWorker
 
     if not local.model_indices:
         return local  # callables and judges only: nothing to place
@@ -142,9 +158,8 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from transformers import AutoConfig
 
-    from .learner_group import LearnerGroup
-    from .transport import resolve_weight_transport
-    from .vllm_engine import VLLMGenerator
+    from odpo_vllm.learning.group import LearnerGroup
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     args = spec.args
     if spec.ref_model is not None:

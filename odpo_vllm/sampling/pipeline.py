@@ -17,9 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from .batches import Pairs
-from .generation import step_seed
-from .rollout import pair_rollouts
+from odpo_vllm.core.batches import Pairs
+from odpo_vllm.sampling.hf_sampler import step_seed
+from odpo_vllm.sampling.pairing import pair_rollouts
 
 logger = logging.getLogger(__name__)
 

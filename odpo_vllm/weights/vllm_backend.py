@@ -21,7 +21,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from .transport import (
+from odpo_vllm.weights.wire import (
     DEFAULT_BUCKET_BYTES,
     GLOO_BACKEND,
     GlooBroadcast,
@@ -32,7 +32,7 @@ from .transport import (
     run_with_peer,
     unpack,
 )
-from .weights import TensorMeta
+from odpo_vllm.weights.names import TensorMeta
 
 
 @dataclass
@@ -205,7 +205,7 @@ def open_trainer_transport(backend: str, info: dict, *, rank: int, client, sourc
     sends, the others only take part in the gathers."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from .transport import call_with_timeout
+    from odpo_vllm.weights.wire import call_with_timeout
 
     if backend == GLOO_BACKEND:
         register_gloo_backend()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .rewards import Rewards
-from .roles import wait_for
+from odpo_vllm.rewards.scorer import Rewards
+from odpo_vllm.runtime.roles import wait_for
 
 
 class RewardWorker:

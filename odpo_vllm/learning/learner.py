@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import torch
 
-from .batches import PairBatch
-from .objective import (
+from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.core.objective import (
     completion_logprobs_from_hidden,
     completion_token_logprobs,
     dpo_loss,
@@ -22,7 +22,7 @@ from .objective import (
     policy_metrics,
     token_logprobs,
 )
-from .packing import (
+from odpo_vllm.core.packing import (
     SharedPromptRows,
     longest_sequence,
     shared_logprobs_from_hidden,

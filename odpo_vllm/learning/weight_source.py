@@ -1,0 +1,103 @@
+"""A DeepSpeed rank's side of the weight push: what it sends and how.
+
+`RankWeightSource` is the iterator vLLM's trainer-side transfer engine reads: tensor metadata
+without gathering, then the weights (ZeRO-3: gathered bucket by bucket, `DeepSpeedRank.named_weights`).
+`WeightSender` is one opened transport (vLLM's trainer-side engine of the chosen backend over
+that source); the weight publisher opens and closes it through the rank actor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from odpo_vllm.learning.deepspeed_rank import DeepSpeedRank
+from odpo_vllm.weights.wire import call_with_timeout
+
+
+class RankWeightSource:
+    """The weights a rank sends: metadata without gathering, gathered iteration.
+
+    `keep_published`: rank 0 keeps in host memory the version it last sent live (the published
+    one), and while `send_published` is set it sends that copy instead of the live weights: a
+    replacement engine must sample the batch it inherits with the version that batch was
+    scheduled for, even when the learners have taken a step since (async_steps >= 1).
+    `bucket_bytes`: the cap of one ZeRO-3 gather (and of one odpo_gloo bucket)."""
+
+    def __init__(self, learner: DeepSpeedRank, bucket_bytes: int, keep_published: bool = False):
+        self.learner, self.bucket_bytes, self.keep_published = learner, bucket_bytes, keep_published
+        self.send_published = False
+        self.published: list[tuple[str, torch.Tensor]] | None = None
+
+    def metadata(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
+
+    def __iter__(self):
+        if not self.send_published:
+            return self._live()
+        if self.learner.rank != 0:  # nothing to gather: rank 0 sends its copy alone
+            return iter(())
+        if self.published is None:
+            raise RuntimeError("weight source: no published version was kept")
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return ((name, tensor.to(device)) for name, tensor in self.published)
+
+    def _live(self):
+        # filled as the tensors go out (a sender stops asking after the last one, so nothing
+        # after this loop would run); a send that fails halfway fails the run anyway
+        published = self.published = [] if self.keep_published and self.learner.rank == 0 else None
+        copies: dict[int, torch.Tensor] = {}  # tied weights come under several names: one copy
+        for name, tensor in self.learner.named_weights(self.bucket_bytes):
+            if published is not None:
+                if id(tensor) not in copies:  # named_weights yields copies already: on CPU this copies nothing
+                    copies[id(tensor)] = tensor.to("cpu")
+                published.append((name, copies[id(tensor)]))
+            yield name, tensor
+
+
+class WeightSender:
+    """A rank's side of the weight transport, opened and closed by the weight publisher: vLLM's
+    trainer-side engine of the chosen backend over this rank's `named_weights`. Rank 0 sends and
+    drives the engines; the other ranks take part in the ZeRO-3 gathers."""
+
+    def __init__(self, learner: DeepSpeedRank, engines: list, info: dict, source: RankWeightSource):
+        """`engines`: the receiving engine actors; `info`: the wire (backend, address, port,
+        world size, timeout, the engines' names for errors); `source`: the rank's weight source,
+        kept by the rank across transports (it holds the published copy)."""
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+
+        from odpo_vllm.weights.vllm_backend import open_trainer_transport
+
+        info = dict(info, bucket_bytes=source.bucket_bytes)
+        self.backend, self.info = info.pop("backend"), info
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.source = source
+        self.transfer = open_trainer_transport(
+            self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)), source=self.source)
+        self.bytes = sum(m.nbytes for m in learner.weights_meta())
+
+    def send(self, published: bool = False) -> dict[str, float]:
+        """Send the live weights, or (`published`) the copy of the published version the source kept."""
+
+        def send():
+            if self.device is not None:  # the current CUDA device is per thread
+                torch.cuda.set_device(self.device)
+            self.transfer.send_weights()
+
+        start = time.perf_counter()
+        self.source.send_published = published
+        try:
+            call_with_timeout(send, self.info["timeout_s"],
+                              f"{self.info['engine_name']} did not finish the {self.backend} weight update")
+        finally:
+            self.source.send_published = False
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
+
+    def close(self) -> None:
+        shutdown = getattr(self.transfer, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        self.transfer = None
