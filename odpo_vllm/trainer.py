@@ -2,8 +2,8 @@
 
     for each step:  sample -> score -> pair -> learn -> sync -> log -> save (-> evaluate)
 
-Who does each step is decided at construction (here: all in this process); the loop is the same
-for every placement.
+Who does each step is decided at construction by the placement's builder (`runtime/placement.py`:
+in process, or Ray actors dedicated or colocated); the loop is the same for every placement.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from odpo_vllm import validation
 from odpo_vllm.config import OnlineDPOConfig
 from odpo_vllm.run.console import configure_logging
 from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
-from odpo_vllm.sampling.hf_sampler import step_seed
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
-from odpo_vllm.sampling.pipeline import RolloutPipeline
+from odpo_vllm.sampling.pipeline import RolloutPipeline, step_seed
 from odpo_vllm.runtime.placement import BUILDERS, RunSpec
 from odpo_vllm.run.preemption import Preempted, stop_signals
 from odpo_vllm.sampling.pairing import pair_rollouts
@@ -161,11 +160,13 @@ class OnlineDPOTrainer:
     # ------------------------------------------------------------------------------ helpers
     @property
     def optimizer(self):
-        return self.learner.optimizer
+        """The optimizer in process; None under a Ray placement (each rank holds its own)."""
+        return getattr(self.learner, "optimizer", None)
 
     @property
     def lr_scheduler(self):
-        return self.learner.scheduler
+        """The learning-rate scheduler in process; None under a Ray placement (each rank holds its own)."""
+        return getattr(self.learner, "scheduler", None)
 
     def _eos_token_ids(self, model_or_config) -> set[int]:
         ids = {self.processing_class.eos_token_id}
@@ -258,7 +259,8 @@ class OnlineDPOTrainer:
             start = time.perf_counter()
             metrics = self.learner.step(pairs.batch, beta)
             metrics["time/train"] = time.perf_counter() - start
-            # sync: the engines serve the new version before they sample with it
+            # sync: the engines finish what they sample with the old version, then serve the new one
+            self.generator.drain()
             metrics.update(self.publisher.publish(step + 1))
             # sample (and, under Ray, score in the background) every batch the schedule now allows:
             # step t + 1 + K with the new version, while the next step trains

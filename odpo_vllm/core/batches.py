@@ -1,11 +1,13 @@
-"""The batch types that travel through one step: rollouts (sampled), pairs (scored and paired),
-and the learner's pair batch (token ids only). Plain data, no behaviour beyond slicing."""
+"""The batch types that travel through one step: rollouts (sampled), scored pairs, and the
+learner's pair batch (token ids only). Plain data, no behaviour beyond building and slicing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from odpo_vllm.core.objective import truncate_after_eos
 
 
 @dataclass
@@ -17,13 +19,32 @@ class Rollouts:
     contains_eos: torch.Tensor  # (k*B,) bool
     num_samples: int
     policy_version: int  # the optimizer step whose weights sampled them
-    sampling_logprobs: list[list[float]] | None = None  # per completion token, where the backend gives them
     engine_idle_s: float = 0.0  # how long the engine(s) waited for this request (for a new version)
     sample_s: float = 0.0  # how long the engine(s) sampled (the slowest, when several share a batch)
 
     @property
     def num_prompts(self) -> int:
         return len(self.prompt_ids)
+
+
+def finish_rollouts(raw_completions, prompt_ids, num_samples, eos_token_ids, policy_version) -> Rollouts:
+    """Every sampler's last step: cut each completion at its first EOS, record which ended."""
+    completions, ended = [], []
+    for ids in raw_completions:
+        kept, has_eos = truncate_after_eos(ids, eos_token_ids)
+        completions.append(kept)
+        ended.append(has_eos)
+    return Rollouts(prompt_ids, completions, torch.tensor(ended, dtype=torch.bool), num_samples, policy_version)
+
+
+class ReadyRollouts:
+    """The handle of rollouts sampled at submit time (the in-process samplers)."""
+
+    def __init__(self, rollouts: Rollouts):
+        self.rollouts = rollouts
+
+    def result(self) -> Rollouts:
+        return self.rollouts
 
 
 @dataclass
@@ -42,15 +63,12 @@ class PairBatch:
 
 
 @dataclass
-class Pairs:
-    """One step's scored pairs with where they came from: the policy version that sampled them and
-    the data position of their prompts (a checkpoint stores the pairs of steps not yet trained)."""
+class ScoredPairs:
+    """One batch's pairs, scored, with the policy version that sampled them (a checkpoint stores
+    those of steps not yet trained)."""
 
     batch: PairBatch
     metrics: dict[str, float]
     log_rows: list[dict] = field(default_factory=list)  # for the completions log
     pair_scores: torch.Tensor | None = None  # (2N,) chosen then rejected
     policy_version: int = 0
-    step: int = 0  # the training step these pairs are for
-    epoch: int = 0  # the epoch of the prompts (beta follows it)
-    position: int | None = None  # batches taken in that epoch after this one (None: streaming data)

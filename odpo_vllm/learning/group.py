@@ -169,9 +169,6 @@ class LearnerGroup:
     def load(self, directory: str) -> None:
         self._gather([w.load.remote(directory) for w in self.workers], "load")
 
-    def full_weights(self) -> list[dict[str, torch.Tensor]]:
-        return self._gather([w.full_weights.remote() for w in self.workers], "full_weights")
-
     def close(self) -> None:
         """Kill the ranks and free their placement group (idempotent)."""
         for worker in getattr(self, "workers", []):

@@ -90,7 +90,3 @@ class RankActor:
 
     def load(self, directory: str) -> None:
         self.learner.load(directory)
-
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """Every weight, gathered (a collective under ZeRO-3: call it on all ranks together)."""
-        return dict(self.learner.named_weights())

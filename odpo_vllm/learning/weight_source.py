@@ -36,7 +36,9 @@ class RankWeightSource:
         return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
 
     def __iter__(self):
-        if not self.send_published:
+        if not (self.send_published and self.keep_published):
+            # without a kept copy the live weights are the published ones: nothing is sampled
+            # while the learners step (async_steps = 0)
             return self._live()
         if self.learner.rank != 0:  # nothing to gather: rank 0 sends its copy alone
             return iter(())

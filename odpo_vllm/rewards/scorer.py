@@ -14,7 +14,6 @@ from odpo_vllm.validation import check_reward_model, reward_values
 
 logger = logging.getLogger(__name__)
 
-RewardFunc = str | Callable | torch.nn.Module
 REWARD_BATCH_ROWS = 64  # completions per reward-model forward
 
 

@@ -23,6 +23,7 @@ from odpo_vllm import validation
 from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.rewards.scorer import Rewards
+from odpo_vllm.runtime.engine_pool import EnginePool
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
 from odpo_vllm.weights.wire import GLOO_BACKEND
@@ -185,15 +186,19 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage, cpus_per_rank=cpus,
             gpus_per_rank=(0.5 if colocated else 1.0) if on_gpu else 0.0, timeout_s=args.ray_timeout_s,
             name="learner", bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None,
-            peft_config=spec.peft_config)
+            peft_config=spec.peft_config,
+            # batches can be in flight while the learners step: rank 0 keeps the published version
+            # for an engine that replaces one which died holding them
+            keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
         num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
         Engine = ray.remote(VLLMGenerator)
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
 
-        def start_engine(name: str, index: int, attempt: int = 0):
-            """Engine `name` (a replacement: same resources, same place, a fresh Ray name)."""
+        def start_engine(name: str, index: int, attempt: int):
+            """Engine `name` in place `index`; a replacement (`attempt` > 0) gets the same resources
+            and place under a fresh Ray name."""
             options = dict(name=name if attempt == 0 else f"{name}-restart{attempt}", num_cpus=cpus,
                            num_gpus=engine_gpus)
             if colocated:
@@ -203,15 +208,12 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
                 config, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
                 name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences)
 
-        engines = {f"vllm-engine-{i}": start_engine(f"vllm-engine-{i}", i) for i in range(num_engines)}
-        roles.generator = RemoteGenerator(engines, args.ray_timeout_s)
-        roles.publisher = RayWeightPublisher(
-            roles.learner, engines, transport, spec.probe_ids, args.vllm_sync_tolerance, _engine_dtype(args),
-            args.ray_timeout_s, args.vllm_tensor_parallel_size, before_update=roles.generator.prepare_for_push,
-            start_engine=start_engine, max_restarts=args.ray_max_engine_restarts, faults=roles.faults,
-            keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
-        roles.generator.replace_engine = roles.publisher.replace_engine
-        roles.recover = roles.generator.recover
+        roles.engine_pool = EnginePool(start_engine, num_engines, args.ray_timeout_s, args.ray_max_engine_restarts,
+                                       roles.faults)
+        roles.publisher = RayWeightPublisher(roles.learner, roles.engine_pool, transport, spec.probe_ids,
+                                             args.vllm_sync_tolerance, _engine_dtype(args), args.ray_timeout_s,
+                                             args.vllm_tensor_parallel_size)
+        roles.generator = RemoteGenerator(roles.engine_pool, roles.publisher, args.ray_timeout_s)
     except BaseException:
         roles.close()
         raise

@@ -1,8 +1,10 @@
-"""The roles of a run and their contracts.
+"""The roles of a run, and the one way to wait for Ray actors.
 
-A placement (`placement.py`) builds one `Roles`: who samples (generator), who learns (learner),
-who scores (rewards), who moves the weights (publisher). The training loop only uses these
-contracts, so it never asks which placement it runs in. Every role that starts something
+A placement (`placement.py`) builds one `Roles`: who samples (generator: `submit`, `generate`,
+`drain`, `recover`), who learns (learner: `step`, `evaluate`, `sequence_logprobs`, `save`,
+`load`), who scores (rewards: `score`), who moves the weights (publisher: `publish`, `version`)
+and, under Ray, the engine pool the generator and the publisher share. The training loop only
+uses these calls, so it never asks which placement it runs in. Every role that starts something
 (an engine, actors, a Ray cluster) stops it in `close()`; `Roles.close()` closes them all.
 """
 
@@ -10,59 +12,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
-
-import torch
-
-from odpo_vllm.core.batches import PairBatch, Rollouts
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
-
-
-class RolloutHandle(Protocol):
-    def result(self) -> Rollouts: ...
-
-
-class Generator(Protocol):
-    """Samples k completions per prompt in block layout with the weights it serves."""
-
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RolloutHandle:
-        """Start sampling now (the order of submits and weight updates is the schedule)."""
-
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts: ...
-
-    def close(self) -> None: ...
-
-
-class Learner(Protocol):
-    """Policy, reference and optimizer: one optimizer step per `step` call."""
-
-    def step(self, batch: PairBatch, beta: float) -> dict[str, float]: ...
-
-    def evaluate(self, batch: PairBatch, beta: float) -> dict[str, float]: ...
-
-    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor: ...
-
-    def save(self, directory: str) -> None: ...
-
-    def load(self, directory: str) -> None: ...
-
-
-class Scorer(Protocol):
-    """Scores k*B completions (block layout): combined scores and each function's mean."""
-
-    def score(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
-              columns: dict[str, list], contains_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-class WeightPublisher(Protocol):
-    """Makes the engines serve the learner's weights of a given policy version (optimizer step)."""
-
-    version: int
-
-    def publish(self, version: int) -> dict[str, float]: ...
-
-    def close(self) -> None: ...
 
 
 class ActorDied(RuntimeError):
@@ -87,16 +39,6 @@ def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str
     return results
 
 
-class Done:
-    """The handle of work already finished (an in-process generator samples at submit time)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 @dataclass
 class Roles:
     generator: Any
@@ -107,18 +49,16 @@ class Roles:
     # process the roles share the model and the cores, so the pipeline runs them in turn.
     background_sampling: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)  # run in reverse order by close()
-    # Called by whoever waits for rollouts in the main thread: replaces engines that died
-    # (Ray placements; nothing to do in one process).
-    recover: Callable[[], None] = lambda: None
+    engine_pool: Any = None  # Ray placements: the engine actors, shared by generator and publisher
     # Faults survived so far (`faults/engine_restarts`, `faults/seconds_lost`), logged by the loop.
     faults: dict[str, float] = field(default_factory=dict)
 
     def close(self) -> None:
         """Close every role (publisher first: the transport needs live peers); idempotent."""
-        parts = [self.publisher, self.generator, self.rewards, self.learner]
+        parts = [self.publisher, self.generator, self.engine_pool, self.rewards, self.learner]
         closers = [getattr(part, "close", None) for part in parts] + list(reversed(self.closers))
         self.closers = []
-        self.publisher = self.generator = self.rewards = self.learner = None
+        self.publisher = self.generator = self.engine_pool = self.rewards = self.learner = None
         errors = []
         for close in closers:
             if close is None:

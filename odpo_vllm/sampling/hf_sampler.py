@@ -1,5 +1,5 @@
-"""Generators: sample k completions per prompt. The transformers backend lives here; the vLLM
-engine implements the same contract (`roles.Generator`)."""
+"""`TransformersGenerator`: samples k completions per prompt with `model.generate` on the
+learner's own model (in process). The vLLM engine (`vllm_engine.py`) has the same calls."""
 
 from __future__ import annotations
 
@@ -9,25 +9,7 @@ from typing import Any
 
 import torch
 
-from odpo_vllm.core.batches import Rollouts
-from odpo_vllm.runtime.roles import Done
-from odpo_vllm.core.objective import truncate_after_eos
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """The sampling seed of one step: the same (seed, step) always samples the same completions,
-    which is what makes a resumed run repeat the uninterrupted one."""
-    return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**31 - 1)
-
-
-def finish_rollouts(raw_completions, prompt_ids, num_samples, eos_token_ids, policy_version) -> Rollouts:
-    """Shared by every backend: cut at the first EOS, record which completions ended."""
-    completions, ended = [], []
-    for ids in raw_completions:
-        kept, has_eos = truncate_after_eos(ids, eos_token_ids)
-        completions.append(kept)
-        ended.append(has_eos)
-    return Rollouts(prompt_ids, completions, torch.tensor(ended, dtype=torch.bool), num_samples, policy_version)
+from odpo_vllm.core.batches import ReadyRollouts, Rollouts, finish_rollouts
 
 
 class TransformersGenerator:
@@ -62,9 +44,15 @@ class TransformersGenerator:
             **settings,
         )
 
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Done:
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
-        return Done(self.generate(prompt_ids, num_samples, seed))
+        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed))
+
+    def drain(self) -> None:
+        """Nothing is in flight: sampling happens at submit."""
+
+    def recover(self) -> None:
+        """Nothing to replace in process."""
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:

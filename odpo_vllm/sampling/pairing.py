@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from odpo_vllm.core.batches import PairBatch, Pairs, Rollouts
+from odpo_vllm.core.batches import PairBatch, ScoredPairs, Rollouts
 from odpo_vllm.core.objective import score_metrics, select_pairs
 
 
-def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_samples: int) -> Pairs:
+def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_samples: int) -> ScoredPairs:
     """Score every completion, pick chosen and rejected per prompt, and compute the score metrics."""
     timings = {"time/wait_weights": rollouts.engine_idle_s}
     start = time.perf_counter()
@@ -49,4 +49,4 @@ def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_
         for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))
     ]
     pair_scores = torch.cat([scores[chosen], scores[rejected]])
-    return Pairs(batch, metrics, log_rows, pair_scores, policy_version=rollouts.policy_version)
+    return ScoredPairs(batch, metrics, log_rows, pair_scores, policy_version=rollouts.policy_version)

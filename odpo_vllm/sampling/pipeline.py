@@ -17,11 +17,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from odpo_vllm.core.batches import Pairs
-from odpo_vllm.sampling.hf_sampler import step_seed
+from odpo_vllm.core.batches import ScoredPairs
 from odpo_vllm.sampling.pairing import pair_rollouts
 
 logger = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The sampling seed of one step: the same (seed, step) always samples the same completions,
+    which is what makes a resumed run repeat the uninterrupted one."""
+    return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**31 - 1)
 
 
 def sampling_version(step: int, async_steps: int) -> int:
@@ -35,7 +40,7 @@ class _Request:
     epoch: int
     position: int | None
     version: int  # the policy version the engines served when it was submitted
-    pairs: Future  # -> Pairs
+    pairs: Future  # -> ScoredPairs
 
 
 class RolloutPipeline:
@@ -73,7 +78,7 @@ class RolloutPipeline:
         handle = self.roles.generator.submit([row["prompt_ids"] for row in rows], args.num_samples,
                                              step_seed(args.seed, step))
 
-        def finish() -> Pairs:
+        def finish() -> ScoredPairs:
             rollouts = handle.result()
             pairs = pair_rollouts(rows, rollouts, self.roles.rewards, self.tokenizer, args.num_samples)
             pairs.metrics["time/generate"] = rollouts.sample_s  # the engines' own sampling time
@@ -87,21 +92,21 @@ class RolloutPipeline:
         self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), version,
                                        future)
 
-    def _wait(self, future: Future) -> Pairs:
+    def _wait(self, future: Future) -> ScoredPairs:
         """The future's pairs; meanwhile, replace engines that die (the background thread waits
         for their lost parts to be re-issued, which only this thread does)."""
         while True:
             try:
                 return future.result(timeout=0.1)
             except FutureTimeout:
-                self.roles.recover()
+                self.roles.generator.recover()
 
     def position_of(self, step: int) -> tuple[int, int | None]:
         """(epoch, batches taken in that epoch) of the batch of `step` (requested already)."""
         request = self.requests[step]
         return request.epoch, request.position
 
-    def take(self, step: int) -> tuple[Pairs, float]:
+    def take(self, step: int) -> tuple[ScoredPairs, float]:
         """The scored pairs of `step` and how long the loop waited for them."""
         start = time.perf_counter()
         request = self.requests.pop(step)
@@ -110,7 +115,6 @@ class RolloutPipeline:
         if pairs.policy_version != request.version:  # an update overtook the batch: a bug, never timing
             raise RuntimeError(f"rollout schedule: the batch of step {step} was sampled by policy version "
                                f"{pairs.policy_version}, expected {request.version}")
-        pairs.step, pairs.epoch, pairs.position = step, request.epoch, request.position
         return pairs, waited
 
     # ---------------------------------------------------------------- checkpoints

@@ -1,17 +1,17 @@
 """vLLM engine actors used as one generator, and what happens when one of them dies.
 
-A batch's prompts are split into parts, one per engine; each part keeps its engine's name, its
-prompts and its seed until it is sampled. When an engine's process dies (or a part waits longer
-than `timeout_s`), the part is *lost*: the main thread asks the weight publisher for a replacement
-engine that serves the current weights (`replace_engine`, which restarts and syncs it) and
-re-issues every unfinished part of that engine there, with the same seeds. Every part in flight
-was submitted while the engines served the publisher's current version (a push waits for the
-engines to go idle), so the replacement samples each lost part with the version it was meant for
-and the run goes on as if nothing happened.
+A batch's prompts are split into parts, one per engine of the engine pool; each part keeps its
+engine's name, its prompts and its seed until it is sampled. When an engine's process dies (or a
+part waits longer than `timeout_s`), the part is *lost*: the main thread has the pool replace the
+engine, has the weight publisher give the replacement the published weights, and re-issues every
+unfinished part of that engine there, with the same seeds. Every part in flight was submitted
+while the engines served the published version (a push waits until the generator has drained),
+so the replacement samples each lost part with the version it was meant for and the run goes on
+as if nothing happened.
 
 Threads: parts are waited for in the pipeline's background thread (`RemoteRollouts.result`) and
-in the thread that runs the training loop (`prepare_for_push`, `recover`); only the loop's thread
-replaces engines (the background thread waits for it, and gives up when the generator closes).
+in the thread that runs the training loop (`drain`, `recover`); only the loop's thread replaces
+engines (the background thread waits for it, and gives up when the generator closes).
 """
 
 from __future__ import annotations
@@ -20,25 +20,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from odpo_vllm.core.batches import Rollouts
+from odpo_vllm.runtime.engine_pool import engine_lost
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often a waiter looks at a part that is not sampled yet
-
-
-def engine_lost(err: BaseException) -> bool:
-    """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
-    engine core inside a live actor did), rather than a bug in the call."""
-    import ray
-
-    if isinstance(err, ray.exceptions.RayActorError):
-        return True
-    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
 
 
 @dataclass
@@ -70,7 +61,6 @@ class RemoteRollouts:
         parts = [self.generator.wait_part(part, repair) for part in self.parts]
         total, k = len(self.prompt_ids), self.num_samples
         completions: list = [None] * (k * total)
-        logprobs: list = [None] * (k * total)
         ended = torch.zeros(k * total, dtype=torch.bool)
         for (a, b), part in zip(self.bounds, parts):
             local = b - a
@@ -78,28 +68,24 @@ class RemoteRollouts:
                 for i in range(local):
                     row, global_row = j * local + i, j * total + a + i
                     completions[global_row] = part.completion_ids[row]
-                    logprobs[global_row] = part.sampling_logprobs[row] if part.sampling_logprobs else None
                     ended[global_row] = part.contains_eos[row]
         versions = {part.policy_version for part in parts}
         if len(versions) != 1:
             raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
-        return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(), logprobs,
+        return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(),
                         engine_idle_s=max(part.engine_idle_s for part in parts),
                         sample_s=max(part.sample_s for part in parts))
 
 
 class RemoteGenerator:
-    """Engine actors used as one generator: prompts split across engines, completions merged back
-    into one block layout. `engines` (name -> handle) belongs to the weight publisher, which
-    replaces engines in it; this class samples from them and notices when one is gone.
-    `replace_engine(name, reason, push_follows=False) -> handle`: set by the placement (the
-    publisher's)."""
+    """The engine pool's engines used as one generator: prompts split across engines, completions
+    merged back into one block layout. `publisher`: the weight publisher, which gives an engine the
+    pool replaced the published weights before a lost part is re-issued there."""
 
-    def __init__(self, engines: dict, timeout_s: float, replace_engine: Callable[..., Any] | None = None):
+    def __init__(self, pool, publisher, timeout_s: float):
         import ray
 
-        self.ray, self.engines, self.timeout_s = ray, engines, timeout_s
-        self.replace_engine = replace_engine
+        self.ray, self.pool, self.publisher, self.timeout_s = ray, pool, publisher, timeout_s
         self.lock = threading.Lock()
         self.parts: list[_Part] = []  # every part not yet known to be sampled, in submission order
         # when each engine last finished a part: a part queued behind others is timed from there
@@ -107,14 +93,14 @@ class RemoteGenerator:
 
     # ---------------------------------------------------------------- sampling
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
-        names = list(self.engines)
+        names = self.pool.names
         size, extra = divmod(len(prompt_ids), len(names))
         parts, bounds, start = [], [], 0
         for index, name in enumerate(names):
             stop = start + size + (index < extra)
             if stop > start:
                 part_seed = seed + index * 1_000_003
-                ref = self.engines[name].generate.remote(prompt_ids[start:stop], num_samples, part_seed)
+                ref = self.pool.engines[name].generate.remote(prompt_ids[start:stop], num_samples, part_seed)
                 parts.append(_Part(name, prompt_ids[start:stop], num_samples, part_seed, ref))
                 bounds.append((start, stop))
             start = stop
@@ -166,9 +152,9 @@ class RemoteGenerator:
             else:
                 time.sleep(POLL_S)  # the main thread re-issues it
 
-    def prepare_for_push(self) -> None:
+    def drain(self) -> None:
         """Before a weight push: wait until every submitted part is sampled (an update must not
-        overtake one) and every engine answers a ping, replacing dead engines on the way."""
+        overtake one), replacing engines that die on the way."""
         while True:
             with self.lock:
                 pending = [part for part in self.parts if part.value is None]
@@ -181,7 +167,6 @@ class RemoteGenerator:
                 if part.lost is None and part.value is None:
                     self._poll(part, POLL_S / len(pending))
             self.recover()
-        self.check_alive()
 
     # ---------------------------------------------------------------- faults
     def recover(self) -> None:
@@ -194,11 +179,9 @@ class RemoteGenerator:
                 if part.lost is not None and part.error is None:
                     dead.setdefault(part.engine, part.lost)
         for name, reason in dead.items():
-            if self.replace_engine is None:  # nothing can replace it: the run stops here
-                error = TimeoutError if "within" in reason else RuntimeError
-                raise error(f"generator: {name} {reason}")
             try:
-                engine = self.replace_engine(name, reason)
+                engine = self.pool.replace(name, reason)
+                self.publisher.sync_replacement(name)
             except BaseException as err:
                 self._fail_all(err)  # the run stops: no waiter may wait for a re-issue
                 raise
@@ -208,27 +191,6 @@ class RemoteGenerator:
                         part.ref = engine.generate.remote(part.prompts, part.num_samples, part.seed)
                         part.submitted, part.lost = time.monotonic(), None
 
-    def check_alive(self) -> None:
-        """(Main thread, engines idle, right before a weight push.) Replace any engine that died
-        while it had nothing to do."""
-        names = list(self.engines)
-        refs = [self.engines[name].ping.remote() for name in names]
-        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        for name, ref in zip(names, refs):
-            reason = f"did not answer ping() within {self.timeout_s:.0f}s" if ref in pending else None
-            if reason is None:
-                try:
-                    self.ray.get(ref)
-                except Exception as err:
-                    if not engine_lost(err):
-                        raise
-                    reason = f"died ({type(err).__name__})"
-            if reason is not None:
-                if self.replace_engine is None:
-                    raise RuntimeError(f"generator: {name} {reason}")
-                # no batch waits for it: the weight push that follows gives it the new version
-                self.replace_engine(name, reason, push_follows=True)
-
     def _fail_all(self, err: BaseException) -> None:
         with self.lock:
             for part in self.parts:
@@ -236,7 +198,5 @@ class RemoteGenerator:
                     part.error = err
 
     def close(self) -> None:
+        """Ends every wait for a part; the engines are the pool's to close."""
         self._fail_all(RuntimeError("generator: closed while this batch was being sampled"))
-        for engine in self.engines.values():
-            self.ray.kill(engine)
-        self.engines.clear()

@@ -1,11 +1,12 @@
 """`VLLMGenerator`: a vLLM engine as the sampler, kept in sync with the learner every step.
 
-Same contract as `TransformersGenerator` (`generate`), same block layout and EOS handling
-(`finish_rollouts`), so the loop does not know which one it drives.
+In process it is the run's generator (the same calls as `TransformersGenerator`, the same block
+layout and EOS handling, `batches.finish_rollouts`); under Ray each engine actor is one of these,
+owned by the engine pool and driven by `RemoteGenerator` and the weight publisher.
 
 The engine starts from the model's config with dummy weights and receives the learner's weights
 before it samples anything: one code path for the first load, every step's update and a resume.
-The weight publisher (`publisher.py`) drives every update and tells the engine which policy
+The weight publisher (`weights/publisher.py`) drives every update and tells the engine which policy
 version it now serves; the engine never counts versions itself.
 """
 
@@ -21,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from odpo_vllm.sampling.hf_sampler import finish_rollouts
-from odpo_vllm.runtime.roles import Done
+from odpo_vllm.core.batches import ReadyRollouts, finish_rollouts
 from odpo_vllm.weights.wire import SyncStats
 from odpo_vllm.weights.names import LearnerWeights, TensorMeta, validate_weights
 
@@ -87,7 +87,7 @@ def _set_engine_env(on_gpu: bool) -> None:
 
 
 class VLLMGenerator:
-    """An in-process vLLM engine (`vllm.LLM`) fed by an in-process learner."""
+    """A vLLM engine (`vllm.LLM`): in process beside the learner, or inside a Ray actor."""
 
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
@@ -211,12 +211,18 @@ class VLLMGenerator:
         settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
         settings["top_k"] = settings.get("top_k") or -1
         settings["min_p"] = settings.get("min_p") or 0.0
-        return SamplingParams(n=num_samples, seed=seed, logprobs=0, stop_token_ids=sorted(self.eos_token_ids),
+        return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(self.eos_token_ids),
                               **settings)
 
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Done:
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
-        return Done(self.generate(prompt_ids, num_samples, seed))
+        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed))
+
+    def drain(self) -> None:
+        """Nothing is in flight: sampling happens at submit."""
+
+    def recover(self) -> None:
+        """Nothing to replace in process."""
 
     def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
         if self.policy_version < 0:
@@ -231,7 +237,7 @@ class VLLMGenerator:
         requests = [{"prompt_token_ids": ids} for _ in range(num_samples) for ids in prompt_ids]
         params = [self._sampling_params(1, seed + row) for row in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        raw, logprobs = [], []
+        raw = []
         for output in outputs:
             sample = output.outputs[0]
             ids = list(sample.token_ids)
@@ -239,10 +245,8 @@ class VLLMGenerator:
                     not ids or ids[-1] != sample.stop_reason):
                 ids.append(sample.stop_reason)  # a stop id that vLLM left out
             raw.append(ids)
-            logprobs.append([step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)])
         self._sleep()  # the learner has the device until the next sync
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
-        rollouts.sampling_logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, rollouts.completion_ids)]
         rollouts.engine_idle_s = idle
         self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         rollouts.sample_s = self._last_generate_end - started

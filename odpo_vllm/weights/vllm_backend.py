@@ -129,7 +129,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def __init__(self, *, client, source, is_sender=True, info: GlooTrainerInitInfo | None = None):
         super().__init__(client=client, source=source, is_sender=is_sender)
-        self.info, self.group, self.last_bytes = info, None, 0
+        self.info, self.group = info, None
 
     @classmethod
     def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
@@ -163,7 +163,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
         def broadcast():
             tensors = iter(self.source)
-            sent, in_flight = 0, None
+            in_flight = None
             for bucket in plan_buckets([m.nbytes for m in metas], info.bucket_bytes):
                 chunk = []
                 for index in bucket:
@@ -175,10 +175,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 if in_flight is not None:
                     in_flight.wait()
                 in_flight = GlooBroadcast(self.group, buffer, info.engine_name, info.timeout_s)
-                sent += buffer.numel()
             if in_flight is not None:
                 in_flight.wait()
-            self.last_bytes = sent
 
         self.client.start_weight_update()
         run_with_peer(self.client.update_weights, (asdict(update),), broadcast, info.timeout_s, info.engine_name)

@@ -1,0 +1,126 @@
+"""The engine pool: the one owner of a run's vLLM engine actors.
+
+It holds each engine's handle and place (its index; colocated: its learner rank's bundle), pings
+them, replaces one that died or hung (same name, same resources, same place), counts restarts
+against `ray_max_engine_restarts`, and kills them all at close. Two roles use it and neither
+calls the other for it:
+
+- the generator (`sampling/remote_generator.py`) samples from `pool.engines` and asks for a
+  replacement when a part it waits for is lost;
+- the weight publisher (`weights/publisher.py`) pushes to `pool.engines`, replaces engines that
+  died while idle before a push, and gives a replacement the published weights before it serves
+  (`pool.stale` says which engines still need them).
+
+An engine is HEALTHY, or STALE (replaced, alive, not yet given the published weights: it serves
+nothing until the publisher syncs it), or dead (found by a failed call, then replaced at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+def engine_lost(err: BaseException) -> bool:
+    """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
+    engine core inside a live actor did), rather than a bug in the call."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
+
+
+class EnginePool:
+    """`start_engine(name, index, attempt) -> actor handle`: a new engine for place `index` (the
+    placement's recipe: resources, bundle, constructor arguments); `attempt` 0 is the first
+    start, a replacement gets a fresh Ray name from it. `faults` is where the restart count and
+    the seconds they cost are kept (the run logs them)."""
+
+    def __init__(self, start_engine: Callable[[str, int, int], Any], count: int, timeout_s: float,
+                 max_restarts: int, faults: dict | None = None):
+        import ray
+
+        self.ray, self.start_engine, self.timeout_s, self.max_restarts = ray, start_engine, timeout_s, max_restarts
+        self.faults = faults if faults is not None else {}
+        self.engines: dict[str, Any] = {}
+        self.restarts: dict[str, int] = {}
+        self.stale: set[str] = set()
+        for index in range(count):
+            name = f"vllm-engine-{index}"
+            self.engines[name] = start_engine(name, index, 0)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.engines)
+
+    def incarnation(self, name: str) -> int:
+        """How often `name` was replaced (a transport opened to an earlier incarnation is stale)."""
+        return self.restarts.get(name, 0)
+
+    # ---------------------------------------------------------------- health
+    def find_dead(self) -> dict[str, str]:
+        """(Engines idle.) Each engine that does not answer a ping in `timeout_s`, or whose
+        process is gone: name -> why."""
+        names = self.names
+        refs = [self.engines[name].ping.remote() for name in names]
+        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        dead = {}
+        for name, ref in zip(names, refs):
+            if ref in pending:
+                dead[name] = f"did not answer ping() within {self.timeout_s:.0f}s"
+                continue
+            try:
+                self.ray.get(ref)
+            except Exception as err:
+                if not engine_lost(err):
+                    raise
+                dead[name] = f"died ({type(err).__name__})"
+        return dead
+
+    # ---------------------------------------------------------------- replacement
+    def replace(self, name: str, reason: str):
+        """A new engine in the place of `name` (dead or stuck: `reason`), up and answering, STALE
+        until the publisher syncs it; its handle. A replacement that does not come up counts as
+        another failure. Past `max_restarts` for this engine: an error naming it and how often it
+        failed."""
+        start = time.perf_counter()
+        while True:
+            failures = self.restarts.get(name, 0) + 1
+            self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
+            if failures > self.max_restarts:
+                raise RuntimeError(
+                    f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
+                    f"{self.max_restarts}; the run stops (resume from the last checkpoint with "
+                    "--resume_from_checkpoint true)")
+            logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
+                           self.max_restarts)
+            self.restarts[name] = failures
+            self.engines[name] = self.start_engine(name, self.names.index(name), failures)
+            self.stale.add(name)
+            ping = self.engines[name].ping.remote()
+            ready, _ = self.ray.wait([ping], timeout=self.timeout_s)
+            try:
+                if not ready:
+                    raise TimeoutError(f"did not answer ping() within {self.timeout_s:.0f}s")
+                self.ray.get(ping)  # vLLM is up
+                break
+            except Exception as err:
+                if not (isinstance(err, TimeoutError) or engine_lost(err)):
+                    raise
+                reason = f"(its replacement) did not come up: {err}"
+        self.count_fault(time.perf_counter() - start)
+        return self.engines[name]
+
+    def count_fault(self, seconds: float) -> None:
+        """Add `seconds` lost to faults; the restart count is the pool's."""
+        self.faults["faults/engine_restarts"] = float(sum(self.restarts.values()))
+        self.faults["faults/seconds_lost"] = self.faults.get("faults/seconds_lost", 0.0) + seconds
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            self.ray.kill(engine)
+        self.engines.clear()
