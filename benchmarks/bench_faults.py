@@ -129,7 +129,7 @@ def main() -> None:
         return driver, ray_tmp
 
     driver, ray_tmp = started_run("rank")
-    os.kill(pid_of(ray_tmp, b"ray::LearnerWorker"), signal.SIGKILL)
+    os.kill(pid_of(ray_tmp, b"ray::RankActor"), signal.SIGKILL)
     killed = time.time()
     status = driver.wait()
     stopped = time.time() - killed

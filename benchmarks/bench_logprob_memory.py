@@ -7,12 +7,12 @@ A Qwen2-shaped model (vocabulary 150,000, hidden 256, 2 layers, fp32, random ini
 
 - `full logits + log_softmax`: the model's logits, then one fp32 log-softmax over the completion
   slice, as TRL's `OnlineDPOTrainer._forward` does;
-- `full logits + row-chunked log-softmax`: the model's logits, then `completion_token_logprobs`
-  one row at a time (odpo_vllm before this benchmark; its default `logprob_chunk_rows=4` is the
-  whole batch here);
-- `hidden states + chunked lm_head`: `Learner.token_logprobs` as it is now: the forward stops at
-  the final hidden states and `completion_logprobs_from_hidden` projects completion tokens a chunk
-  at a time (checkpointed under autograd), so no (N, T, V) tensor exists.
+- `full logits + gathered log-softmax`: the model's logits, then `logprobs_from_logits`: an fp32
+  log-softmax on 256 completion positions at a time (odpo_vllm's fallback where the output layer
+  alone does not give the logits, and under ZeRO-3);
+- `hidden states + chunked lm_head`: `Learner.completion_logprobs` as it is now: the forward stops
+  at the final hidden states and `logprobs_from_hidden` projects completion tokens a chunk at a
+  time (checkpointed under autograd), so no (N, T, V) tensor exists.
 
 Each pass runs in a fresh process, twice: as the reference pass (no grad) and as the policy pass
 (forward + backward of the summed logprobs). Peak = the process's resident-set high-water mark
@@ -36,8 +36,8 @@ import time
 
 METHODS = {
     "full": "full logits + log_softmax (TRL `_forward`)",
-    "rows": "full logits + row-chunked log-softmax (1 row/chunk)",
-    "hidden": "hidden states + chunked lm_head (`Learner.token_logprobs`)",
+    "gathered": "full logits + log-softmax on completion positions (`logprobs_from_logits`)",
+    "hidden": "hidden states + chunked lm_head (`Learner.completion_logprobs`)",
 }
 MODES = ("reference (no grad)", "policy (forward + backward)")
 
@@ -52,8 +52,8 @@ def worker(method: str, grad: bool, vocab: int, prompt_len: int, completion_len:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from odpo_vllm import OnlineDPOConfig
+    from odpo_vllm.core.sequences import logprobs_from_logits, separate_sequences
     from odpo_vllm.learning.learner import Learner
-    from odpo_vllm.core.objective import completion_token_logprobs, pack_sequences
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -63,21 +63,19 @@ def worker(method: str, grad: bool, vocab: int, prompt_len: int, completion_len:
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(2, vocab, (rows, prompt_len), generator=generator).tolist()
     completions = torch.randint(2, vocab, (rows, completion_len), generator=generator).tolist()
-    packed = pack_sequences(prompts, completions, prompt_len + completion_len, pad_token_id=0)
+    layout = separate_sequences(prompts, [[c] for c in completions], prompt_len + completion_len, pad_token_id=0)
     args = OnlineDPOConfig(output_dir="/tmp/odpo_bench_memory", report_to="none", gradient_checkpointing=False,
                            max_length=prompt_len + completion_len, max_new_tokens=completion_len)
     learner = Learner(model, None, args, 0, 1)
 
     def run():
         if method == "hidden":
-            logps, _ = learner.token_logprobs(model, packed)
-        elif method == "rows":
-            logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
-            logps, _ = completion_token_logprobs(logits, packed, chunk_rows=1)
+            logps, _ = learner.completion_logprobs(model, layout)
+        elif method == "gathered":
+            logps, _ = logprobs_from_logits(model(**layout.model_inputs(), use_cache=False).logits, layout)
         else:  # TRL's _forward: logits of the completion slice, one log_softmax over the vocabulary
-            logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
-            completion = packed.input_ids[:, prompt_len:]
-            logits = logits[:, prompt_len - 1 : -1]
+            logits = model(**layout.model_inputs(), use_cache=False).logits[:, prompt_len - 1 : -1]
+            completion = layout.input_ids[:, prompt_len:]
             logps = torch.take_along_dim(logits.log_softmax(dim=-1), completion.unsqueeze(-1), dim=2).squeeze(-1)
         if grad:
             logps.sum().backward()

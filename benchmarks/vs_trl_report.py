@@ -34,7 +34,7 @@ def _rss_text(rss: dict) -> str:
     if "process" in rss:
         return f"{rss['process']:,.0f}"
     parts = [f"driver {rss.get('driver', 0):,.0f}"]
-    names = {"LearnerWorker": "rank", "VLLMGenerator": "engine"}
+    names = {"RankActor": "rank", "VLLMGenerator": "engine"}
     for key, value in sorted(rss.items()):
         if key in ("driver",) or key.endswith(" count"):
             continue

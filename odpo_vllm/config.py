@@ -169,13 +169,6 @@ class OnlineDPOConfig(TrainingArguments):
     )
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in policy and reference."})
-    logprob_chunk_rows: int = field(
-        default=4,
-        metadata={
-            "help": "Rows per fp32 log-softmax chunk in the logprob pass, used only where logprobs cannot be "
-            "computed from hidden states (ZeRO-3, or an output layer that does not reproduce the logits)."
-        },
-    )
 
     shared_prompt_passes: bool = field(
         default=True,
@@ -297,8 +290,6 @@ class OnlineDPOConfig(TrainingArguments):
             fail("ray_num_reward_workers", f"must be >= 1, got {self.ray_num_reward_workers}")
         if self.reward_gpus < 0:
             fail("reward_gpus", f"must be >= 0, got {self.reward_gpus}")
-        if self.logprob_chunk_rows < 1:
-            fail("logprob_chunk_rows", f"must be >= 1, got {self.logprob_chunk_rows}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
             fail("reward_weights", "must be a list of numbers")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):

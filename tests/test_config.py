@@ -43,7 +43,6 @@ def config(tmp_path, **kwargs):
         ("min_p", {"min_p": 1.5}),
         ("repetition_penalty", {"repetition_penalty": 0.0}),
         ("generation_batch_size", {"generation_batch_size": 0}),
-        ("logprob_chunk_rows", {"logprob_chunk_rows": 0}),
         ("vllm_gpu_memory_utilization", {"vllm_gpu_memory_utilization": 0.0}),
         ("vllm_gpu_memory_utilization", {"vllm_gpu_memory_utilization": 1.2}),
         ("vllm_tensor_parallel_size", {"vllm_tensor_parallel_size": 0}),

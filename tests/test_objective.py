@@ -10,15 +10,13 @@ import torch
 from odpo_vllm.core.objective import (
     apply_missing_eos_penalty,
     beta_for_epoch,
-    completion_token_logprobs,
     dpo_loss,
-    pack_sequences,
     policy_metrics,
     score_metrics,
     select_pairs,
-    token_logprobs,
     truncate_after_eos,
 )
+from odpo_vllm.core.sequences import logprobs_from_logits, separate_sequences, token_logprobs, truncate
 
 
 def t(*values):
@@ -174,75 +172,91 @@ class TestBeta:
         assert beta_for_epoch([0.2], 4) == 0.2
 
 
-# ------------------------------------------------------------------------------------- packing
-class TestPack:
-    def test_left_truncates_prompt_and_masks(self):
-        packed = pack_sequences([[1, 2, 3, 4, 5], [6, 7]], [[10, 11, 12], [13]], max_length=6, pad_token_id=0)
-        assert packed.input_ids.tolist() == [[3, 4, 5, 10, 11, 12], [6, 7, 13, 0, 0, 0]]
-        assert packed.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
-        assert packed.completion_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0]]
-        assert packed.num_truncated_prompts == 1
+# ------------------------------------------------------------------------------------- separate sequences
+class TestSeparateSequences:
+    def test_truncation_keeps_the_completion_and_cuts_the_prompt_from_the_left(self):
+        assert truncate([1, 2, 3, 4, 5], [10, 11, 12], 6) == ([3, 4, 5], [10, 11, 12])
+        assert truncate([1, 2], [3, 4, 5, 6], 3) == ([], [3, 4, 5])
+        assert truncate([1, 2], [3], 10) == ([1, 2], [3])
 
-    def test_no_truncation_when_it_fits(self):
-        packed = pack_sequences([[1, 2], [3]], [[4], [5, 6]], max_length=10, pad_token_id=9)
-        assert packed.input_ids.tolist() == [[1, 2, 4], [3, 5, 6]]
-        assert packed.completion_mask.tolist() == [[0, 0, 1], [0, 1, 1]]
-        assert packed.num_truncated_prompts == 0
-        assert packed.input_ids.dtype == torch.long
+    def test_left_truncates_prompt_and_masks(self):
+        layout = separate_sequences([[1, 2, 3, 4, 5], [6, 7]], [[[10, 11, 12]], [[13]]], max_length=6, pad_token_id=0)
+        assert layout.input_ids.tolist() == [[3, 4, 5, 10, 11, 12], [6, 7, 13, 0, 0, 0]]
+        assert layout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+        assert layout.completion_mask().tolist() == [[1, 1, 1], [1, 0, 0]]
+        # completion token t of row s is predicted by the column before it
+        assert list(zip(layout.rows.tolist(), layout.cols.tolist(), layout.targets.tolist())) == [
+            (0, 2, 10), (0, 3, 11), (0, 4, 12), (1, 1, 13)]
+        assert layout.num_truncated_prompts == 1
+
+    def test_rows_in_block_layout(self):
+        # 2 prompts x 2 completions: row j * 2 + g holds completion j of prompt g
+        layout = separate_sequences([[1], [2]], [[[3], [4]], [[5], [6]]], max_length=10, pad_token_id=0)
+        assert layout.input_ids.tolist() == [[1, 3], [2, 5], [1, 4], [2, 6]]
+        assert layout.num_truncated_prompts == 0 and layout.input_ids.dtype == torch.long
+        assert set(layout.model_inputs()) == {"input_ids", "attention_mask"}
 
     def test_prompt_dropped_when_completion_fills_max_length(self):
-        packed = pack_sequences([[1, 2]], [[3, 4, 5, 6]], max_length=3, pad_token_id=0)
-        assert packed.input_ids.tolist() == [[3, 4, 5]]
-        assert packed.completion_mask.tolist() == [[1, 1, 1]]
-        assert packed.num_truncated_prompts == 1
+        layout = separate_sequences([[1, 2]], [[[3, 4, 5, 6]]], max_length=3, pad_token_id=0)
+        assert layout.input_ids.tolist() == [[3, 4, 5]]
+        assert layout.completion_mask().tolist() == [[0, 1, 1]]  # nothing predicts the first token
+        assert layout.num_truncated_prompts == 1
 
     def test_length_mismatch_raises(self):
         with pytest.raises(ValueError):
-            pack_sequences([[1]], [[2], [3]], max_length=4, pad_token_id=0)
+            separate_sequences([[1]], [[[2]], [[3]]], max_length=4, pad_token_id=0)
 
 
 # ------------------------------------------------------------------------------------- logprobs
-class TestTokenLogprobs:
-    def _case(self, n=5, steps=7, vocab=11, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        logits = torch.randn(n, steps, vocab, generator=generator) * 3
-        ids = torch.randint(0, vocab, (n, steps), generator=generator)
-        return logits, ids
+class TestLogprobsFromLogits:
+    PROMPTS, COMPLETIONS = [[1, 2, 3], [4], [5, 6]], [[[7, 8]], [[9, 1, 2]], [[3]]]
 
-    def test_matches_direct_log_softmax(self):
-        logits, ids = self._case()
-        out = token_logprobs(logits, ids)
-        assert out.shape == (5, 6)
-        expected = torch.empty(5, 6)
-        for n in range(5):
-            for step in range(6):
-                expected[n, step] = torch.log_softmax(logits[n, step].double(), dim=-1)[ids[n, step + 1]].float()
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
-        assert (out <= 0).all()
+    def _case(self, vocab=11, seed=0):
+        layout = separate_sequences(self.PROMPTS, self.COMPLETIONS, max_length=8, pad_token_id=0)
+        logits = torch.randn(*layout.input_ids.shape, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+        return layout, logits
+
+    def _by_hand(self, logits):
+        """(S, C) log-softmax in float64 at each completion token, indexed from the token lists alone."""
+        expected = torch.zeros(3, 3, dtype=torch.float64)
+        for s, (prompt, [completion]) in enumerate(zip(self.PROMPTS, self.COMPLETIONS)):
+            for t, token in enumerate(completion):
+                expected[s, t] = torch.log_softmax(logits[s, len(prompt) + t - 1].double(), dim=-1)[token]
+        return expected
+
+    def test_matches_direct_log_softmax_and_zeroes_the_rest(self):
+        layout, logits = self._case()
+        logps, mask = logprobs_from_logits(logits, layout)
+        assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+        assert logps.dtype == torch.float32
+        torch.testing.assert_close(logps.double(), self._by_hand(logits), rtol=0, atol=1e-5)
+        assert (logps[mask == 0] == 0).all()
 
     def test_chunking_invariance(self):
-        logits, ids = self._case(n=9)
-        one = token_logprobs(logits, ids, chunk_rows=1)
-        three = token_logprobs(logits, ids, chunk_rows=3)
-        all_rows = token_logprobs(logits, ids, chunk_rows=100)
-        torch.testing.assert_close(one, all_rows, rtol=0, atol=0)
-        torch.testing.assert_close(three, all_rows, rtol=0, atol=0)
+        layout, logits = self._case()
+        one, _ = logprobs_from_logits(logits, layout, chunk_tokens=1)
+        three, _ = logprobs_from_logits(logits, layout, chunk_tokens=3)
+        all_tokens, _ = logprobs_from_logits(logits, layout, chunk_tokens=100)
+        torch.testing.assert_close(one, all_tokens, rtol=0, atol=0)
+        torch.testing.assert_close(three, all_tokens, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            logprobs_from_logits(logits, layout, chunk_tokens=0)
 
-    def test_low_precision_logits_give_fp32(self):
-        logits, ids = self._case()
-        out = token_logprobs(logits.to(torch.bfloat16), ids)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, token_logprobs(logits.to(torch.bfloat16).float(), ids))
+    def test_next_token_logprobs_of_a_whole_sequence_are_those_of_the_gather(self):
+        # the probe's scoring (`token_logprobs`) and the pass's agree: every token after the first
+        ids = [5, 9, 1, 7, 3]
+        layout = separate_sequences([ids[:1]], [[ids[1:]]], max_length=8, pad_token_id=0)
+        logits = torch.randn(1, 5, 11, generator=torch.Generator().manual_seed(2)) * 3
+        torch.testing.assert_close(token_logprobs(logits, torch.tensor([ids])), logprobs_from_logits(logits, layout)[0],
+                                   rtol=0, atol=0)
 
-    def test_completion_logprobs_zero_padding_and_prompt(self):
-        packed = pack_sequences([[1, 2, 3], [4]], [[5, 6], [7]], max_length=8, pad_token_id=0)
-        logits = torch.randn(2, packed.input_ids.shape[1], 8, generator=torch.Generator().manual_seed(1))
-        logps, mask = completion_token_logprobs(logits, packed)
-        # row 0: tokens [1,2,3,5,6] -> predicted positions 1..4; completion tokens are at input 3, 4
-        assert mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
-        full = token_logprobs(logits, packed.input_ids)
-        torch.testing.assert_close(logps, full * mask)
-        assert (logps[mask == 0] == 0).all()
+    def test_low_precision_logits_are_normalised_in_fp32(self):
+        # a log-softmax in bf16 is off by up to ~5e-2 at this scale; the one in fp32 by ~1e-6
+        layout, logits = self._case(vocab=50)
+        logits = logits.to(torch.bfloat16)
+        logps, _ = logprobs_from_logits(logits, layout)
+        assert logps.dtype == torch.float32
+        torch.testing.assert_close(logps.double(), self._by_hand(logits), rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- metrics

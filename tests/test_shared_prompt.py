@@ -14,9 +14,18 @@ import pytest
 import torch
 
 from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.core.sequences import (
+    SeparateSequences,
+    SharedPromptRows,
+    attention_mask,
+    build_groups,
+    logprobs_from_hidden,
+    logprobs_from_logits,
+    pack_rows,
+    separate_sequences,
+    shared_prompt_rows,
+)
 from odpo_vllm.learning.learner import Learner
-from odpo_vllm.core.objective import pack_sequences
-from odpo_vllm.core.packing import attention_mask, build_groups, pack_rows, shared_prompt_rows
 
 from conftest import make_args
 
@@ -88,6 +97,44 @@ def test_prompts_cut_differently_by_max_length_are_not_shared():
     assert truncated == 2
     assert [(g.prompt, g.completions, g.sequences) for g in groups] == [
         ([3, 4, 5, 6], [[7, 8]], [0]), ([5, 6], [[9, 9, 9, 9]], [1])]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_both_layouts_give_the_same_logprobs_and_gradients_when_prompts_are_cut(model_path, attention):
+    """The two layouts through a real model, both gathers, prompts cut by max_length: pairs whose
+    completions keep the same prompt share it, others are split, one prompt is dropped whole."""
+    from transformers import AutoModelForCausalLM
+
+    model = moved(AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention))
+    batch = random_pairs(model.config.vocab_size, n=5, prompt=(16, 20), completion=(2, 10), seed=9)
+    prompts = batch.prompt_ids + [list(range(3, 17)), list(range(20, 25))]
+    completions = [[c, r] for c, r in zip(batch.chosen_ids, batch.rejected_ids)]
+    completions += [[[40, 41, 42, 43], [44, 45, 46, 47]], [list(range(50, 66)), [70, 71, 72]]]
+    mask_dtype = None if attention == "sdpa" else torch.float32  # the learner's forms (`_mask_dtype`)
+
+    def run(build, gather):
+        model.zero_grad(set_to_none=True)
+        layout = build(prompts, completions, 16, 1)
+        if gather == "hidden":
+            out = model(**layout.model_inputs(mask_dtype), output_hidden_states=True, use_cache=False)
+            logps, mask = logprobs_from_hidden(out.hidden_states[-1], model.lm_head, layout, chunk_tokens=7)
+        else:
+            logps, mask = logprobs_from_logits(model(**layout.model_inputs(mask_dtype), use_cache=False).logits,
+                                               layout, chunk_tokens=7)
+        weights = torch.linspace(0.5, 1.5, logps.numel()).reshape(logps.shape)  # a different weight per token
+        (logps * weights).sum().backward()
+        return layout, logps.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for gather in ("hidden", "logits"):
+        (separate, want, want_mask, want_grads), (shared, got, mask, got_grads) = (
+            run(build, gather) for build in (separate_sequences, shared_prompt_rows))
+        assert separate.num_truncated_prompts == shared.num_truncated_prompts == 2 * len(prompts) - 1
+        groups = sum(len(set(row[row >= 0].tolist())) for row in shared.group_ids)
+        assert (shared.segment_ids == 2).any() and groups > len(prompts)  # some prompts shared, some split
+        assert torch.equal(mask, want_mask) and mask[len(prompts) - 1, 0] == 0  # nothing before token 0
+        close(got, want, f"{gather}: logprobs")
+        for name, grad in want_grads.items():
+            close(got_grads[name], grad, f"{gather}: {name}")
 
 
 # -------------------------------------------------------------------------------- equality
@@ -208,8 +255,8 @@ def test_sliding_window_longer_sequences_run_separately(model_path, tmp_path, ca
     long = random_pairs(96, n=3, prompt=(10, 14), completion=(4, 8), seed=5)
     with caplog.at_level(logging.WARNING, logger="odpo_vllm.learning.learner"):
         learner = Learner(copy.deepcopy(base), reference, make_args(tmp_path), 1, 1)
-        assert learner._shared_rows(long) is None
-        assert learner._shared_rows(short) is not None
+        assert isinstance(learner._layout(long), SeparateSequences)
+        assert isinstance(learner._layout(short), SharedPromptRows)
     assert "sliding window (12)" in caplog.text
 
 
@@ -224,14 +271,14 @@ def test_more_than_two_completions_per_prompt(model_path, tmp_path):
     samples = [[a, b, c] for a, b, c in zip(batch.chosen_ids, batch.rejected_ids, extra)]
     weights = torch.linspace(0.5, 1.5, 3 * len(batch))  # a different weight per sequence
 
-    def run(packed):
+    def run(layout):
         policy.zero_grad(set_to_none=True)
-        logps, mask = learner.token_logprobs(policy, packed)
+        logps, mask = learner.completion_logprobs(policy, layout)
         sums = (logps * mask).sum(1)
         (sums * weights).sum().backward()
         return sums.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}
 
-    want, want_grads = run(pack_sequences(batch.prompt_ids * 3, [s[j] for j in range(3) for s in samples], 256, 1))
+    want, want_grads = run(separate_sequences(batch.prompt_ids, samples, 256, 1))
     rows = shared_prompt_rows(batch.prompt_ids, samples, 256, 1)
     separate = sum(3 * len(p) + sum(len(c) for c in s) for p, s in zip(batch.prompt_ids, samples))
     assert rows.num_tokens < separate  # the prompts once, and little padding

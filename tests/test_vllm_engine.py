@@ -10,13 +10,13 @@ from odpo_vllm import OnlineDPOTrainer, toy
 from odpo_vllm.sampling.hf_sampler import TransformersGenerator
 from odpo_vllm.weights.publisher import LocalWeightPublisher
 from odpo_vllm.learning.learner import Learner
-from odpo_vllm.core.objective import pack_sequences
+from odpo_vllm.core.sequences import separate_sequences
 from odpo_vllm.weights.names import LearnerWeights
 from odpo_vllm.sampling.vllm_engine import CPU_KV_BLOCK_TOKENS, VLLMGenerator, cpu_kv_cache_bytes
 
 from conftest import make_args
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.vllm]
+pytestmark = pytest.mark.timeout(600)  # `vllm` on each test that starts an engine
 
 FULL_BATCH = 1024  # sequences the module's engine must hold at once (more than a 64 MiB cache does here)
 GREEDY = {"temperature": 1e-6}  # vLLM samples greedily below 1e-5; transformers nearly so
@@ -40,6 +40,7 @@ def engine_setup(model_path, tmp_path_factory):
     engine.close()
 
 
+@pytest.mark.vllm
 def test_cpu_kv_cache_sized_for_the_whole_batch(engine_setup):
     """The engine samples a step's completions in one batch rather than in waves: its KV cache
     holds `max_sequences` sequences of `max_model_len` (vLLM's own count of blocks)."""
@@ -67,6 +68,7 @@ def perturb(model, scale: float, seed: int) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
+@pytest.mark.vllm
 def test_block_layout_and_seeds(engine_setup):
     engine, _, tokenizer, prompt = engine_setup
     other = tokenizer("Tell me about the book.")["input_ids"]
@@ -82,10 +84,9 @@ def test_block_layout_and_seeds(engine_setup):
     # replay sample 0 of prompt i+1)
     same = engine.generate([prompt] * 4, num_samples=2, seed=11)
     assert len({tuple(c) for c in same.completion_ids}) == 8
-    # sampling logprobs come back, one per kept token
-    assert [len(lp) for lp in first.sampling_logprobs] == [len(c) for c in first.completion_ids]
 
 
+@pytest.mark.vllm
 def test_greedy_parity_with_transformers_including_eos(engine_setup, tmp_path):
     """Both samplers produce identical token ids, cut after EOS the same way, and pack into
     identically shaped and masked batches."""
@@ -110,9 +111,9 @@ def test_greedy_parity_with_transformers_including_eos(engine_setup, tmp_path):
     assert from_vllm.contains_eos.tolist() == from_hf.contains_eos.tolist()
     assert from_hf.contains_eos[0] and len(from_hf.completion_ids[0]) <= 3
     assert from_hf.completion_ids[0][-1] == stop
-    packed = [pack_sequences([prompt, other] * 2, r.completion_ids, args.max_length, tokenizer.pad_token_id)
-              for r in (from_hf, from_vllm)]
-    for field in ("input_ids", "attention_mask", "completion_mask"):
+    packed = [separate_sequences([prompt, other] * 2, [[c] for c in r.completion_ids], args.max_length,
+                                 tokenizer.pad_token_id) for r in (from_hf, from_vllm)]
+    for field in ("input_ids", "attention_mask", "cols", "targets", "sequences", "offsets"):
         assert torch.equal(getattr(packed[0], field), getattr(packed[1], field))
 
 
@@ -121,6 +122,7 @@ def logprob_gap(engine, learner) -> float:
     return (engine.sequence_logprobs(probe) - learner.sequence_logprobs(probe)).abs().max().item()
 
 
+@pytest.mark.vllm
 def test_update_reaches_engine_and_skipping_it_shows(engine_setup):
     engine, learner, _, prompt = engine_setup
     assert logprob_gap(engine, learner) < 1e-4
@@ -134,6 +136,7 @@ def test_update_reaches_engine_and_skipping_it_shows(engine_setup):
     assert engine.policy_version == engine.publisher.version == version + 1
 
 
+@pytest.mark.vllm
 def test_tied_weights_are_required(engine_setup):
     """Leaving out lm_head.weight (tied to the embeddings) leaves the engine's output layer stale."""
     engine, learner, _, _ = engine_setup
@@ -147,6 +150,7 @@ def test_tied_weights_are_required(engine_setup):
     assert logprob_gap(engine, learner) < 1e-4
 
 
+@pytest.mark.vllm
 def test_bad_weights_rejected_before_loading(engine_setup):
     engine, learner, _, prompt = engine_setup
 
@@ -171,6 +175,7 @@ def test_bad_weights_rejected_before_loading(engine_setup):
     assert len(engine.generate([prompt], 2, seed=0).completion_ids) == 2
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("async_steps", [0, 2])
 def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path, async_steps):
     args = make_args(tmp_path, use_vllm=True, max_steps=40, per_device_train_batch_size=8,
@@ -193,6 +198,7 @@ def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path, as
     trainer.close()
 
 
+@pytest.mark.vllm
 def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     from peft import LoraConfig
 
@@ -211,6 +217,7 @@ def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     trainer.close()
 
 
+@pytest.mark.vllm
 def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path):
     from odpo_vllm.run import checkpoint
 
@@ -242,6 +249,7 @@ def test_use_vllm_without_vllm_names_the_setting(model_path, tmp_path, monkeypat
                       make_args(tmp_path, use_vllm=True), {0}, max_model_len=64)
 
 
+@pytest.mark.vllm
 def test_engine_start_failure_names_settings(model_path, tmp_path):
     """A context the model cannot serve fails with the settings to change, not vLLM's traceback."""
     from transformers import AutoConfig, AutoTokenizer

@@ -12,8 +12,6 @@ Conventions
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -79,104 +77,6 @@ def select_pairs(scores: torch.Tensor, num_prompts: int, num_samples: int) -> tu
     chosen_sample = torch.where(same, torch.zeros_like(chosen_sample), chosen_sample)
     prompt_index = torch.arange(num_prompts, device=scores.device)
     return chosen_sample * num_prompts + prompt_index, rejected_sample * num_prompts + prompt_index
-
-
-# --------------------------------------------------------------------------------------------
-# Sequences for the logprob pass
-# --------------------------------------------------------------------------------------------
-@dataclass
-class PackedSequences:
-    """Right-padded prompt+completion rows; `completion_mask` marks completion tokens."""
-
-    input_ids: torch.Tensor  # (N, T) long
-    attention_mask: torch.Tensor  # (N, T) long
-    completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens only
-    num_truncated_prompts: int
-
-
-def pack_sequences(
-    prompts: list[list[int]], completions: list[list[int]], max_length: int, pad_token_id: int
-) -> PackedSequences:
-    """Join each prompt with its completion, keep at most `max_length` tokens.
-
-    The prompt is cut from the left so the completion survives whole (a completion longer than
-    `max_length` keeps its first tokens; config validation prevents that case).
-    """
-    if len(prompts) != len(completions):
-        raise ValueError("prompts and completions must have the same length")
-    rows, masks, truncated = [], [], 0
-    for prompt, completion in zip(prompts, completions):
-        completion = list(completion)[:max_length]
-        room = max_length - len(completion)
-        kept_prompt = list(prompt)[-room:] if room > 0 else []
-        if len(kept_prompt) < len(prompt):
-            truncated += 1
-        rows.append(kept_prompt + completion)
-        masks.append([0] * len(kept_prompt) + [1] * len(completion))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
-    return PackedSequences(input_ids, attention_mask, completion_mask, truncated)
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
-    """Log-probability of each next token: out[:, t] = log p(input_ids[:, t+1] | prefix).
-
-    The log-softmax runs in fp32 a few rows at a time, so a large vocabulary never needs a full
-    fp32 copy of the batch's logits. Shape (N, T-1).
-    """
-    targets = input_ids[:, 1:]
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        rows = logits[start : start + chunk_rows, :-1].float()
-        picked = rows.gather(-1, targets[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(rows, dim=-1))
-    return torch.cat(out, dim=0)
-
-
-def completion_token_logprobs(logits: torch.Tensor, packed: PackedSequences, chunk_rows: int = 4):
-    """Per-token logprobs of completion tokens and their mask, both (N, T-1), padding zeroed."""
-    mask = packed.completion_mask[:, 1:].to(logits.device)
-    logps = token_logprobs(logits, packed.input_ids.to(logits.device), chunk_rows)
-    return logps * mask, mask
-
-
-def _chunk_logprobs(project, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = project(states).float()  # (chunk, V): the only vocabulary-wide tensor, one chunk at a time
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def completion_logprobs_from_hidden(hidden: torch.Tensor, project, packed: PackedSequences, chunk_tokens: int = 256):
-    """`completion_token_logprobs` computed from the final hidden states instead of the logits.
-
-    `hidden` is the (N, T, H) output of the model's last norm and `project` its output layer
-    (`lm_head`): logits are made only for completion positions, `chunk_tokens` of them at a time,
-    so the pass never holds a (N, T, V) tensor. Under autograd each chunk is checkpointed: its
-    logits are recomputed in backward instead of kept, and the peak stays a few (chunk, V) tensors
-    for the whole batch. Returns fp32 logprobs and the mask, both (N, T-1), zero off completions.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    mask = packed.completion_mask[:, 1:].to(hidden.device)
-    targets = packed.input_ids[:, 1:].to(hidden.device)
-    rows, cols = mask.nonzero(as_tuple=True)  # position t predicts token t + 1
-    states, picked = hidden[:, :-1][rows, cols], targets[rows, cols]  # (M, H), (M,)
-    grad = torch.is_grad_enabled() and states.requires_grad
-    parts = []
-    for start in range(0, states.shape[0], chunk_tokens):
-        chunk = (project, states[start : start + chunk_tokens], picked[start : start + chunk_tokens])
-        parts.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False) if grad else _chunk_logprobs(*chunk))
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    if parts:
-        out = out.index_put((rows, cols), torch.cat(parts))
-    return out, mask
 
 
 # --------------------------------------------------------------------------------------------

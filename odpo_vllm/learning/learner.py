@@ -14,20 +14,15 @@ from collections import defaultdict
 import torch
 
 from odpo_vllm.core.batches import PairBatch
-from odpo_vllm.core.objective import (
-    completion_logprobs_from_hidden,
-    completion_token_logprobs,
-    dpo_loss,
-    pack_sequences,
-    policy_metrics,
-    token_logprobs,
-)
-from odpo_vllm.core.packing import (
-    SharedPromptRows,
+from odpo_vllm.core.objective import dpo_loss, policy_metrics
+from odpo_vllm.core.sequences import (
+    SequenceLayout,
+    logprobs_from_hidden,
+    logprobs_from_logits,
     longest_sequence,
-    shared_logprobs_from_hidden,
-    shared_logprobs_from_logits,
+    separate_sequences,
     shared_prompt_rows,
+    token_logprobs,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,8 +72,8 @@ class Learner:
         self.scheduler = scheduler or build_scheduler(self.optimizer, args, num_training_steps)
         self.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
-        self._hidden_path: dict[int, bool] = {}  # per model: logprobs from hidden states (see token_logprobs)
-        self._shared_ok: dict[int, bool] = {}  # per model: takes shared-prompt rows (see _shared_rows)
+        self._hidden_path: dict[int, bool] = {}  # per model: logprobs from hidden states (see _final_hidden_states)
+        self._shared_ok: dict[int, bool] = {}  # per model: takes shared-prompt rows (see _shares_prompts)
         self._logged: set[str] = set()
 
     # ---------------------------------------------------------------- logprobs
@@ -92,64 +87,60 @@ class Learner:
             return self.model.disable_adapter()  # PEFT: the base model is the reference
         return contextlib.nullcontext()
 
-    def token_logprobs(self, model, packed):
-        """Completion-token logprobs under `model`, (N, T-1) fp32, and the completion mask; for
-        `SharedPromptRows` (prompt once, its completions after it, see `packing.py`) they are
-        (S, C): row s is sequence s of the block layout, column t its completion token t.
+    def completion_logprobs(self, model, layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completion-token logprobs under `model`, (S, C) fp32 (row s: sequence s of the block layout,
+        column t: its completion token t, zero elsewhere), and the (S, C) completion mask, whichever
+        the layout (`core/sequences.py`).
 
-        Where the model allows it, the forward stops at the final hidden states (`logits_to_keep=1`)
-        and the output layer runs on completion positions only, a chunk of tokens at a time
-        (`completion_logprobs_from_hidden`): no (N, T, V) logits exist at any point. The first call
-        per model checks that its output layer alone (followed by the config's
-        `final_logit_softcapping`, if any) reproduces its logits; otherwise (scaling or other
-        post-processing), and under ZeRO-3 (partitioned weights must go through the engine's
-        forward), the full logits are computed and the fp32 log-softmax is chunked.
+        Where the model allows it (`_final_hidden_states`), the forward stops at the final hidden
+        states and the output layer runs on completion positions only, a chunk of tokens at a time:
+        no (rows, length, vocabulary) logits exist at any point. Otherwise the full logits are
+        computed and the fp32 log-softmax runs on chunks of completion positions.
         """
-        shared = isinstance(packed, SharedPromptRows)
-        if shared:
-            inputs = dict(input_ids=packed.input_ids.to(self.device), position_ids=packed.position_ids.to(self.device),
-                          attention_mask=packed.attention_mask(_mask_dtype(model)).to(self.device), use_cache=False)
-        else:
-            inputs = dict(input_ids=packed.input_ids.to(self.device),
-                          attention_mask=packed.attention_mask.to(self.device), use_cache=False)
-        key = id(model)
-        head = self._output_layer(model) if self._hidden_path.get(key, True) else None
-        out = None
-        if head is not None:
-            try:
-                with self._autocast():
-                    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            except TypeError:  # a forward without these arguments (custom code)
-                if key in self._hidden_path:
-                    raise
-                self._hidden_path[key] = False
-        if out is not None:
-            hidden = out.hidden_states[-1]
-            cap = getattr(getattr(_unwrap(model), "config", None), "final_logit_softcapping", None)
-
-            def project(states):
-                with self._autocast():
-                    logits = head(states)
-                    if cap:  # Gemma2-style soft-capping after the output layer
-                        logits = torch.tanh(logits / cap) * cap
-                    return logits
-
-            if key not in self._hidden_path:  # the output layer alone must give the model's logits
-                with torch.no_grad():
-                    mine, theirs = project(hidden[:, -1:]).float(), out.logits.float()
-                self._hidden_path[key] = mine.shape == theirs.shape and bool(
-                    (mine - theirs).abs().max() <= 1e-6 * max(1.0, theirs.abs().max().item()))
-            if self._hidden_path[key]:
-                chunk = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
-                if shared:
-                    return shared_logprobs_from_hidden(hidden, project, packed, chunk)
-                return completion_logprobs_from_hidden(hidden, project, packed, chunk)
-            del out, hidden
+        inputs = {**layout.model_inputs(_mask_dtype(model), self.device), "use_cache": False}
+        found = self._final_hidden_states(model, inputs)
+        if found is not None:
+            hidden, project, vocab = found
+            return logprobs_from_hidden(hidden, project, layout, _chunk_tokens(vocab))
         with self._autocast():
             logits = model(**inputs).logits
-        if shared:
-            return shared_logprobs_from_logits(logits, packed, max(1, LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1])))
-        return completion_token_logprobs(logits, packed, self.args.logprob_chunk_rows)
+        return logprobs_from_logits(logits, layout, _chunk_tokens(logits.shape[-1]))
+
+    def _final_hidden_states(self, model, inputs: dict):
+        """(final hidden states, output layer, vocabulary size) of `model` on `inputs` (`logits_to_keep=1`),
+        or None where logprobs must come from the full logits. The first call per model checks that
+        its output layer alone, followed by the config's `final_logit_softcapping` if any, reproduces
+        its logits; a model that post-processes them otherwise (logit scaling, custom heads), a forward
+        without `logits_to_keep` and ZeRO-3 (partitioned weights must go through the engine's
+        forward) get None."""
+        key = id(model)
+        head = self._output_layer(model) if self._hidden_path.get(key, True) else None
+        if head is None:
+            return None
+        try:
+            with self._autocast():
+                out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        except TypeError:  # a forward without these arguments (custom code)
+            if key in self._hidden_path:
+                raise
+            self._hidden_path[key] = False
+            return None
+        hidden = out.hidden_states[-1]
+        cap = getattr(getattr(_unwrap(model), "config", None), "final_logit_softcapping", None)
+
+        def project(states):
+            with self._autocast():
+                logits = head(states)
+                if cap:  # Gemma2-style soft-capping after the output layer
+                    logits = torch.tanh(logits / cap) * cap
+                return logits
+
+        if key not in self._hidden_path:  # the output layer alone must give the model's logits
+            with torch.no_grad():
+                mine, theirs = project(hidden[:, -1:]).float(), out.logits.float()
+            self._hidden_path[key] = mine.shape == theirs.shape and bool(
+                (mine - theirs).abs().max() <= 1e-6 * max(1.0, theirs.abs().max().item()))
+        return (hidden, project, head.weight.shape[0]) if self._hidden_path[key] else None
 
     @staticmethod
     def _output_layer(model):
@@ -166,34 +157,34 @@ class Learner:
 
     def _pair_pass(self, batch: PairBatch, beta: float, total_pairs: int, train: bool):
         """Loss (scaled so micro-batches add up to the mean over `total_pairs`) and metric sums."""
-        packed = self._shared_rows(batch)
-        if packed is None:  # separate, right-padded sequences
-            packed = pack_sequences(
-                batch.prompt_ids + batch.prompt_ids, batch.chosen_ids + batch.rejected_ids,
-                self.args.max_length, self.pad_token_id,
-            )
+        layout = self._layout(batch)
         with torch.no_grad(), self._reference_context():
             ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_logps, _ = self.token_logprobs(ref_model, packed)
+            ref_logps, _ = self.completion_logprobs(ref_model, layout)
         with torch.set_grad_enabled(train):
-            policy_logps, mask = self.token_logprobs(self.model, packed)
+            policy_logps, mask = self.completion_logprobs(self.model, layout)
             n = len(batch)
             seq_policy, seq_ref = policy_logps.sum(1), ref_logps.sum(1)
             losses = dpo_loss(seq_policy[:n], seq_policy[n:], seq_ref[:n], seq_ref[n:], beta, self.args.loss_type)
             loss = losses.sum() / total_pairs
         sums = policy_metrics(policy_logps.detach(), ref_logps, mask, n, beta)
         sums["loss"] = losses.detach().sum()
-        return loss, sums, packed.num_truncated_prompts
+        return loss, sums, layout.num_truncated_prompts
 
-    # ---------------------------------------------------------------- shared-prompt rows
-    def _shared_rows(self, batch: PairBatch) -> SharedPromptRows | None:
-        """The micro-batch as shared-prompt rows (`packing.py`), or None for separate sequences:
-        when `shared_prompt_passes` is off, when a model failed the one-time check (logged once),
-        or when a sequence is longer than the model's sliding window (a single mask cannot hold
+    # ---------------------------------------------------------------- layouts
+    def _layout(self, batch: PairBatch) -> SequenceLayout:
+        """The micro-batch's pairs as shared-prompt rows where `_shares_prompts` allows, else as
+        separate sequences (`core/sequences.py`); chosen sequences first, then rejected."""
+        completions = [[c, r] for c, r in zip(batch.chosen_ids, batch.rejected_ids)]
+        build = shared_prompt_rows if self._shares_prompts(batch, completions) else separate_sequences
+        return build(batch.prompt_ids, completions, self.args.max_length, self.pad_token_id)
+
+    def _shares_prompts(self, batch: PairBatch, completions: list[list[list[int]]]) -> bool:
+        """False when `shared_prompt_passes` is off, when a model failed the one-time check (logged
+        once), or when a sequence is longer than the model's sliding window (a single mask cannot hold
         both the full and the windowed pattern; this micro-batch only)."""
         if not getattr(self.args, "shared_prompt_passes", True) or len(batch) == 0:
-            return None
-        completions = [[c, r] for c, r in zip(batch.chosen_ids, batch.rejected_ids)]
+            return False
         models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
         for model in models:
             if id(model) not in self._shared_ok:
@@ -203,13 +194,13 @@ class Learner:
                     logger.warning("shared_prompt_passes: %s %s; it runs separate padded sequences instead",
                                    type(_unwrap(model)).__name__, reason)
             if not self._shared_ok[id(model)]:
-                return None
+                return False
             window = _sliding_window(model)
             if window and longest_sequence(batch.prompt_ids, completions, self.args.max_length) > window:
                 self._log_once(f"shared_prompt_passes: sequences longer than the sliding window ({window}) "
                                "run as separate sequences")
-                return None
-        return shared_prompt_rows(batch.prompt_ids, completions, self.args.max_length, self.pad_token_id)
+                return False
+        return True
 
     def _shared_refusal(self, model, batch: PairBatch) -> str | None:
         """Why `model` cannot take shared-prompt rows, or None. Checked once per model: its attention
@@ -222,15 +213,14 @@ class Learner:
         n = min(8, max(1, (_sliding_window(model) or 16) // 2))  # the probe fits a sliding window
         pool = (batch.prompt_ids[0] + batch.chosen_ids[0] + batch.rejected_ids[0]) * 3 * n
         prompts, completions = [pool[:n]], [[pool[n : 2 * n], pool[2 * n : 3 * n][::-1]]]
-        shared = shared_prompt_rows(prompts, completions, self.args.max_length, self.pad_token_id)
-        separate = pack_sequences(prompts * 2, completions[0], self.args.max_length, self.pad_token_id)
         was_training, autocast_dtype = model.training, self.autocast_dtype
         model.eval()
         self.autocast_dtype = None  # compare in the weights' precision (fp32 unless DeepSpeed holds bf16/fp16)
         try:
             with torch.no_grad():
-                got, _ = self.token_logprobs(model, shared)
-                want, _ = self.token_logprobs(model, separate)
+                got, want = [self.completion_logprobs(model, build(prompts, completions, self.args.max_length,
+                                                                   self.pad_token_id))[0]
+                             for build in (shared_prompt_rows, separate_sequences)]
         except Exception as error:  # noqa: BLE001 (any failure means: not this model)
             return f"failed on a shared-prompt row ({type(error).__name__}: {error})"
         finally:
@@ -258,7 +248,7 @@ class Learner:
         with self._autocast():
             logits = self.model(input_ids=ids, use_cache=False).logits
         self.model.train(was_training)
-        return token_logprobs(logits, ids)[0].float().cpu()
+        return token_logprobs(logits, ids)[0].cpu()
 
     # ---------------------------------------------------------------- training
     def step(self, batch: PairBatch, beta: float) -> dict[str, float]:
@@ -337,8 +327,13 @@ def _unwrap(model):
     return model
 
 
+def _chunk_tokens(vocab: int) -> int:
+    """Completion tokens per chunk of the logprob gather: `LOGPROB_CHUNK_BYTES` of fp32 logits."""
+    return max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))
+
+
 def _mask_dtype(model) -> torch.dtype | None:
-    """Attention-mask form for shared-prompt rows: bool for sdpa, additive float for eager."""
+    """4D attention-mask form for shared-prompt rows: bool for sdpa, additive float for eager."""
     config = getattr(_unwrap(model), "config", None)
     if getattr(config, "_attn_implementation", None) == "sdpa":
         return None
@@ -358,22 +353,26 @@ def _sliding_window(model) -> int | None:
 
 
 def load_model_weights(model, directory: str) -> None:
-    """Load weights written by `save_pretrained` (full model or PEFT adapter) into `model` in place."""
+    """Load weights written by `save_pretrained` (a full model, one file or sharded, or a PEFT adapter)
+    into `model` in place."""
     from safetensors.torch import load_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+    from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-    adapter = os.path.join(directory, "adapter_model.safetensors")
+    adapter = os.path.join(directory, ADAPTER_SAFE_WEIGHTS_NAME)
     if os.path.exists(adapter):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(adapter, device=str(next(model.parameters()).device)))
         return
-    files = sorted(f for f in os.listdir(directory) if f.startswith("model") and f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model weights (*.safetensors) in checkpoint {directory}")
-    state = {}
-    for name in files:
-        state.update(load_file(os.path.join(directory, name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_NAME)):
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, SAFE_WEIGHTS_NAME)), strict=False)
+    elif os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)):
+        # transformers' loader: the shards named by the index, one at a time (never the whole state in memory)
+        missing, unexpected = load_sharded_checkpoint(model, directory, strict=False)
+    else:
+        raise FileNotFoundError(f"no model weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}) in checkpoint "
+                                f"{directory}")
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from odpo_vllm.rewards.scorer import Rewards
-from odpo_vllm.runtime.roles import wait_for
+from odpo_vllm.runtime.waits import wait_for
 
 
 class RewardWorker:

@@ -128,10 +128,10 @@ def ensure_ray(args) -> list:
 
 
 def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
-    import ray
-
     """Reward models in `ray_num_reward_workers` actors behind a `RemoteRewards`; `local` itself
     when there is no reward model (callables and judges run in the driver)."""
+    import ray
+
     from odpo_vllm.rewards.workers import RemoteRewards, RewardWorker
 
     if not local.model_indices:

@@ -1,4 +1,4 @@
-"""The roles of a run, and the one way to wait for Ray actors.
+"""The roles of a run.
 
 A placement (`placement.py`) builds one `Roles`: who samples (generator: `submit`, `generate`,
 `drain`, `recover`), who learns (learner: `step`, `evaluate`, `sequence_logprobs`, `save`,
@@ -15,28 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
-
-
-class ActorDied(RuntimeError):
-    """An actor's process is gone (the error names it)."""
-
-
-def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str) -> list:
-    """The results of Ray calls `refs` (made to the actors `names`, in order), or an error that
-    names the actors which did not answer `call` within `timeout_s` (TimeoutError) or died."""
-    import ray
-
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        late = [names[refs.index(ref)] for ref in pending]
-        raise TimeoutError(f"{who}: {', '.join(late)} did not answer {call}() within {timeout_s:.0f}s")
-    results = []
-    for name, ref in zip(names, refs):
-        try:
-            results.append(ray.get(ref))
-        except ray.exceptions.RayActorError as err:
-            raise ActorDied(f"{who}: {name} died during {call}() ({type(err).__name__})") from err
-    return results
 
 
 @dataclass

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from odpo_vllm.runtime.roles import wait_for
+from odpo_vllm.runtime.waits import wait_for
 from odpo_vllm.weights.names import LearnerWeights
 
 logger = logging.getLogger(__name__)
