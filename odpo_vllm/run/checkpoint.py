@@ -11,10 +11,12 @@ import random
 import re
 import shutil
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "odpo_state.json"
@@ -23,13 +25,34 @@ ROLLOUTS_FILE = "rollouts.pt"
 
 logger = logging.getLogger(__name__)
 
+# `checkpoint-<step>`, or what a killed save (`.incomplete`) or deletion (`.deleting[.<ns>]`) left.
+# (transformers' own listing, `sort_checkpoints`, takes those leftovers for checkpoints.)
+FOLDER_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)(\.incomplete|\.deleting(?:\.\d+)?)?")
+
+
+class CheckpointFolder(NamedTuple):
+    path: str
+    step: int
+    complete: bool  # False: a leftover, never resumed from and removed by the next save
+
+
+def checkpoint_folders(output_dir: str) -> list[CheckpointFolder]:
+    """The checkpoint folders of `output_dir`, leftovers included, oldest step first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = FOLDER_NAME.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append(CheckpointFolder(path, int(match.group(1)), complete=match.group(2) is None))
+    return sorted(found, key=lambda folder: (folder.step, folder.path))
+
 
 def save(trainer) -> str:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder beside it, which
     is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder
     that looks complete (resume and `save_total_limit` only see renamed ones)."""
     output_dir = trainer.args.output_dir
-    final = os.path.join(output_dir, f"checkpoint-{trainer.state.global_step}")
+    final = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
     directory = f"{final}.incomplete"
     shutil.rmtree(directory, ignore_errors=True)  # left by a save that was killed
     os.makedirs(directory)
@@ -49,13 +72,10 @@ def save(trainer) -> str:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _rotate(output_dir, trainer.args.save_total_limit)  # only after the new checkpoint is complete
-    for name in os.listdir(output_dir):  # what killed saves and deletions left
-        if LEFTOVER.fullmatch(name):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    for folder in checkpoint_folders(output_dir):  # what killed saves and deletions left
+        if not folder.complete:
+            shutil.rmtree(folder.path, ignore_errors=True)
     return final
-
-
-LEFTOVER = re.compile(r"checkpoint-\d+\.(incomplete|deleting(\.\d+)?)")
 
 
 def _set_aside(directory: str) -> str:
@@ -151,26 +171,24 @@ def verify(directory: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), m
 
 
 def has_checkpoints(output_dir: str) -> bool:
-    return os.path.isdir(output_dir) and any(re.fullmatch(r"checkpoint-\d+", name) for name in os.listdir(output_dir))
+    return any(folder.complete for folder in checkpoint_folders(output_dir))
 
 
 def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), model=None) -> str:
     """The newest checkpoint-<step> folder of `output_dir` that `verify` accepts; a damaged newer
     one is skipped with a warning that names it."""
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-        elif LEFTOVER.fullmatch(name):
+    folders = checkpoint_folders(output_dir)
+    for folder in folders:
+        if not folder.complete:
             logger.warning("resume_from_checkpoint: skipping %s (a save or a deletion that was interrupted; it is "
-                           "not a checkpoint)", os.path.join(output_dir, name))
-    if not found:
+                           "not a checkpoint)", folder.path)
+    complete = [folder for folder in folders if folder.complete]
+    if not complete:
         raise MissingCheckpointError(f"resume_from_checkpoint=True: no checkpoint-* folder in {output_dir}")
-    for _, directory in sorted(found, reverse=True):
+    for folder in reversed(complete):
         try:
-            verify(directory, required, model)
-            return directory
+            verify(folder.path, required, model)
+            return folder.path
         except CheckpointError as err:
             logger.warning("%s; falling back to an earlier checkpoint", err)
     raise CheckpointError(f"resume_from_checkpoint=True: every checkpoint in {output_dir} is damaged or incomplete "
@@ -180,10 +198,6 @@ def newest_complete(output_dir: str, required: tuple[str, ...] = (STATE_FILE, RU
 def _rotate(output_dir: str, limit: int | None) -> None:
     if not limit or limit <= 0:
         return
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match:
-            found.append((int(match.group(1)), name))
-    for _, name in sorted(found)[:-limit]:
-        shutil.rmtree(_set_aside(os.path.join(output_dir, name)), ignore_errors=True)
+    complete = [folder for folder in checkpoint_folders(output_dir) if folder.complete]
+    for folder in complete[:-limit]:
+        shutil.rmtree(_set_aside(folder.path), ignore_errors=True)

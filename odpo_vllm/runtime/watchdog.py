@@ -7,50 +7,40 @@ agents keep trying to reach the dead GCS for about a minute. This watchdog, a sm
 own session, learns the cluster's processes (refreshed every second) and waits on a pipe from the
 driver: if the pipe breaks without a goodbye, it kills every process it knows and exits.
 
-    python odpo_vllm/watchdog.py ROOT_PID...      (stdin: the pipe; "bye" ends it quietly)
+    python odpo_vllm/runtime/watchdog.py ROOT_PID...      (stdin: the pipe; "bye" ends it quietly)
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 
+import psutil
+
 REFRESH_S = 1.0
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of `pid`, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def descendants(roots: set[int]) -> dict[int, int]:
-    """pid -> start time of `roots` and every process below them."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = _stat(int(name))
-            if stat is not None:
-                children.setdefault(stat[0], []).append(int(name))
-                starts[int(name)] = stat[1]
-    found, todo = {}, [pid for pid in roots if pid in starts]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found[pid] = starts[pid]
-            todo += children.get(pid, [])
+def descendants(roots: list[psutil.Process]) -> dict[int, psutil.Process]:
+    """pid -> process of `roots` (those still alive) and every process below them."""
+    found = {}
+    for root in roots:
+        try:
+            for process in [root, *root.children(recursive=True)]:
+                found[process.pid] = process
+        except psutil.Error:  # the root is gone (or its pid reused): what it left is already known
+            pass
     return found
 
 
-def watch(roots: set[int]) -> None:
+def watch(root_pids: set[int]) -> None:
+    roots = []
+    for pid in root_pids:
+        try:
+            roots.append(psutil.Process(pid))  # remembers its start time: a reused pid is never taken for it
+        except psutil.NoSuchProcess:
+            pass
     said: list[str] = []
     closed = threading.Event()
 
@@ -59,18 +49,18 @@ def watch(roots: set[int]) -> None:
         closed.set()
 
     threading.Thread(target=read, daemon=True).start()
-    known: dict[int, int] = {}
+    # Processes stay known after they leave the tree: an orphan is moved under init, but still ours.
+    known: dict[int, psutil.Process] = {}
     while not closed.wait(REFRESH_S):
         known.update(descendants(roots))
     if said and said[0].strip() == "bye":
         return
     known.update(descendants(roots))
-    for pid, start in known.items():
-        stat = _stat(pid)
-        if stat is not None and stat[1] == start and pid != os.getpid():  # the same process, not a reused pid
+    for process in known.values():
+        if process.pid != os.getpid():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
+                process.kill()  # psutil checks the start time first: a reused pid is left alone
+            except psutil.Error:
                 pass
 
 
