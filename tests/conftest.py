@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# Before torch loads OpenMP (what `import odpo_vllm` does for a user): libgomp's spinning threads
+# made the async tests 40x slower on a shared 2-core machine (63 s instead of 1.5 s for one).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import TrainerCallback
 
 from odpo_vllm import OnlineDPOConfig, toy
 
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Fixtures that start a slow tier's machinery, and the marker a test using them must carry.
+NEEDS_MARKER = {"ray_cluster": "ray", "engine_setup": "vllm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keeps the markers truthful: a test that starts Ray or a vLLM engine through a fixture and
+    lacks the marker would run in the fast tier."""
+    for item in items:
+        for fixture, marker in NEEDS_MARKER.items():
+            if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture} but is not marked {marker}")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +67,12 @@ def tokenizer(model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def probe_ids(tokenizer):
+    """Token ids whose logprobs tell two copies of the policy apart."""
+    return tokenizer("Review the film: it was great fun")["input_ids"] * 2
 
 
 @pytest.fixture
@@ -98,6 +122,38 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], model) -> set[str]:
     now = dict(model.named_parameters())
     return {name for name, value in before.items() if not torch.equal(value, now[name].detach())}
+
+
+def saved_weights(trainer, directory) -> dict[str, torch.Tensor]:
+    """The policy's weights as the public save path writes them: `trainer.save_model` (or a
+    LearnerGroup's `save_pretrained`, which save_model calls) into a fresh folder under
+    `directory`, read back from its model.safetensors. The trainer must still be open."""
+    from safetensors.torch import load_file
+
+    folder = tempfile.mkdtemp(prefix="saved-", dir=directory)
+    save = trainer.save_model if hasattr(trainer, "save_model") else trainer.save_pretrained
+    save(folder)
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def rank_logprobs(group, token_ids, ranks: int) -> torch.Tensor:
+    """The learner ranks' logprobs of `token_ids`, asserted identical on every rank (ranks holding
+    the same weights compute the same forward pass); rank 0's."""
+    per_rank = group.call("sequence_logprobs", token_ids)
+    assert len(per_rank) == ranks
+    for rank, logprobs in enumerate(per_rank[1:], start=1):
+        assert torch.equal(logprobs, per_rank[0]), f"rank {rank} differs from rank 0"
+    return per_rank[0]
+
+
+def model_logprobs(model, token_ids) -> torch.Tensor:
+    """log p(token_ids[t] | token_ids[:t]) for t >= 1 under a transformers model in this process
+    (what a learner's `sequence_logprobs` computes)."""
+    from odpo_vllm.core.sequences import token_logprobs
+
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        return token_logprobs(model.eval()(input_ids=ids, use_cache=False).logits, ids)[0].float()
 
 
 def train_rows(trainer) -> list[dict]:

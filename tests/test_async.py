@@ -35,7 +35,6 @@ def test_staleness_is_min_of_step_and_k(model_path, tmp_path, k):
     rows = train_rows(trainer)
     assert [r["async/staleness"] for r in rows] == [float(min(t, k)) for t in range(5)]
     assert all(r["async/staleness_max"] == r["async/staleness"] for r in rows)  # one step per log row
-    assert all(r["time/wait_rollouts"] >= 0 and "time/wait_weights" in r for r in rows)
     assert len(seen) == 5
 
 
@@ -63,8 +62,7 @@ def test_async_resume_with_batches_in_flight_is_exact(model_path, tmp_path):
     assert [item["pairs"].policy_version for item in state["ready"]] == [1, 2, 3]
     resumed, resumed_prompts = trainer_for(model_path, tmp_path / "part")
     resumed.train(resume_from_checkpoint=True)
-    assert len(full_prompts) == 6 and first_prompts + resumed_prompts == full_prompts
-    assert sorted(first_prompts + resumed_prompts) == sorted(full_prompts)
+    assert len(full_prompts) == 6 and first_prompts + resumed_prompts == full_prompts  # none lost, none repeated
     assert [r["async/staleness"] for r in train_rows(resumed)][-3:] == [2.0, 2.0, 2.0]
     weights, now = snapshot(full.model), dict(resumed.model.named_parameters())
     assert max((weights[n] - now[n].detach()).abs().max().item() for n in weights) <= 1e-6

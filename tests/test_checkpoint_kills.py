@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from odpo_vllm import toy
 from odpo_vllm.run import checkpoint
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the command line with the save's own calls wrapped: at the chosen point of the save of

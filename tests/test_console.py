@@ -118,6 +118,7 @@ def _rewards(output: str) -> tuple[float, float]:
 @pytest.mark.timeout(600)
 @pytest.mark.ray
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_demo_output_fits_one_screen(tmp_path):
     """The default demo (Ray: a vLLM engine actor and two DeepSpeed ranks): at most 30 lines,
     with the first and last mean reward, and no library line from any process."""
@@ -133,6 +134,7 @@ def test_demo_output_fits_one_screen(tmp_path):
 
 @pytest.mark.timeout(600)
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_demo_log_level_info_lets_library_output_through(tmp_path):
     """In process, so the engine's loggers live in the demo's process: `--log_level info` shows
     vLLM's per-step INFO lines that the default hides."""

@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from odpo_vllm import OnlineDPOTrainer, toy
 
-from conftest import make_args
+from conftest import make_args, saved_weights
 
-pytestmark = [pytest.mark.timeout(1200), pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.ray]  # and vllm on the tests that start an engine
 
 
 def settings(tmp_path, name, **overrides):
@@ -31,7 +31,7 @@ def kill_engine(trainer, name: str, sig: int = signal.SIGKILL) -> int:
     """Send `sig` to the process of engine `name` (a Ray actor on this machine); its pid."""
     import ray
 
-    pid = ray.get(trainer.publisher.engines[name].pid.remote())
+    pid = ray.get(trainer.roles.engine_pool.engines[name].pid.remote())
     os.kill(pid, sig)
     return pid
 
@@ -87,12 +87,13 @@ def run(model_path, args, fault=None):
                           train_dataset=toy.prompt_dataset(24)) as trainer:
         killed = fault(trainer) if fault is not None else []
         trainer.train()
-        weights = trainer.learner.full_weights()[0]
-        pids = {name: ray.get(engine.pid.remote()) for name, engine in trainer.publisher.engines.items()}
+        weights = saved_weights(trainer, args.output_dir)
+        pids = {name: ray.get(engine.pid.remote()) for name, engine in trainer.roles.engine_pool.engines.items()}
     rows = [r for r in trainer.state.log_history if "loss" in r]
     return weights, rows, killed, pids
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("engines,async_steps,when", [(1, 0, "sampling"), (2, 0, "idle"), (2, 1, "in flight")],
                          ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async-in-flight"])
 def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_cluster, model_path, tmp_path, engines,
@@ -123,6 +124,7 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
 
 
+@pytest.mark.vllm
 def test_stuck_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluster, model_path, tmp_path):
     """SIGSTOP: the engine's process is alive but answers nothing; after ray_timeout_s (its batch
     or the liveness check before the next push) it counts as failed. With no restarts allowed the

@@ -12,9 +12,9 @@ from odpo_vllm.core.batches import PairBatch
 from odpo_vllm.learning.learner import Learner
 from odpo_vllm.learning.group import LearnerGroup, shard
 
-from conftest import make_args
+from conftest import make_args, model_logprobs, rank_logprobs, saved_weights
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
+pytestmark = pytest.mark.timeout(900)
 
 
 def test_shard_is_contiguous_and_even():
@@ -31,8 +31,11 @@ def pairs(tokenizer) -> PairBatch:
     return PairBatch(prompts, [completion(6 + i) for i in range(4)], [completion(9 - i) for i in range(4)])
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_data_parallel_step_matches_single_process(ray_cluster, model_path, tokenizer, tmp_path, zero_stage):
+def test_data_parallel_step_matches_single_process(ray_cluster, model_path, tokenizer, probe_ids, tmp_path,
+                                                   zero_stage):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     # SGD: Adam's first step divides by |g| and would magnify float noise between the two runs
@@ -43,7 +46,8 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
                          zero_stage=zero_stage, cpus_per_rank=1, timeout_s=300, name=f"zero{zero_stage}")
     try:
         metrics = group.step(batch, beta=0.1)
-        ranks = group.full_weights()
+        served = rank_logprobs(group, probe_ids, ranks=2)  # both ranks hold the same weights
+        trained = saved_weights(group, tmp_path)
     finally:
         group.close()
 
@@ -58,19 +62,20 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
     assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-6)
     assert metrics["logps/chosen"] == pytest.approx(expected["logps/chosen"], abs=1e-4)
     assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
-    # both ranks hold the same full weights (ZeRO-3 gathered them), tied head included
-    assert set(ranks[0]) == set(dict(policy.state_dict()))
-    assert torch.equal(ranks[0]["lm_head.weight"], ranks[0]["model.embed_tokens.weight"])
-    for name, tensor in ranks[0].items():
-        assert torch.equal(tensor, ranks[1][name]), name
-    # and they equal one process stepping on the whole batch
-    worst = max((ranks[0][name] - tensor).abs().max().item() for name, tensor in policy.state_dict().items())
-    assert worst < 1e-5
-    moved = max((ranks[0][n] - t).abs().max().item()
-                for n, t in AutoModelForCausalLM.from_pretrained(model_path).state_dict().items())
-    assert moved > 1e-4  # the step did change the weights
+    # the saved policy (ZeRO-3: gathered) has the weights one process gets stepping on the whole batch,
+    # under the same names
+    policy.save_pretrained(tmp_path / "single")
+    single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    assert set(trained) == set(single_weights)
+    assert max((trained[n] - t).abs().max().item() for n, t in single_weights.items()) < 1e-5
+    initial = AutoModelForCausalLM.from_pretrained(model_path).state_dict()
+    assert max((trained[n] - initial[n]).abs().max().item() for n in trained) > 1e-4  # the step moved them
+    # and the ranks serve what one process serves
+    assert (served - model_logprobs(policy, probe_ids)).abs().max().item() < 1e-4
 
 
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_published_version(ray_cluster, model_path,
                                                                                           tokenizer, tmp_path):
     """Learner ranks (ZeRO-3) -> two vLLM engine actors over odpo_gloo in size-capped buckets,
@@ -80,6 +85,7 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     (transport reopened on a fresh port). Past ray_max_engine_restarts the replacement is refused."""
     from transformers import AutoConfig
 
+    from odpo_vllm.runtime.engine_pool import EnginePool
     from odpo_vllm.weights.publisher import RayWeightPublisher
     from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
@@ -89,18 +95,17 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     probe = tokenizer("Review the film: it was")["input_ids"] * 2
     Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
 
-    def start_engine(name, index, attempt=0):
+    def start_engine(name, index, attempt):
         return Engine.options(name=f"{name}-{attempt}").remote(
             AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
             probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index)
 
-    engines = {f"engine-{i}": start_engine(f"engine-{i}", i) for i in range(2)}
+    pool = EnginePool(start_engine, 2, timeout_s=300, max_restarts=1)
+    engines = pool.engines
     group = LearnerGroup(model_path, args, tokenizer.pad_token_id, num_training_steps=4, num_ranks=2,
-                         zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher")
-    faults = {}
-    publisher = RayWeightPublisher(group, engines, "odpo_gloo", probe, None, torch.float32, timeout_s=300,
-                                   bucket_bytes=64 << 10, start_engine=start_engine, max_restarts=1, faults=faults,
-                                   keep_published=True)
+                         zero_stage=3, cpus_per_rank=0.5, timeout_s=300, name="pusher", keep_published=True,
+                         bucket_bytes=64 << 10)
+    publisher = RayWeightPublisher(group, pool, "odpo_gloo", probe, None, torch.float32, timeout_s=300)
 
     def gaps(learned):
         served = ray.get([h.sequence_logprobs.remote(probe) for h in engines.values()], timeout=300)
@@ -115,24 +120,26 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
         published = group.sequence_logprobs(probe)
         first_gaps, first_versions = gaps(published), versions()
         group.step(pairs(tokenizer), beta=0.1)  # the learners move on; version 1 is still served
-        old = engines["engine-1"]
-        publisher.replace_engine("engine-1", "was replaced by the test")
-        replaced = engines["engine-1"]
+        old = engines["vllm-engine-1"]
+        pool.replace("vllm-engine-1", "was replaced by the test")
+        stale = set(pool.stale)
+        publisher.sync_replacement("vllm-engine-1")
+        replaced = engines["vllm-engine-1"]
         replaced_gaps, replaced_versions = gaps(published), versions()
         live_gap = gaps(group.sequence_logprobs(probe))[1]
         pushed = publisher.publish(2)
         pushed_gaps, pushed_versions = gaps(group.sequence_logprobs(probe)), versions()
-        with pytest.raises(RuntimeError, match="engine-1 stuck: it failed 2 times, more than "
+        with pytest.raises(RuntimeError, match="vllm-engine-1 stuck: it failed 2 times, more than "
                                                "ray_max_engine_restarts=1"):
-            publisher.replace_engine("engine-1", "stuck")
+            pool.replace("vllm-engine-1", "stuck")
     finally:
         publisher.close()
         group.close()
-        for engine in engines.values():
-            ray.kill(engine)
+        pool.close()
     assert stats["sync/bytes"] > 64 << 10  # more than one bucket
     assert stats["sync/logprob_gap"] < 1e-4 and max(first_gaps) < 1e-4 and first_versions == [1, 1]
     assert replaced is not old and replaced_versions == [1, 1]
+    assert stale == {"vllm-engine-1"} and not pool.stale  # it served nothing until the publisher synced it
     assert max(replaced_gaps) < 1e-4 and live_gap > 1e-3  # the published version, not the live weights
-    assert faults["faults/engine_restarts"] == 1 and faults["faults/seconds_lost"] > 0
+    assert pool.faults["faults/engine_restarts"] == 1 and pool.faults["faults/seconds_lost"] > 0
     assert pushed["sync/logprob_gap"] < 1e-4 and max(pushed_gaps) < 1e-4 and pushed_versions == [2, 2]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from odpo_vllm import toy
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,7 +138,7 @@ def test_killed_learner_rank_stops_the_run_naming_it_and_resume_continues(model_
                               stderr=subprocess.PIPE)
     wait_for_step(driver, out, 5)
     ranks = [pid for pid in processes_of(ray_tmp)
-             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::LearnerWorker")]
+             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RankActor")]
     assert len(ranks) == 1
     os.kill(int(ranks[0]), signal.SIGKILL)
     killed = time.time()

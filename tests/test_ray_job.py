@@ -16,7 +16,7 @@ import pytest
 
 from odpo_vllm import toy
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 
 def free_port() -> int:

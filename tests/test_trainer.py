@@ -72,9 +72,16 @@ def test_standard_prompts(model, tmp_path):
         assert row["objective/non_score_reward"] == pytest.approx(-row["beta"] * row["objective/kl"], abs=1e-5)
         assert row["objective/rlhf_reward"] == pytest.approx(
             row["objective/scores"] + row["objective/non_score_reward"], abs=1e-5)
-        assert 0.0 <= row["rewards/accuracies"] <= 1.0
-        assert row["objective/scores_margin"] >= 0.0
-        assert row["logps/chosen"] < 0 and row["logps/rejected"] < 0
+        # entropy is the mean negative logprob of a pair's two sequences
+        assert row["objective/entropy"] == pytest.approx(-(row["logps/chosen"] + row["logps/rejected"]) / 2, abs=1e-4)
+    # the logged pairs are the pairs trained on: scores_margin is the mean chosen - rejected score of
+    # the step's pairs as written to completions.jsonl
+    logged = read_completions(trainer)
+    for row in rows:
+        pairs = [e for e in logged if e["step"] == row["step"]]
+        assert len(pairs) == 2
+        margin = sum(e["chosen_score"] - e["rejected_score"] for e in pairs) / 2
+        assert row["objective/scores_margin"] == pytest.approx(margin, abs=1e-5)
     # step 1: the policy still equals its frozen copy -> h = 0 -> loss = log 2, kl = 0
     assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
@@ -405,12 +412,15 @@ def test_eval_dataset(model, tmp_path):
 
 
 def test_eval_dataset_dict(model, tmp_path):
-    trainer = make_trainer(model, tmp_path, eval_dataset={"a": toy.prompt_dataset(2, seed=1),
-                                                           "b": toy.prompt_dataset(3, seed=2)})
+    """Each part of a dict is evaluated on its own: the same numbers as evaluating it alone."""
+    parts = {"a": toy.prompt_dataset(2, seed=1), "b": toy.prompt_dataset(3, seed=2)}
+    trainer = make_trainer(model, tmp_path, eval_dataset=parts)
     results = trainer.evaluate()
-    assert "eval_a_loss" in results and "eval_b_loss" in results
     assert "eval_loss" not in results
-    assert results["eval_a_objective/scores"] is not None
+    for name, part in parts.items():
+        alone = trainer.evaluate(part)
+        for key in ("loss", "objective/scores", "objective/kl", "logps/chosen"):
+            assert results[f"eval_{name}_{key}"] == pytest.approx(alone[f"eval_{key}"], abs=1e-6), (name, key)
 
 
 def test_evaluate_without_eval_dataset_raises(model, tmp_path):
@@ -435,8 +445,14 @@ def test_evaluation_with_dict_during_training(model, tmp_path):
                                                            "y": toy.prompt_dataset(2, seed=2)},
                            eval_strategy="steps", eval_steps=2, max_steps=2)
     trainer.train()
-    keys = set().union(*trainer.state.log_history)
-    assert "eval_x_loss" in keys and "eval_y_loss" in keys
+    evals = [row for row in trainer.state.log_history if "eval_x_loss" in row or "eval_y_loss" in row]
+    assert [row["step"] for row in evals] == [2, 2]  # at eval_steps=2 only, one row per part
+    logged = {key: value for row in evals for key, value in row.items() if key.startswith("eval_")}
+    # evaluated with the weights of step 2 (the final ones): evaluating again now gives the same
+    again = trainer.evaluate()
+    for key in ("eval_x_loss", "eval_y_loss", "eval_x_objective/kl", "eval_y_objective/kl"):
+        assert logged[key] == pytest.approx(again[key], abs=1e-5), key
+    assert logged["eval_x_objective/kl"] != pytest.approx(0.0, abs=1e-6)  # the policy had moved
 
 
 # ------------------------------------------------------------------------------------- beta, EOS
@@ -488,8 +504,10 @@ def test_completions_log_and_plot(model, tmp_path):
     assert [e["step"] for e in logged] == [1, 1, 2, 2]  # 2 pairs per logged step
     for entry in logged:
         assert set(entry) >= {"step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"}
-        assert entry["chosen_score"] >= entry["rejected_score"]
         assert entry["prompt"] in set(toy.prompt_dataset(8)["prompt"])
+        # the logged texts are the ones scored: the reward of each gives its logged score
+        scores = toy.sentiment_reward([entry["prompt"]] * 2, [entry["chosen"], entry["rejected"]])
+        assert scores == pytest.approx([entry["chosen_score"], entry["rejected_score"]], abs=1e-6)
 
 
 def test_no_completions_log_when_disabled(model, tmp_path):
@@ -589,17 +607,28 @@ def test_explicit_bf16_on_cpu_trains(model, tmp_path):
 
 
 def test_more_than_two_samples(model, tmp_path):
-    trainer = make_trainer(model, tmp_path, reward_funcs=toy.short_reward, num_samples=4, max_steps=2)
+    """With 4 samples per prompt the pair is the best and the worst of the prompt's 4."""
+    scored = []
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        scores = toy.short_reward(prompts, completions, completion_ids)
+        scored.append(scores)
+        return scores
+
+    trainer = make_trainer(model, tmp_path, reward_funcs=reward, num_samples=4, max_steps=2)
     before = snapshot(trainer.model)
     trainer.train()
     assert changed(before, trainer.model)
-    rows = train_rows(trainer)
-    assert len(rows) == 2
-    for row in rows:
-        assert row["objective/scores_margin"] >= 0
-        assert math.isfinite(row["loss"])
-    for entry in read_completions(trainer):
-        assert entry["chosen_score"] >= entry["rejected_score"]
+    rows, logged = train_rows(trainer), read_completions(trainer)
+    assert len(rows) == len(scored) == 2
+    for row, scores in zip(rows, scored):
+        assert len(scores) == 8  # 2 prompts x 4 samples, block layout: sample j of prompt i at j * 2 + i
+        per_prompt = [scores[i::2] for i in range(2)]
+        pairs = [e for e in logged if e["step"] == row["step"]]
+        assert [(e["chosen_score"], e["rejected_score"]) for e in pairs] == [(max(s), min(s)) for s in per_prompt]
+        assert row["objective/scores_margin"] == pytest.approx(sum(max(s) - min(s) for s in per_prompt) / 2,
+                                                               abs=1e-5)
+        assert row["objective/scores"] == pytest.approx(sum(scores) / 8, abs=1e-5)  # over all 8 samples
 
 
 def test_iterable_dataset(model, tmp_path):
