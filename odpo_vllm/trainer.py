@@ -63,6 +63,8 @@ class OnlineDPOTrainer:
             raise ValueError("train_dataset: Online DPO needs a dataset with a 'prompt' column")
         self.args = args
         configure_logging(args.log_level, own_handler=False)
+        # absolute before any role (a Ray worker in another working directory) receives a path
+        model, ref_model, reward_funcs = validation.resolve_paths(model, ref_model, reward_funcs, args)
         validation.check_inputs(model, ref_model, reward_funcs, args)
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
@@ -235,6 +237,8 @@ class OnlineDPOTrainer:
             # when there is none (what a retried `ray job submit` wants)
             fresh = resume_from_checkpoint.lower() == "auto" and not checkpoint.has_checkpoints(args.output_dir)
             resume_from_checkpoint = None if fresh else True
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):  # a folder: the ranks load from it
+            resume_from_checkpoint = validation.absolute_if_local(resume_from_checkpoint)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = checkpoint.newest_complete(args.output_dir, checkpoint.required_files(self),
                                                                 self.model)

@@ -30,6 +30,33 @@ def check_local_path(name: Any, field: str) -> None:
             )
 
 
+def absolute_if_local(name: Any) -> Any:
+    """A string (or `PathLike`) naming an existing local file or folder, relative to this process's
+    working directory (`~` expanded): its absolute path. Anything else (a hub id such as "org/name"
+    that is no local folder, a model object, a callable, None) comes back unchanged."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if isinstance(name, str) and name and os.path.exists(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
+
+
+def resolve_paths(model, ref_model, reward_funcs, args):
+    """Every path the user gave, made absolute here in the driver before any role receives it: a Ray
+    worker runs in its raylet's working directory (where `ray start` ran), not the driver's, so a
+    relative path would name another folder there (or pass for a hub id). `args.output_dir` (which
+    may not exist yet; the checkpoint folders derive from it) always becomes absolute, model and
+    reward-model strings when they name something local. Returns (model, ref_model, reward_funcs);
+    the path fields of `args` are set in place."""
+    args.output_dir = os.path.abspath(os.path.expanduser(os.fspath(args.output_dir)))
+    args.reward_model_path = absolute_if_local(args.reward_model_path)
+    if isinstance(reward_funcs, (list, tuple)):
+        reward_funcs = [absolute_if_local(func) for func in reward_funcs]
+    else:
+        reward_funcs = absolute_if_local(reward_funcs)
+    return absolute_if_local(model), absolute_if_local(ref_model), reward_funcs
+
+
 def check_paths(model, ref_model, reward_funcs, args) -> None:
     """Every model the trainer would load from a string, before anything is loaded."""
     check_local_path(model, "model")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import tempfile
+import time
+from typing import NamedTuple
 
 # Before torch loads OpenMP (what `import odpo_vllm` does for a user): libgomp's spinning threads
 # made the async tests 40x slower on a shared 2-core machine (63 s instead of 1.5 s for one).
@@ -43,6 +50,73 @@ def ray_cluster():
              runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ray_env() -> dict[str, str]:
+    """For `ray start` and the processes that join its head: they (and their jobs) import this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    # Ray 2.60 heads default to token auth while the CLI reads RAY_AUTH_MODE: one mode for both.
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo",
+               OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class RayHead(NamedTuple):
+    address: str  # the GCS, for --ray_address
+    dashboard: str  # the job server, for `ray job submit --address`
+    temp_dir: str  # its --temp-dir (sessions, jobs' working directories)
+
+
+@contextlib.contextmanager
+def ray_head_process(cwd=None):
+    """`ray start --head --block` in a child process started in `cwd` (the raylet's working
+    directory, and so its workers'): terminating it stops the whole head, and nothing else of the
+    user's Ray processes on the machine (unlike `ray stop`)."""
+    temp_dir = tempfile.mkdtemp(prefix="odpo_rayjob_")  # short: Ray's socket paths are length-limited
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", f"--object-store-memory={256 << 20}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        cwd=cwd, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head_info = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir)
+    deadline = time.time() + 180
+    try:
+        while True:  # the job server answers once the dashboard is up
+            probe = subprocess.run(["ray", "job", "list", "--address", head_info.dashboard], env=ray_env(),
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Ray head at {head_info.dashboard} did not come up within 180s: "
+                                   f"{probe.stderr[-2000:]}")
+            time.sleep(2)
+        yield head_info
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on 127.0.0.1 for one test module (started by `ray start`, in this folder)."""
+    with ray_head_process() as head:
+        yield head
 
 
 @pytest.fixture(scope="session")

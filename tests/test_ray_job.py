@@ -4,66 +4,14 @@ to completion and its exit status comes back; a job with a bad flag comes back a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
-import time
 
 import pytest
 
+from conftest import ray_env
 from odpo_vllm import toy
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Ray 2.60 heads default to token auth while the CLI reads RAY_AUTH_MODE: one mode for both.
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo",
-               OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` in a child process: terminating it stops the whole head, and
-    nothing else of the user's Ray processes on the machine (unlike `ray stop`)."""
-    temp_dir = tempfile.mkdtemp(prefix="odpo_rayjob_")  # short: Ray's socket paths are length-limited
-    dashboard = free_port()
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", f"--object-store-memory={256 << 20}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 180
-    try:
-        while True:  # the job server answers once the dashboard is up
-            probe = subprocess.run(["ray", "job", "list", "--address", address], env=ray_env(),
-                                   capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
-                break
-            if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the Ray head at {address} did not come up within 180s: {probe.stderr[-2000:]}")
-            time.sleep(2)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(address: str, flags: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -80,7 +28,7 @@ def test_ray_job_submit_trains_and_returns_exit_status(ray_head, model_path, tmp
              "--ray_timeout_s", "300", "--max_steps", "3", "--per_device_train_batch_size", "2",
              "--gradient_accumulation_steps", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2",
              "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
-    done = submit(ray_head, flags)
+    done = submit(ray_head.dashboard, flags)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,6 +38,6 @@ def test_ray_job_submit_trains_and_returns_exit_status(ray_head, model_path, tmp
     assert (out / "model.safetensors").exists()
 
     # a bad value fails in the job's driver before any actor starts, and the CLI reports it
-    failed = submit(ray_head, flags + ["--loss_type", "hinge"], timeout=300)
+    failed = submit(ray_head.dashboard, flags + ["--loss_type", "hinge"], timeout=300)
     assert failed.returncode != 0
     assert "OnlineDPOConfig.loss_type" in failed.stdout + failed.stderr
