@@ -132,8 +132,8 @@ def test_stuck_engine_past_its_restart_budget_stops_the_run_naming_it(ray_cluste
     def fault(trainer):
         trainer.add_callback(KillEngineAfterStep(trainer, "vllm-engine-0", step=2, sig=signal.SIGSTOP))
 
-    args = settings(tmp_path, "budget", ray_max_engine_restarts=0, max_steps=6, ray_timeout_s=15)
-    with pytest.raises(RuntimeError, match=r"vllm-engine-0 did not answer (generate|ping)\(\) within 15s: it failed 1 "
+    args = settings(tmp_path, "budget", ray_max_engine_restarts=0, max_steps=6, ray_timeout_s=30)
+    with pytest.raises(RuntimeError, match=r"vllm-engine-0 did not answer (generate|ping)\(\) within 30s: it failed 1 "
                                            r"times, more than ray_max_engine_restarts=0"):
         run(model_path, args, fault)
     assert ray_cluster.util.list_named_actors() == []  # the stopped engine was killed with the rest
