@@ -112,6 +112,20 @@ def ray_head_process(cwd=None):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def ray_job_submit(dashboard: str, options: list[str], entrypoint: list[str], timeout: float = 600,
+                   agent_wait_s: float = 180) -> subprocess.CompletedProcess:
+    """`ray job submit --address dashboard *options -- *entrypoint`. The head's job agent can be
+    briefly unavailable on a loaded machine ("No available agent to submit job, please try again
+    later"): the submission is retried for up to `agent_wait_s`, as Ray's message asks."""
+    deadline = time.time() + agent_wait_s
+    while True:
+        done = subprocess.run(["ray", "job", "submit", "--address", dashboard, *options, "--", *entrypoint],
+                              env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(5)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 for one test module (started by `ray start`, in this folder)."""

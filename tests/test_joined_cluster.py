@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from conftest import make_args, ray_env, ray_head_process
+from conftest import make_args, ray_env, ray_head_process, ray_job_submit
 from odpo_vllm import toy
 from odpo_vllm.validation import absolute_if_local, resolve_paths
 
@@ -138,9 +138,7 @@ def test_relative_paths_on_a_cluster_started_elsewhere(tmp_path):
         run("part", 4, "--resume_from_checkpoint", "auto")
 
         # `ray job submit --working-dir`: the same paths, relative to the job's working directory
-        submitted = subprocess.run(["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(job),
-                                    "--", *command("out", 2)], env=ray_env(), capture_output=True, text=True,
-                                   timeout=600)
+        submitted = ray_job_submit(head.dashboard, ["--working-dir", str(job)], command("out", 2))
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         (copy,) = Path(head.temp_dir).glob("session_[0-9]*/runtime_resources/working_dir_files/*/out")
         assert os.listdir(copy / "checkpoint-2" / "deepspeed") and (copy / "model.safetensors").exists()

@@ -8,15 +8,14 @@ import subprocess
 
 import pytest
 
-from conftest import ray_env
+from conftest import ray_job_submit
 from odpo_vllm import toy
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 
 def submit(address: str, flags: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-m", "odpo_vllm.train",
-                           *flags], env=ray_env(), capture_output=True, text=True, timeout=timeout)
+    return ray_job_submit(address, [], ["python", "-m", "odpo_vllm.train", *flags], timeout)
 
 
 def test_ray_job_submit_trains_and_returns_exit_status(ray_head, model_path, tmp_path):
