@@ -22,11 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_address() -> tuple[str, int, int]:
-    """This node's IP and two free ports on it (run as a task in rank 0's bundle)."""
+def _node_address() -> tuple[str, int]:
+    """This node's IP and a free port on it (run as a task in rank 0's bundle)."""
     import ray
 
-    return ray.util.get_node_ip_address(), free_port(), free_port()
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def shard(batch: PairBatch, parts: int) -> list[PairBatch]:
@@ -64,11 +64,10 @@ class LearnerGroup:
         self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
         # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
         # address and free ports on rank 0's node, which on a cluster is not the driver's.
-        locate = ray.remote(num_cpus=0)(_node_address).options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
-        self.master_addr, port, _ = self._wait([locate.remote()], "rank 0's node")[0]
-        if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
-            self.master_addr = "127.0.0.1"  # a one-node cluster: keep every rendezvous on loopback
+        # one node, and this driver on it (not a Ray Client driver elsewhere): it is this machine
+        self.one_node = (len([node for node in ray.nodes() if node.get("Alive")]) == 1
+                         and not ray.util.client.ray.is_connected())
+        self.master_addr, port = self._rank0_address()
         Worker = ray.remote(RankActor)
         self.workers = [
             Worker.options(
@@ -149,14 +148,23 @@ class LearnerGroup:
         """`method(*args)` on every rank together; each rank's result, in rank order."""
         return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
 
-    def free_port_on_rank0(self) -> int:
-        """A free port on rank 0's node (each opening of a weight transport takes a fresh one: a
-        restarted peer may still find the old port in use)."""
+    def _rank0_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port on it. A one-node cluster is this machine: loopback
+        and a port found here, without a task (a task needs a Ray worker process to start, which on
+        a loaded machine took over 120 s); otherwise a task in rank 0's bundle looks."""
+        if self.one_node:
+            return "127.0.0.1", free_port()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         locate = self.ray.remote(num_cpus=0)(_node_address).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
-        return self._wait([locate.remote()], "rank 0's node")[0][1]
+        address, port = self._wait([locate.remote()], "rank 0's node")[0]
+        return address, port
+
+    def free_port_on_rank0(self) -> int:
+        """A free port on rank 0's node (each opening of a weight transport takes a fresh one: a
+        restarted peer may still find the old port in use)."""
+        return self._rank0_address()[1]
 
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (rank 0 writes the gathered weights)."""
