@@ -4,6 +4,7 @@ sequences, and the ranks stay identical."""
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import torch
@@ -29,6 +30,21 @@ def pairs(tokenizer) -> PairBatch:
     prompts = [tokenizer(f"Review the {s}:")["input_ids"] for s in ("film", "book", "song", "show")]
     completion = lambda n: torch.randint(5, 300, (n,), generator=generator).tolist()  # noqa: E731
     return PairBatch(prompts, [completion(6 + i) for i in range(4)], [completion(9 - i) for i in range(4)])
+
+
+@pytest.mark.ray
+def test_a_group_that_fails_to_start_leaves_no_rank_behind(ray_cluster, tmp_path):
+    """A rank that cannot load its policy fails the group's start; the ranks and their reserved
+    bundles are gone afterwards (the placement that built it never got a handle to close)."""
+    args = make_args(tmp_path)
+    with pytest.raises(RuntimeError, match=r"doomed-rank. died during start\(\)"):
+        LearnerGroup(str(tmp_path / "no-such-model"), args, 0, num_training_steps=1, num_ranks=2, cpus_per_rank=0.5,
+                     timeout_s=120, name="doomed")
+    assert ray_cluster.util.list_named_actors() == []
+    deadline = time.monotonic() + 30  # Ray returns a removed bundle's CPUs a moment later
+    while ray_cluster.available_resources().get("CPU") != ray_cluster.cluster_resources().get("CPU"):
+        assert time.monotonic() < deadline, ray_cluster.available_resources()
+        time.sleep(0.5)
 
 
 @pytest.mark.ray

@@ -61,26 +61,31 @@ class LearnerGroup:
         for key, value in (bundle_extra or {}).items():
             bundle[key] = bundle.get(key, 0) + value
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
-        self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
-        # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
-        # address and free ports on rank 0's node, which on a cluster is not the driver's.
-        # one node, and this driver on it (not a Ray Client driver elsewhere): it is this machine
-        self.one_node = (len([node for node in ray.nodes() if node.get("Alive")]) == 1
-                         and not ray.util.client.ray.is_connected())
-        self.master_addr, port = self._rank0_address()
-        Worker = ray.remote(RankActor)
-        self.workers = [
-            Worker.options(
-                name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-            ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
-                     zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config,
-                     keep_published, bucket_bytes)
-            for rank in range(num_ranks)
-        ]
-        self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
-        # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
-        self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start")
+        try:
+            self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
+            # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
+            # address and free ports on rank 0's node, which on a cluster is not the driver's.
+            # one node, and this driver on it (not a Ray Client driver elsewhere): it is this machine
+            self.one_node = (len([node for node in ray.nodes() if node.get("Alive")]) == 1
+                             and not ray.util.client.ray.is_connected())
+            self.master_addr, port = self._rank0_address()
+            Worker = ray.remote(RankActor)
+            self.workers = [
+                Worker.options(
+                    name=f"{name}-rank{rank}", num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
+                                                                         placement_group_bundle_index=rank),
+                ).remote(rank, num_ranks, self.master_addr, port, model_path, args, pad_token_id, num_training_steps,
+                         zero_stage, args.ray_threads_per_actor or max(int(cpus_per_rank), 1), peft_config,
+                         keep_published, bucket_bytes)
+                for rank in range(num_ranks)
+            ]
+            self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
+            # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
+            self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start")
+        except BaseException:
+            self.close()  # a group that did not start leaves no rank and no reserved bundle behind
+            raise
 
     def _wait(self, refs, what: str):
         ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
