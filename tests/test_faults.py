@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.timeout(1200), pytest.mark.ray]  # and vllm on the tes
 
 def settings(tmp_path, name, **overrides):
     base = dict(use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
-                ray_timeout_s=300, max_steps=8, per_device_train_batch_size=4, max_new_tokens=8,
+                ray_timeout_s=120, max_steps=8, per_device_train_batch_size=4, max_new_tokens=8,
                 learning_rate=1e-2, gradient_checkpointing=False, lr_scheduler_type="constant",
                 output_dir=tmp_path / name)
     base.update(overrides)
