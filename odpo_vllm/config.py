@@ -131,6 +131,12 @@ class OnlineDPOConfig(TrainingArguments):
                           "More than its CPUs lets a rank use the cores an idle engine leaves free."},
     )
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+    ray_wait_for_resources_s: float = field(
+        default=0.0,
+        metadata={"help": "On a cluster the run joins: when the placement needs more CPUs or GPUs than the cluster "
+                          "has, ask its autoscaler for them and wait up to this many seconds for the nodes. 0: fail "
+                          "at once, naming each role's share and the flags that set it."},
+    )
     ray_max_engine_restarts: int = field(
         default=3,
         metadata={"help": "Times each vLLM engine actor may be replaced after its process died or its batch (or "
@@ -159,6 +165,13 @@ class OnlineDPOConfig(TrainingArguments):
                           "callables and judges run in the driver)."},
     )
     reward_gpus: float = field(default=0.25, metadata={"help": "GPU share of each reward-model actor on GPU clusters."})
+    ray_cpus_per_reward_worker: float | None = field(
+        default=None,
+        metadata={"help": "CPUs of each reward-model actor (fractions allowed; 0: it shares the others' cores). "
+                          "Default: the cluster's CPUs left beside the learner ranks and engines, split across the "
+                          "reward workers, at most 1 each; 0 when none are left (a synchronous step scores while "
+                          "the engines and ranks wait)."},
+    )
 
     # --- objective
     # A float (default 0.1) or a list, kept as given. Annotated as a list so that the command line
@@ -288,6 +301,12 @@ class OnlineDPOConfig(TrainingArguments):
             fail("async_steps", f"must be >= 0 (0: synchronous), got {self.async_steps}")
         if self.ray_num_reward_workers is not None and self.ray_num_reward_workers < 1:
             fail("ray_num_reward_workers", f"must be >= 1, got {self.ray_num_reward_workers}")
+        if self.ray_cpus_per_reward_worker is not None and not self.ray_cpus_per_reward_worker >= 0:
+            fail("ray_cpus_per_reward_worker", f"must be >= 0 (0: it shares the cores of the others), got "
+                                               f"{self.ray_cpus_per_reward_worker}")
+        if not self.ray_wait_for_resources_s >= 0:
+            fail("ray_wait_for_resources_s", f"must be >= 0 (0: fail at once when the cluster is too small), got "
+                                             f"{self.ray_wait_for_resources_s}")
         if self.reward_gpus < 0:
             fail("reward_gpus", f"must be >= 0, got {self.reward_gpus}")
         if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):

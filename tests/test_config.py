@@ -53,6 +53,9 @@ def config(tmp_path, **kwargs):
         ("weight_transport", {"weight_transport": "tcp"}),
         ("ray_learner_ranks", {"ray_learner_ranks": 0}),
         ("ray_cpus_per_actor", {"ray_cpus_per_actor": 0}),
+        ("ray_cpus_per_reward_worker", {"ray_cpus_per_reward_worker": -0.25}),
+        ("ray_cpus_per_reward_worker", {"ray_cpus_per_reward_worker": float("nan")}),
+        ("ray_wait_for_resources_s", {"ray_wait_for_resources_s": -1.0}),
     ],
 )
 def test_invalid_value_raises_naming_field(tmp_path, field, kwargs):

@@ -93,3 +93,22 @@ def test_example_configs_parse(config):
         if key == "report_to" and value == "none":
             expected = []  # transformers' spelling of "none"
         assert getattr(owners[0], key) == expected, key
+
+
+@pytest.mark.parametrize("config", [p for p in sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+                                    if "placement:" in p.read_text()], ids=lambda p: p.name)
+def test_example_ray_configs_fit_eight_gpus(config):
+    """Each Ray example says it runs on 8 GPUs (one node of 8, or 8 across nodes): its ranks,
+    engines and reward worker must fit there. They used to ask for 8.25 (a 0.25-GPU reward
+    worker beside 8 full GPUs), which Ray would have left pending forever."""
+    from odpo_vllm.runtime.resources import resource_demand, shortfall, totals
+    from odpo_vllm.train import parse_args
+
+    _, args, _ = parse_args(["--config", str(config), "--model_name_or_path", "m", "--dataset_name", "d",
+                             "--bf16", "false"])
+    assert args.reward_model_path, "every Ray example has a reward model"
+    colocated = args.placement == "colocated"
+    demand = resource_demand(args, colocated, on_gpu=True, num_reward_workers=1, cluster_cpus=64.0)
+    node = {"CPU": 64.0, "GPU": 8.0}
+    assert shortfall(args.placement, demand, node, [node]) is None, shortfall(args.placement, demand, node, [node])
+    assert totals(demand)["GPU"] == 8.0  # and no GPU idles

@@ -14,6 +14,7 @@ import torch
 
 from odpo_vllm.core.batches import PairBatch
 from odpo_vllm.learning.rank_actor import RankActor
+from odpo_vllm.runtime.waits import Notice, wait_all
 
 
 def free_port() -> int:
@@ -61,8 +62,10 @@ class LearnerGroup:
         for key, value in (bundle_extra or {}).items():
             bundle[key] = bundle.get(key, 0) + value
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        shape = ", ".join(f"{value:g} {key}" for key, value in bundle.items())
         try:
-            self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)")
+            self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)",
+                       waiting_for=f"the learner placement group: {num_ranks} bundle(s) of {shape}")
             # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
             # address and free ports on rank 0's node, which on a cluster is not the driver's.
             # one node, and this driver on it (not a Ray Client driver elsewhere): it is this machine
@@ -82,24 +85,31 @@ class LearnerGroup:
             ]
             self.names = [f"{name}-rank{rank}" for rank in range(num_ranks)]
             # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
-            self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start")
+            self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start",
+                         Notice(f"{num_ranks} learner rank(s) to load the policy and meet ({', '.join(self.names)})",
+                                timeout_s))
         except BaseException:
             self.close()  # a group that did not start leaves no rank and no reserved bundle behind
             raise
 
-    def _wait(self, refs, what: str):
-        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+    def _wait(self, refs, what: str, waiting_for: str | None = None):
+        pending = wait_all(refs, self.timeout_s, Notice(waiting_for, self.timeout_s) if waiting_for else None)
         if pending:
             raise TimeoutError(f"{what} did not answer within {self.timeout_s:.0f}s")
-        return self.ray.get(ready)
+        return self.ray.get(refs)
 
-    def _gather(self, refs, call: str) -> list:
+    def _gather(self, refs, call: str, notice: Notice | None = None) -> list:
         """Every rank's result of `call`. Ranks are watched one by one, so a rank that died is
-        reported at once, even while the others wait for it in a collective."""
+        reported at once, even while the others wait for it in a collective. `notice`: a start-up
+        wait's log lines."""
         names = dict(zip(refs, self.names))
         pending, deadline = list(refs), time.monotonic() + self.timeout_s
         while pending:
-            ready, pending = self.ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            left = max(deadline - time.monotonic(), 0)
+            ready, pending = self.ray.wait(pending, num_returns=1, timeout=notice.slice(left) if notice else left)
+            if not ready and notice is not None and deadline > time.monotonic():
+                notice.tick()
+                continue
             if not ready:
                 late = ", ".join(names[ref] for ref in pending)
                 raise TimeoutError(f"learner group: {late} did not answer {call}() within {self.timeout_s:.0f}s")
@@ -113,6 +123,8 @@ class LearnerGroup:
                 if dead:
                     raise self._rank_died(", ".join(dead), call, err) from err
                 raise
+        if notice is not None:
+            notice.done()
         return self.ray.get(refs)
 
     @staticmethod

@@ -35,12 +35,13 @@ class RemoteRewards:
 
         self.ray, self.local, self.workers, self.names, self.timeout_s = ray, local, workers, names, timeout_s
 
-    def _get(self, refs: list, names: list[str], call: str) -> list:
-        return wait_for(refs, names, self.timeout_s, "rewards", call)
+    def _get(self, refs: list, names: list[str], call: str, waiting_for: str | None = None) -> list:
+        return wait_for(refs, names, self.timeout_s, "rewards", call, waiting_for)
 
     def wait_ready(self) -> None:
         """Until every worker has loaded its reward models (a bad model fails here, before training)."""
-        self._get([worker.ready.remote() for worker in self.workers], self.names, "ready")
+        self._get([worker.ready.remote() for worker in self.workers], self.names, "ready",
+                  f"{len(self.workers)} reward worker(s) to load the reward models ({', '.join(self.names)})")
 
     def score(self, prompts, completions, completion_ids, columns, contains_eos):
         table = None

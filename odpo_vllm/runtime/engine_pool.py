@@ -53,6 +53,21 @@ class EnginePool:
             name = f"vllm-engine-{index}"
             self.engines[name] = start_engine(name, index, 0)
 
+    def wait_started(self) -> None:
+        """Until every engine answers a ping (vLLM is up), with a log line saying so; an engine
+        still silent after `timeout_s` fails the start naming it. An engine whose start failed is
+        left to the first weight push, which replaces it (`replace`)."""
+        from odpo_vllm.runtime.waits import Notice, wait_all
+
+        names = self.names
+        refs = [self.engines[name].ping.remote() for name in names]
+        pending = wait_all(refs, self.timeout_s, Notice(f"{len(names)} vLLM engine(s) to start ({', '.join(names)})",
+                                                        self.timeout_s))
+        if pending:
+            late = ", ".join(names[refs.index(ref)] for ref in pending)
+            raise TimeoutError(f"engine pool: {late} did not start (answer ping()) within {self.timeout_s:.0f}s "
+                               "(ray_timeout_s)")
+
     @property
     def names(self) -> list[str]:
         return list(self.engines)

@@ -23,6 +23,7 @@ from odpo_vllm import validation
 from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.rewards.scorer import Rewards
+from odpo_vllm.runtime import resources
 from odpo_vllm.runtime.engine_pool import EnginePool
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
@@ -127,23 +128,32 @@ def ensure_ray(args) -> list:
     return closers
 
 
-def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool):
-    """Reward models in `ray_num_reward_workers` actors behind a `RemoteRewards`; `local` itself
-    when there is no reward model (callables and judges run in the driver)."""
+def num_reward_workers(args, local: Rewards) -> int:
+    """Reward-worker actors the placement starts: none without a reward model (callables and
+    judges run in the driver), else `ray_num_reward_workers` (default 1)."""
+    return (args.ray_num_reward_workers or 1) if local.model_indices else 0
+
+
+def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool, cpus: float | None = None):
+    """Reward models in `ray_num_reward_workers` actors of `cpus` CPUs each (default:
+    `ray_cpus_per_reward_worker`, or what `resources.reward_worker_cpus` gives on this cluster)
+    behind a `RemoteRewards`; `local` itself when there is no reward model."""
     import ray
 
     from odpo_vllm.rewards.workers import RemoteRewards, RewardWorker
 
-    if not local.model_indices:
-        return local  # callables and judges only: nothing to place
     args = spec.args
-    count = args.ray_num_reward_workers or 1
+    count = num_reward_workers(args, local)
+    if not count:
+        return local  # callables and judges only: nothing to place
+    if cpus is None:
+        cpus = resources.resource_demand(args, args.placement == "colocated", on_gpu, count,
+                                         ray.cluster_resources().get("CPU", 0.0))[-1].cpus
     Worker = ray.remote(RewardWorker)
     names = [f"reward-worker-{i}" for i in range(count)]
-    workers = [Worker.options(name=name, num_cpus=args.ray_cpus_per_actor,
-                              num_gpus=args.reward_gpus if on_gpu else 0).remote(
+    workers = [Worker.options(name=name, num_cpus=cpus, num_gpus=args.reward_gpus if on_gpu else 0).remote(
         local.model_specs, args.model_init_kwargs, args.trust_remote_code,
-        args.ray_threads_per_actor or max(int(args.ray_cpus_per_actor), 1))
+        args.ray_threads_per_actor or max(int(cpus), 1))
         for name in names]
     remote = RemoteRewards(local, workers, names, args.ray_timeout_s)
     try:
@@ -173,14 +183,22 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
     roles = Roles(None, None, None, None, background_sampling=True, closers=ensure_ray(args))
     try:
         # The cluster's GPUs, not the driver's: a `ray job submit` driver often runs on a CPU-only head.
-        on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and not args.use_cpu
+        cluster = ray.cluster_resources()
+        on_gpu = cluster.get("GPU", 0) > 0 and not args.use_cpu
         transport = resolve_weight_transport(args.weight_transport, on_gpu, colocated)
         cpus = args.ray_cpus_per_actor
         engine_gpus = (0.5 if colocated else 1.0) * args.vllm_tensor_parallel_size if on_gpu else 0.0
         local_rewards = Rewards(spec.reward_funcs, spec.reward_processing_classes, args.reward_weights,
                                 args.missing_eos_penalty, args.model_init_kwargs, args.trust_remote_code,
                                 load_models=False)
-        roles.rewards = _start_reward_workers(spec, local_rewards, on_gpu)
+        # Before any actor or placement group: one Ray cannot hold would wait in silence.
+        demand = resources.resource_demand(args, colocated, on_gpu, num_reward_workers(args, local_rewards),
+                                           cluster.get("CPU", 0.0))
+        joined = not roles.closers  # a cluster this run did not start: shared, perhaps autoscaling
+        resources.ensure_resources(args.placement, demand, joined, args.ray_wait_for_resources_s, args.ray_timeout_s)
+        logger.info("%s placement needs %s", args.placement, resources.describe(demand))
+        reward_cpus = next((share.cpus for share in demand if share.role == "reward workers"), None)
+        roles.rewards = _start_reward_workers(spec, local_rewards, on_gpu, reward_cpus)
         roles.learner = LearnerGroup(
             spec.model, args, spec.tokenizer.pad_token_id, spec.num_training_steps,
             num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage, cpus_per_rank=cpus,
@@ -210,6 +228,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
 
         roles.engine_pool = EnginePool(start_engine, num_engines, args.ray_timeout_s, args.ray_max_engine_restarts,
                                        roles.faults)
+        roles.engine_pool.wait_started()
         roles.publisher = RayWeightPublisher(roles.learner, roles.engine_pool, transport, spec.probe_ids,
                                              args.vllm_sync_tolerance, _engine_dtype(args), args.ray_timeout_s,
                                              args.vllm_tensor_parallel_size)
