@@ -131,6 +131,13 @@ class OnlineDPOConfig(TrainingArguments):
                           "More than its CPUs lets a rank use the cores an idle engine leaves free."},
     )
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+    ray_start_timeout_s: float = field(
+        default=900.0,
+        metadata={"help": "Longest wait for an actor to start (learner ranks loading the policy and meeting, a vLLM "
+                          "engine or a reward worker loading its model, a replacement coming up), apart from "
+                          "ray_timeout_s: a short ray_timeout_s finds a hung engine sooner without failing a start "
+                          "on a slow node."},
+    )
     ray_wait_for_resources_s: float = field(
         default=0.0,
         metadata={"help": "On a cluster the run joins: when the placement needs more CPUs or GPUs than the cluster "
@@ -139,11 +146,13 @@ class OnlineDPOConfig(TrainingArguments):
     )
     ray_max_engine_restarts: int = field(
         default=3,
-        metadata={"help": "Times each vLLM engine actor may be replaced after its process died or its batch (or "
-                          "the ping before a weight push) went unanswered for ray_timeout_s. The replacement gets "
-                          "the published weights before it samples and the lost batch is sampled again with the "
-                          "same seeds. Past it the run stops. With async_steps >= 1, learner rank 0 keeps a copy "
-                          "of the published weights in host memory for this; 0 turns both off."},
+        metadata={"help": "Times each vLLM engine actor (and each reward worker) may be replaced after its process "
+                          "died or a call to it (sampling, a weight push, the sync probe, its own replacement sync, "
+                          "scoring) went unanswered for ray_timeout_s. A replacement engine gets the published "
+                          "weights before it samples and the lost batch is sampled again with the same seeds; a "
+                          "replacement reward worker scores the lost rows again. Past it the run stops. With "
+                          "async_steps >= 1, learner rank 0 keeps a copy of the published weights in host memory "
+                          "for this; 0 turns both off."},
     )
     weight_transport: str = field(
         default="auto",
@@ -304,6 +313,8 @@ class OnlineDPOConfig(TrainingArguments):
         if self.ray_cpus_per_reward_worker is not None and not self.ray_cpus_per_reward_worker >= 0:
             fail("ray_cpus_per_reward_worker", f"must be >= 0 (0: it shares the cores of the others), got "
                                                f"{self.ray_cpus_per_reward_worker}")
+        if not self.ray_start_timeout_s > 0:
+            fail("ray_start_timeout_s", f"must be > 0 seconds, got {self.ray_start_timeout_s}")
         if not self.ray_wait_for_resources_s >= 0:
             fail("ray_wait_for_resources_s", f"must be >= 0 (0: fail at once when the cluster is too small), got "
                                              f"{self.ray_wait_for_resources_s}")

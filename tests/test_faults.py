@@ -31,7 +31,7 @@ def kill_engine(trainer, name: str, sig: int = signal.SIGKILL) -> int:
     """Send `sig` to the process of engine `name` (a Ray actor on this machine); its pid."""
     import ray
 
-    pid = ray.get(trainer.roles.engine_pool.engines[name].pid.remote())
+    pid = ray.get(trainer.roles.engine_pool.engines[name].pid.options(concurrency_group="control").remote())
     os.kill(pid, sig)
     return pid
 
@@ -78,12 +78,48 @@ def kill_engine_with_batch_in_flight(trainer, name: str, step: int) -> list[int]
     return killed
 
 
-def run(model_path, args, fault=None):
+def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Kills engine `name` at a moment of the weight publisher's work: right before the `push`-th
+    weight push reaches the ranks ("push": the transport to it is open, the send not begun) or
+    its probe ("probe": the weights arrived), or ("replacement sync") the replacement of an
+    engine killed while sampling after step `push`, right before its own sync."""
+    killed, publisher = [], trainer.roles.publisher
+    if moment == "replacement sync":
+        callback = KillEngineAfterStep(trainer, name, step=push, sig=sig)
+        callback.killed = killed
+        trainer.add_callback(callback)
+    calls = {"send_weights": 0, "probe": 0}
+    send, probe, sync_alone = trainer.roles.learner.call_with_timeout, publisher._probe, publisher._sync_alone
+
+    def sending(method, *args):
+        if method == "send_weights" and not args[1:]:  # a live push (a replacement sync sends `published`)
+            calls["send_weights"] += 1
+            if moment == "push" and calls["send_weights"] == push and not killed:
+                killed.append(kill_engine(trainer, name, sig))
+        return send(method, *args)
+
+    def probing(names, version, learned):
+        calls["probe"] += 1
+        if moment == "probe" and calls["probe"] == push and not killed:
+            killed.append(kill_engine(trainer, name, sig))
+        return probe(names, version, learned)
+
+    def syncing(engine):
+        if moment == "replacement sync" and len(killed) == 1:
+            killed.append(kill_engine(trainer, engine, sig))
+        return sync_alone(engine)
+
+    trainer.roles.learner.call_with_timeout = sending
+    publisher._probe, publisher._sync_alone = probing, syncing
+    return killed
+
+
+def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
     """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
     at the end."""
     import ray
 
-    with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+    with OnlineDPOTrainer(model=model_path, reward_funcs=reward_funcs, args=args,
                           train_dataset=toy.prompt_dataset(24)) as trainer:
         killed = fault(trainer) if fault is not None else []
         trainer.train()
@@ -122,6 +158,81 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     for key in ("loss", "objective/scores"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+
+
+def assert_as_without_the_fault(rows, weights, clean_rows, expected):
+    assert [r["step"] for r in rows] == [r["step"] for r in clean_rows]
+    assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
+    for key in ("loss", "objective/scores"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
+    assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+
+
+CLEAN: dict = {}  # the fault-free runs, shared by the moments below
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("moment,sig", [("push", signal.SIGKILL), ("push", signal.SIGSTOP), ("probe", signal.SIGKILL),
+                                        ("replacement sync", signal.SIGKILL)],
+                         ids=["killed-during-push", "stopped-during-push", "killed-during-probe",
+                              "killed-during-its-own-replacement-sync"])
+def test_engine_lost_inside_the_publishers_work_is_replaced(ray_cluster, model_path, tmp_path, moment, sig):
+    """A fault does not choose its moment: an engine killed (or stopped: alive, silent) during a
+    weight push, during the sync probe, or a replacement killed during its own sync, is replaced
+    within its restart budget and the run ends with the weights of a run without the fault."""
+    common = dict(max_steps=6, ray_timeout_s=30 if sig == signal.SIGSTOP else 120)
+    key = tuple(sorted(common.items()))
+    if key not in CLEAN:
+        CLEAN[key] = run(model_path, settings(tmp_path, "clean", **common))
+    expected, clean_rows, _, _ = CLEAN[key]
+    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common),
+                                      lambda trainer: kill_engine_at(trainer, "vllm-engine-0", moment, push=3, sig=sig))
+    assert len(killed) == (2 if moment == "replacement sync" else 1)
+    assert pids["vllm-engine-0"] not in killed
+    assert rows[-1]["faults/engine_restarts"] == len(killed)
+    assert_as_without_the_fault(rows, weights, clean_rows, expected)
+
+
+@pytest.mark.vllm
+def test_engine_stopped_during_a_push_past_its_budget_is_named(ray_cluster, model_path, tmp_path):
+    """The error for a hung push names the engine (rank 0 waits for it less long than the driver
+    waits for rank 0, and the publisher's ping tells which engine stopped answering)."""
+    args = settings(tmp_path, "budget-push", ray_max_engine_restarts=0, max_steps=4, ray_timeout_s=30)
+    with pytest.raises(RuntimeError, match=r"vllm-engine-0 did not answer ping\(\) within 30s during the weight push: "
+                                           r"it failed 1 times, more than ray_max_engine_restarts=0"):
+        run(model_path, args, lambda trainer: kill_engine_at(trainer, "vllm-engine-0", "push", 2, signal.SIGSTOP))
+    assert ray_cluster.util.list_named_actors() == []
+
+
+@pytest.mark.vllm
+def test_killed_reward_worker_is_replaced_and_its_rows_scored_again(ray_cluster, model_path, reward_model_path,
+                                                                     tmp_path):
+    """A reward worker holds no state: SIGKILLed after step 2 (between two scorings), the next
+    scoring finds it dead, a replacement loads the reward model and scores those rows again."""
+    import ray
+
+    common = dict(max_steps=5, reward_model_path=str(reward_model_path))
+    expected, clean_rows, _, _ = run(model_path, settings(tmp_path, "clean", **common), reward_funcs=None)
+    killed = []
+
+    class KillRewardWorker(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not killed:
+                worker = self.trainer.roles.rewards.workers[0]
+                killed.append(ray.get(worker.pid.remote()))
+                os.kill(killed[0], signal.SIGKILL)
+
+    def fault(trainer):
+        trainer.add_callback(KillRewardWorker(trainer))
+        return killed
+
+    weights, rows, _, _ = run(model_path, settings(tmp_path, "faulty", **common), fault, reward_funcs=None)
+    assert len(killed) == 1
+    assert "faults/reward_worker_restarts" not in rows[1] and rows[-1]["faults/reward_worker_restarts"] == 1
+    assert_as_without_the_fault(rows, weights, clean_rows, expected)
 
 
 @pytest.mark.vllm

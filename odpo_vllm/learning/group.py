@@ -47,8 +47,10 @@ class LearnerGroup:
     def __init__(self, model_path: str, args, pad_token_id: int, num_training_steps: int, num_ranks: int = 2,
                  zero_stage: int = 2, cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0,
                  timeout_s: float = 600.0, name: str = "learner", bundle_extra: dict | None = None,
-                 peft_config=None, keep_published: bool = False, bucket_bytes: int = 256 << 20):
-        """`bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
+                 peft_config=None, keep_published: bool = False, bucket_bytes: int = 256 << 20,
+                 start_timeout_s: float | None = None):
+        """`timeout_s`: the longest wait for a call; `start_timeout_s` (default `timeout_s`): for
+        the placement group and the ranks to start. `bundle_extra`: resources reserved beside each rank in its bundle, for a colocated
         engine share (`bundle_index` = rank). `keep_published`, `bucket_bytes`: how each rank's
         weight source sends (see `RankWeightSource`)."""
         import ray
@@ -56,6 +58,7 @@ class LearnerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ray, self.timeout_s, self.name = ray, timeout_s, name
+        start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
         bundle: dict[str, Any] = {"CPU": cpus_per_rank}
         if gpus_per_rank:
             bundle["GPU"] = gpus_per_rank
@@ -65,7 +68,8 @@ class LearnerGroup:
         shape = ", ".join(f"{value:g} {key}" for key, value in bundle.items())
         try:
             self._wait([self.placement.ready()], "the learner placement group (not enough CPUs/GPUs in the cluster?)",
-                       waiting_for=f"the learner placement group: {num_ranks} bundle(s) of {shape}")
+                       waiting_for=f"the learner placement group: {num_ranks} bundle(s) of {shape}",
+                       timeout_s=start_timeout_s)
             # Rank 0 hosts the rendezvous (DeepSpeed's) and the weight-transfer store: both need an
             # address and free ports on rank 0's node, which on a cluster is not the driver's.
             # one node, and this driver on it (not a Ray Client driver elsewhere): it is this machine
@@ -87,23 +91,26 @@ class LearnerGroup:
             # constructing a rank finishes with DeepSpeed's rendezvous: wait on a cheap call
             self._gather([w.sequence_logprobs.remote([0, 0]) for w in self.workers], "start",
                          Notice(f"{num_ranks} learner rank(s) to load the policy and meet ({', '.join(self.names)})",
-                                timeout_s))
+                                start_timeout_s, "ray_start_timeout_s"), timeout_s=start_timeout_s)
         except BaseException:
             self.close()  # a group that did not start leaves no rank and no reserved bundle behind
             raise
 
-    def _wait(self, refs, what: str, waiting_for: str | None = None):
-        pending = wait_all(refs, self.timeout_s, Notice(waiting_for, self.timeout_s) if waiting_for else None)
+    def _wait(self, refs, what: str, waiting_for: str | None = None, timeout_s: float | None = None):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        notice = Notice(waiting_for, timeout_s, "ray_start_timeout_s") if waiting_for else None
+        pending = wait_all(refs, timeout_s, notice)
         if pending:
-            raise TimeoutError(f"{what} did not answer within {self.timeout_s:.0f}s")
+            raise TimeoutError(f"{what} did not answer within {timeout_s:.0f}s")
         return self.ray.get(refs)
 
-    def _gather(self, refs, call: str, notice: Notice | None = None) -> list:
+    def _gather(self, refs, call: str, notice: Notice | None = None, timeout_s: float | None = None) -> list:
         """Every rank's result of `call`. Ranks are watched one by one, so a rank that died is
         reported at once, even while the others wait for it in a collective. `notice`: a start-up
         wait's log lines."""
         names = dict(zip(refs, self.names))
-        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        pending, deadline = list(refs), time.monotonic() + timeout_s
         while pending:
             left = max(deadline - time.monotonic(), 0)
             ready, pending = self.ray.wait(pending, num_returns=1, timeout=notice.slice(left) if notice else left)
@@ -112,17 +119,19 @@ class LearnerGroup:
                 continue
             if not ready:
                 late = ", ".join(names[ref] for ref in pending)
-                raise TimeoutError(f"learner group: {late} did not answer {call}() within {self.timeout_s:.0f}s")
+                raise TimeoutError(f"learner group: {late} did not answer {call}() within {timeout_s:.0f}s")
             try:
                 self.ray.get(ready)
-            except self.ray.exceptions.RayActorError as err:
-                raise self._rank_died(names[ready[0]], call, err) from err
             except self.ray.exceptions.RayTaskError as err:
-                # a collective of a live rank often fails before Ray reports its dead peer
+                # The rank's method raised (checked first: an engine that died under a rank's call
+                # comes back as RayTaskError(ActorDiedError), which is a RayActorError too). A
+                # collective of a live rank often fails before Ray reports its dead peer.
                 dead = self._dead_ranks()
                 if dead:
                     raise self._rank_died(", ".join(dead), call, err) from err
                 raise
+            except self.ray.exceptions.RayActorError as err:
+                raise self._rank_died(names[ready[0]], call, err) from err
         if notice is not None:
             notice.done()
         return self.ray.get(refs)
@@ -164,6 +173,11 @@ class LearnerGroup:
     def call(self, method: str, *args) -> list:
         """`method(*args)` on every rank together; each rank's result, in rank order."""
         return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
+
+    def call_with_timeout(self, method: str, timeout_s: float, *args) -> list:
+        """`call`, waiting up to `timeout_s` instead of `ray_timeout_s` (a rank that waits on
+        others itself, e.g. rank 0 on its engines, is given the time to report them)."""
+        return self._gather([getattr(w, method).remote(*args) for w in self.workers], method, timeout_s=timeout_s)
 
     def _rank0_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port on it. A one-node cluster is this machine: loopback

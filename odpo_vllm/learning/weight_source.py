@@ -9,11 +9,12 @@ that source); the weight publisher opens and closes it through the rank actor.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, wait
 
 import torch
 
 from odpo_vllm.learning.deepspeed_rank import DeepSpeedRank
-from odpo_vllm.weights.wire import call_with_timeout
+from odpo_vllm.weights.wire import in_daemon_thread
 
 
 class RankWeightSource:
@@ -49,7 +50,8 @@ class RankWeightSource:
 
     def _live(self):
         # filled as the tensors go out (a sender stops asking after the last one, so nothing
-        # after this loop would run); a send that fails halfway fails the run anyway
+        # after this loop would run); a send that fails halfway leaves a partial copy, and the
+        # publisher makes the push again, live, before anything asks for the copy
         published = self.published = [] if self.keep_published and self.learner.rank == 0 else None
         copies: dict[int, torch.Tensor] = {}  # tied weights come under several names: one copy
         for name, tensor in self.learner.named_weights(self.bucket_bytes):
@@ -80,6 +82,7 @@ class WeightSender:
         self.transfer = open_trainer_transport(
             self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)), source=self.source)
         self.bytes = sum(m.nbytes for m in learner.weights_meta())
+        self.in_flight: Future | None = None  # the last send's thread
 
     def send(self, published: bool = False) -> dict[str, float]:
         """Send the live weights, or (`published`) the copy of the published version the source kept."""
@@ -90,15 +93,33 @@ class WeightSender:
             self.transfer.send_weights()
 
         start = time.perf_counter()
+        self._wait_for_earlier_send()
         self.source.send_published = published
+        timeout_s = self.info["timeout_s"]
+        self.in_flight = in_daemon_thread(send)
         try:
-            call_with_timeout(send, self.info["timeout_s"],
-                              f"{self.info['engine_name']} did not finish the {self.backend} weight update")
+            done, _ = wait([self.in_flight], timeout=timeout_s)
+            if not done:
+                raise TimeoutError(f"weight transport: {self.info['engine_name']} did not finish the {self.backend} "
+                                   f"weight update within {timeout_s:.0f}s")
+            self.in_flight.result()
         finally:
-            self.source.send_published = False
+            if self.in_flight.done():
+                self.source.send_published = False
         return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
 
+    def _wait_for_earlier_send(self) -> None:
+        """A send that timed out still runs in its thread until its peers are gone (the publisher
+        kills a hung engine next): it must end before anything else reads the weight source."""
+        if self.in_flight is None or self.in_flight.done():
+            return
+        done, _ = wait([self.in_flight], timeout=self.info["timeout_s"])
+        if not done:
+            raise RuntimeError(f"weight transport: an earlier send to {self.info['engine_name']} is still stuck")
+        self.source.send_published = False
+
     def close(self) -> None:
+        self._wait_for_earlier_send()
         shutdown = getattr(self.transfer, "shutdown", None)
         if shutdown is not None:
             shutdown()

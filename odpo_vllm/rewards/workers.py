@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 import torch
 
 from odpo_vllm.rewards.scorer import Rewards
-from odpo_vllm.runtime.waits import wait_for
+from odpo_vllm.runtime.waits import ActorDied, wait_for
+
+logger = logging.getLogger(__name__)
 
 
 class RewardWorker:
@@ -25,23 +31,40 @@ class RewardWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 class RemoteRewards:
     """The `Scorer` of a Ray placement: reward models in `RewardWorker` actors (a step's rows split
-    across them), callables and judges here, combined exactly as `Rewards.score` does in process."""
+    across them), callables and judges here, combined exactly as `Rewards.score` does in process.
 
-    def __init__(self, local: Rewards, workers: list, names: list[str], timeout_s: float):
+    `start_worker(name, attempt) -> actor`: the placement's recipe for worker `name` (`attempt` 0
+    first, a replacement gets a fresh Ray name from it). A worker holds no state, so one that
+    died or did not answer within `timeout_s` is replaced (up to `max_restarts` times each) and
+    its rows are scored again; `faults` keeps the count and the seconds lost, as for engines."""
+
+    def __init__(self, local: Rewards, start_worker, count: int, timeout_s: float, max_restarts: int = 0,
+                 faults: dict | None = None, start_timeout_s: float | None = None):
         import ray
 
-        self.ray, self.local, self.workers, self.names, self.timeout_s = ray, local, workers, names, timeout_s
+        self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s  # loading the models
 
-    def _get(self, refs: list, names: list[str], call: str, waiting_for: str | None = None) -> list:
-        return wait_for(refs, names, self.timeout_s, "rewards", call, waiting_for)
+        self.ray, self.local, self.start_worker, self.timeout_s = ray, local, start_worker, timeout_s
+        self.max_restarts, self.faults = max_restarts, faults if faults is not None else {}
+        self.names = [f"reward-worker-{i}" for i in range(count)]
+        self.workers = [start_worker(name, 0) for name in self.names]
+        self.restarts = [0] * count
+
+    def _get(self, refs: list, names: list[str], call: str, waiting_for: str | None = None,
+             timeout_s: float | None = None) -> list:
+        return wait_for(refs, names, timeout_s or self.timeout_s, "rewards", call, waiting_for)
 
     def wait_ready(self) -> None:
         """Until every worker has loaded its reward models (a bad model fails here, before training)."""
         self._get([worker.ready.remote() for worker in self.workers], self.names, "ready",
-                  f"{len(self.workers)} reward worker(s) to load the reward models ({', '.join(self.names)})")
+                  f"{len(self.workers)} reward worker(s) to load the reward models ({', '.join(self.names)})",
+                  self.start_timeout_s)
 
     def score(self, prompts, completions, completion_ids, columns, contains_eos):
         table = None
@@ -50,8 +73,39 @@ class RemoteRewards:
             size = -(-len(completions) // count)
             parts = [(w, a, min(a + size, len(completions))) for w, a in zip(range(count), range(0, len(completions), size))]
             refs = [self.workers[w].model_table.remote(prompts[a:b], completions[a:b]) for w, a, b in parts]
-            table = torch.cat(self._get(refs, [self.names[w] for w, _, _ in parts], "model_table"))
+            tables = []
+            for ref, (w, a, b) in zip(refs, parts):
+                while True:
+                    try:
+                        tables.append(self._get([ref], [self.names[w]], "model_table")[0])
+                        break
+                    except (ActorDied, TimeoutError) as err:
+                        self._replace(w, str(err))
+                        ref = self.workers[w].model_table.remote(prompts[a:b], completions[a:b])
+            table = torch.cat(tables)
         return self.local.score(prompts, completions, completion_ids, columns, contains_eos, model_table=table)
+
+    def _replace(self, index: int, reason: str) -> None:
+        """A new worker in place of worker `index`, with its models loaded; past `max_restarts`
+        an error naming it."""
+        start, name = time.perf_counter(), self.names[index]
+        while True:
+            self.ray.kill(self.workers[index])  # dead, or stuck: nothing more is asked of it
+            self.restarts[index] += 1
+            if self.restarts[index] > self.max_restarts:
+                raise RuntimeError(f"{reason}: {name} failed {self.restarts[index]} times, more than "
+                                   f"ray_max_engine_restarts={self.max_restarts} (the budget of engines and reward "
+                                   "workers alike); the run stops (resume with --resume_from_checkpoint true)")
+            logger.warning("%s: starting a replacement for %s (restart %d of at most %d); its rows are scored again",
+                           reason, name, self.restarts[index], self.max_restarts)
+            self.workers[index] = self.start_worker(name, self.restarts[index])
+            try:
+                self._get([self.workers[index].ready.remote()], [name], "ready", timeout_s=self.start_timeout_s)
+                break
+            except (ActorDied, TimeoutError) as err:
+                reason = f"(its replacement) did not come up: {err}"
+        self.faults["faults/reward_worker_restarts"] = float(sum(self.restarts))
+        self.faults["faults/seconds_lost"] = self.faults.get("faults/seconds_lost", 0.0) + time.perf_counter() - start
 
     def close(self) -> None:
         for worker in self.workers:

@@ -13,6 +13,10 @@ calls the other for it:
 
 An engine is HEALTHY, or STALE (replaced, alive, not yet given the published weights: it serves
 nothing until the publisher syncs it), or dead (found by a failed call, then replaced at once).
+
+Pings go to the engine's `control` concurrency group (its own thread, see `ENGINE_CONCURRENCY`), so
+an engine busy sampling or blocked in a weight transfer still answers: only a dead process, or a
+stopped or hung one, fails a ping. That is how a failed push or probe tells which engine was at fault.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import time
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
+
+# `ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)`: sampling and weight updates run one at a time in
+# the default group; `ping` and `pid` in a thread of their own (they only read attributes).
+ENGINE_CONCURRENCY = {"concurrency_groups": {"control": 1}}
+DIAGNOSE_S = 60.0  # a ping to the control thread answers in milliseconds unless the process is stopped or gone
 
 
 def engine_lost(err: BaseException) -> bool:
@@ -41,13 +50,18 @@ class EnginePool:
     the seconds they cost are kept (the run logs them)."""
 
     def __init__(self, start_engine: Callable[[str, int, int], Any], count: int, timeout_s: float,
-                 max_restarts: int, faults: dict | None = None):
+                 max_restarts: int, faults: dict | None = None, start_timeout_s: float | None = None):
         import ray
+
+        # how long an engine may take to come up (first start or replacement): a vLLM start
+        # loads the model, which a short `timeout_s` for calls must not cut off
+        self.start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
 
         self.ray, self.start_engine, self.timeout_s, self.max_restarts = ray, start_engine, timeout_s, max_restarts
         self.faults = faults if faults is not None else {}
         self.engines: dict[str, Any] = {}
-        self.restarts: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}  # failures, against max_restarts
+        self.incarnations: dict[str, int] = {}  # replacements, failed or not (each gets a fresh Ray name)
         self.stale: set[str] = set()
         for index in range(count):
             name = f"vllm-engine-{index}"
@@ -60,13 +74,13 @@ class EnginePool:
         from odpo_vllm.runtime.waits import Notice, wait_all
 
         names = self.names
-        refs = [self.engines[name].ping.remote() for name in names]
-        pending = wait_all(refs, self.timeout_s, Notice(f"{len(names)} vLLM engine(s) to start ({', '.join(names)})",
-                                                        self.timeout_s))
+        refs = [self.ping(name) for name in names]
+        pending = wait_all(refs, self.start_timeout_s, Notice(
+            f"{len(names)} vLLM engine(s) to start ({', '.join(names)})", self.start_timeout_s, "ray_start_timeout_s"))
         if pending:
             late = ", ".join(names[refs.index(ref)] for ref in pending)
-            raise TimeoutError(f"engine pool: {late} did not start (answer ping()) within {self.timeout_s:.0f}s "
-                               "(ray_timeout_s)")
+            raise TimeoutError(f"engine pool: {late} did not start (answer ping()) within "
+                               f"{self.start_timeout_s:.0f}s (ray_start_timeout_s)")
 
     @property
     def names(self) -> list[str]:
@@ -74,19 +88,25 @@ class EnginePool:
 
     def incarnation(self, name: str) -> int:
         """How often `name` was replaced (a transport opened to an earlier incarnation is stale)."""
-        return self.restarts.get(name, 0)
+        return self.incarnations.get(name, 0)
 
     # ---------------------------------------------------------------- health
-    def find_dead(self) -> dict[str, str]:
-        """(Engines idle.) Each engine that does not answer a ping in `timeout_s`, or whose
-        process is gone: name -> why."""
-        names = self.names
-        refs = [self.engines[name].ping.remote() for name in names]
-        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+    def ping(self, name: str):
+        """A ping of engine `name` on its control thread (answered even while it samples or
+        receives weights); the Ray reference."""
+        return self.engines[name].ping.options(concurrency_group="control").remote()
+
+    def find_dead(self, names: list[str] | None = None, timeout_s: float | None = None) -> dict[str, str]:
+        """Each engine of `names` (default: all) that does not answer a ping within `timeout_s`
+        (default `ray_timeout_s`), or whose process is gone: name -> why."""
+        names = self.names if names is None else names
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        refs = [self.ping(name) for name in names]
+        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         dead = {}
         for name, ref in zip(names, refs):
             if ref in pending:
-                dead[name] = f"did not answer ping() within {self.timeout_s:.0f}s"
+                dead[name] = f"did not answer ping() within {timeout_s:.0f}s"
                 continue
             try:
                 self.ray.get(ref)
@@ -97,36 +117,40 @@ class EnginePool:
         return dead
 
     # ---------------------------------------------------------------- replacement
-    def replace(self, name: str, reason: str):
+    def replace(self, name: str, reason: str, charged: bool = True):
         """A new engine in the place of `name` (dead or stuck: `reason`), up and answering, STALE
         until the publisher syncs it; its handle. A replacement that does not come up counts as
         another failure. Past `max_restarts` for this engine: an error naming it and how often it
-        failed."""
+        failed. `charged` False: a live engine replaced because a peer's failure left it in an
+        unknown state (a weight update cut short); it does not count against its budget."""
         start = time.perf_counter()
         while True:
-            failures = self.restarts.get(name, 0) + 1
+            failures = self.restarts.get(name, 0) + charged
             self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
             if failures > self.max_restarts:
                 raise RuntimeError(
                     f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
                     f"{self.max_restarts}; the run stops (resume from the last checkpoint with "
                     "--resume_from_checkpoint true)")
-            logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
-                           self.max_restarts)
+            logger.warning("%s %s: starting a replacement (%s)", name, reason,
+                           f"restart {failures} of at most {self.max_restarts}" if charged else
+                           "not counted against its restarts")
             self.restarts[name] = failures
-            self.engines[name] = self.start_engine(name, self.names.index(name), failures)
+            self.incarnations[name] = self.incarnation(name) + 1
+            self.engines[name] = self.start_engine(name, self.names.index(name), self.incarnation(name))
             self.stale.add(name)
-            ping = self.engines[name].ping.remote()
-            ready, _ = self.ray.wait([ping], timeout=self.timeout_s)
+            ping = self.ping(name)
+            ready, _ = self.ray.wait([ping], timeout=self.start_timeout_s)
             try:
                 if not ready:
-                    raise TimeoutError(f"did not answer ping() within {self.timeout_s:.0f}s")
+                    raise TimeoutError(f"did not start (answer ping()) within {self.start_timeout_s:.0f}s "
+                                       "(ray_start_timeout_s)")
                 self.ray.get(ping)  # vLLM is up
                 break
             except Exception as err:
                 if not (isinstance(err, TimeoutError) or engine_lost(err)):
                     raise
-                reason = f"(its replacement) did not come up: {err}"
+                reason, charged = f"(its replacement) did not come up: {err}", True
         self.count_fault(time.perf_counter() - start)
         return self.engines[name]
 

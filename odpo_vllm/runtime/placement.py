@@ -24,7 +24,7 @@ from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.rewards.scorer import Rewards
 from odpo_vllm.runtime import resources
-from odpo_vllm.runtime.engine_pool import EnginePool
+from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
 from odpo_vllm.weights.wire import GLOO_BACKEND
@@ -134,7 +134,8 @@ def num_reward_workers(args, local: Rewards) -> int:
     return (args.ray_num_reward_workers or 1) if local.model_indices else 0
 
 
-def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool, cpus: float | None = None):
+def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool, cpus: float | None = None,
+                          faults: dict | None = None):
     """Reward models in `ray_num_reward_workers` actors of `cpus` CPUs each (default:
     `ray_cpus_per_reward_worker`, or what `resources.reward_worker_cpus` gives on this cluster)
     behind a `RemoteRewards`; `local` itself when there is no reward model."""
@@ -150,12 +151,15 @@ def _start_reward_workers(spec: RunSpec, local: Rewards, on_gpu: bool, cpus: flo
         cpus = resources.resource_demand(args, args.placement == "colocated", on_gpu, count,
                                          ray.cluster_resources().get("CPU", 0.0))[-1].cpus
     Worker = ray.remote(RewardWorker)
-    names = [f"reward-worker-{i}" for i in range(count)]
-    workers = [Worker.options(name=name, num_cpus=cpus, num_gpus=args.reward_gpus if on_gpu else 0).remote(
-        local.model_specs, args.model_init_kwargs, args.trust_remote_code,
-        args.ray_threads_per_actor or max(int(cpus), 1))
-        for name in names]
-    remote = RemoteRewards(local, workers, names, args.ray_timeout_s)
+
+    def start_worker(name: str, attempt: int):
+        return Worker.options(name=name if attempt == 0 else f"{name}-restart{attempt}", num_cpus=cpus,
+                              num_gpus=args.reward_gpus if on_gpu else 0).remote(
+            local.model_specs, args.model_init_kwargs, args.trust_remote_code,
+            args.ray_threads_per_actor or max(int(cpus), 1))
+
+    remote = RemoteRewards(local, start_worker, count, args.ray_timeout_s, args.ray_max_engine_restarts, faults,
+                           args.ray_start_timeout_s)
     try:
         remote.wait_ready()
     except BaseException:
@@ -198,11 +202,12 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         resources.ensure_resources(args.placement, demand, joined, args.ray_wait_for_resources_s, args.ray_timeout_s)
         logger.info("%s placement needs %s", args.placement, resources.describe(demand))
         reward_cpus = next((share.cpus for share in demand if share.role == "reward workers"), None)
-        roles.rewards = _start_reward_workers(spec, local_rewards, on_gpu, reward_cpus)
+        roles.rewards = _start_reward_workers(spec, local_rewards, on_gpu, reward_cpus, roles.faults)
         roles.learner = LearnerGroup(
             spec.model, args, spec.tokenizer.pad_token_id, spec.num_training_steps,
             num_ranks=args.ray_learner_ranks, zero_stage=args.ray_zero_stage, cpus_per_rank=cpus,
             gpus_per_rank=(0.5 if colocated else 1.0) if on_gpu else 0.0, timeout_s=args.ray_timeout_s,
+            start_timeout_s=args.ray_start_timeout_s,
             name="learner", bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None,
             peft_config=spec.peft_config,
             # batches can be in flight while the learners step: rank 0 keeps the published version
@@ -210,7 +215,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
         num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
-        Engine = ray.remote(VLLMGenerator)
+        Engine = ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
 
@@ -227,7 +232,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
                 name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences)
 
         roles.engine_pool = EnginePool(start_engine, num_engines, args.ray_timeout_s, args.ray_max_engine_restarts,
-                                       roles.faults)
+                                       roles.faults, args.ray_start_timeout_s)
         roles.engine_pool.wait_started()
         roles.publisher = RayWeightPublisher(roles.learner, roles.engine_pool, transport, spec.probe_ids,
                                              args.vllm_sync_tolerance, _engine_dtype(args), args.ray_timeout_s,

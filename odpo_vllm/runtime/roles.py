@@ -28,7 +28,8 @@ class Roles:
     background_sampling: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)  # run in reverse order by close()
     engine_pool: Any = None  # Ray placements: the engine actors, shared by generator and publisher
-    # Faults survived so far (`faults/engine_restarts`, `faults/seconds_lost`), logged by the loop.
+    # Faults survived so far (`faults/engine_restarts`, `faults/reward_worker_restarts`,
+    # `faults/seconds_lost`), logged by the loop.
     faults: dict[str, float] = field(default_factory=dict)
 
     def close(self) -> None:

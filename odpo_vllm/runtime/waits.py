@@ -72,10 +72,11 @@ def wait_all(refs: list, timeout_s: float, notice: Notice | None = None) -> list
 def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str, waiting_for: str | None = None) -> list:
     """The results of Ray calls `refs` (made to the actors `names`, in order), or an error that
     names the actors which did not answer `call` within `timeout_s` (TimeoutError) or died.
-    `waiting_for`: a start-up wait, logged as what it waits for (`Notice`)."""
+    `waiting_for`: a start-up wait (`timeout_s` is then `ray_start_timeout_s`), logged as what it
+    waits for (`Notice`)."""
     import ray
 
-    pending = wait_all(refs, timeout_s, Notice(waiting_for, timeout_s) if waiting_for else None)
+    pending = wait_all(refs, timeout_s, Notice(waiting_for, timeout_s, "ray_start_timeout_s") if waiting_for else None)
     if pending:
         late = [names[refs.index(ref)] for ref in pending]
         raise TimeoutError(f"{who}: {', '.join(late)} did not answer {call}() within {timeout_s:.0f}s")

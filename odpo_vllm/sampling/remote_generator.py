@@ -180,8 +180,9 @@ class RemoteGenerator:
                     dead.setdefault(part.engine, part.lost)
         for name, reason in dead.items():
             try:
-                engine = self.pool.replace(name, reason)
-                self.publisher.sync_replacement(name)
+                self.pool.replace(name, reason)
+                self.publisher.sync_replacement(name)  # may replace it again (a replacement lost during its sync)
+                engine = self.pool.engines[name]
             except BaseException as err:
                 self._fail_all(err)  # the run stops: no waiter may wait for a re-issue
                 raise

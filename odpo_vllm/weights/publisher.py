@@ -25,6 +25,8 @@ from odpo_vllm.weights.names import LearnerWeights
 
 logger = logging.getLogger(__name__)
 
+RANK_MARGIN_S = 30.0  # how much longer the driver waits for a push than rank 0 waits for its engines
+
 
 def default_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
     return tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.1)
@@ -124,41 +126,103 @@ class RayWeightPublisher:
 
     def publish(self, version: int) -> dict[str, float]:
         """(Engines idle: the generator has drained.) Every engine serves the learner's weights
-        after `version` optimizer steps; an engine found dead now is replaced first (no batch waits
-        for it: this push gives it the weights)."""
+        after `version` optimizer steps. An engine found dead now is replaced first (no batch waits
+        for it: this push gives it the weights); one that dies or hangs during the push or the
+        probe is replaced and the push is made again, within `ray_max_engine_restarts`."""
         for name, reason in self.pool.find_dead().items():
             self.pool.replace(name, reason)
-        names = self.pool.names
+        while True:
+            names = self.pool.names
+            try:
+                metrics = self._send(names, version)
+            except Exception as err:
+                self._replace_lost(names, err, "the weight push", cut_short=True)
+                continue
+            if self.probe_ids is None:
+                break
+            probe = self.learner.sequence_logprobs(self.probe_ids)
+            try:
+                metrics["sync/logprob_gap"] = self._probe(names, version, probe)
+                break
+            except Exception as err:  # the replacement gets the weights in the next round
+                self._replace_lost(names, err, "the sync probe", cut_short=False)
+        self.published_probe = probe if self.probe_ids is not None else None
+        self.version = version
+        self.pool.stale.clear()
+        return metrics
+
+    def _send(self, names: list[str], version: int) -> dict[str, float]:
         if self.transport != {n: self.pool.incarnation(n) for n in names}:
             self._close_transport()
             self._open_transport(names)
-        metrics = self.learner.call("send_weights")[0]  # rank 0's figures
+        # The driver waits longer than rank 0 does for its engines, so a hung engine is reported
+        # by the rank (which names the engines it sends to), not as a silent rank.
+        metrics = self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S)[0]  # rank 0's
         self._get([e.set_policy_version.remote(version) for e in self._engines(names)], names, "set_policy_version")
-        self.version = version
-        self.pool.stale.clear()
-        if self.probe_ids is not None:
-            self.published_probe = self.learner.sequence_logprobs(self.probe_ids)
-            metrics["sync/logprob_gap"] = self._probe(names, version, self.published_probe)
         return metrics
+
+    def _replace_lost(self, names: list[str], err: Exception, during: str, cut_short: bool) -> None:
+        """After `err` in a push or a probe to `names`: replace each engine that died or stopped
+        answering (its ping goes to a thread of its own, so a live engine answers even while
+        blocked in the failed transfer) and drop the transport, so the caller can try again.
+        `cut_short`: the other engines of the push are replaced too, without counting against
+        their budget: their weight update was cut short part-way (some layers loaded, vLLM's update session
+        open), and a fresh engine is the state we know. No engine lost: the failure is not an
+        engine's, and `err` is raised."""
+        from odpo_vllm.runtime.engine_pool import DIAGNOSE_S
+
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise err
+        lost = self.pool.find_dead(names, min(self.timeout_s, DIAGNOSE_S))
+        if not lost:
+            raise err
+        for name, reason in lost.items():
+            logger.warning("%s %s during %s (%s)", name, reason, during, str(err).splitlines()[0][:300])
+        for name, reason in lost.items():  # killed first: a sender blocked on it then fails at once
+            self.pool.replace(name, f"{reason} during {during}")
+        self._drop_transport()
+        for name in names if cut_short else []:
+            if name not in lost:
+                self.pool.replace(name, f"was cut off during {during} by the loss of {', '.join(lost)}", charged=False)
+
+    def _drop_transport(self) -> None:
+        """After a failed transfer: the learner's side closed, the survivors' sides closed before
+        the next push (`unclosed`); a side that cannot be closed now is left to that push."""
+        try:
+            self._close_transport(idle=[], timeout_s=min(self.timeout_s, 60.0))
+        except Exception as err:
+            logger.debug("weight publisher: closing the failed transport: %s", err)
+            if self.transport is not None:
+                self.unclosed.update(self.transport)
+                self.transport = None
 
     def sync_replacement(self, name: str) -> None:
         """Give the replacement `name` the published version alone (the other engines keep
         sampling), then probe it as every push is probed. The batches it inherits were scheduled
         for that version; the ranks send the published version (with async_steps >= 1 rank 0 keeps
-        a copy of it, since the learners may have stepped past it already)."""
+        a copy of it, since the learners may have stepped past it already). A replacement that
+        dies or hangs during its own sync is replaced again, within its restart budget."""
         if name not in self.pool.stale:
             return
         start = time.perf_counter()
+        while True:
+            try:
+                self._sync_alone(name)
+                break
+            except Exception as err:
+                self._replace_lost([name], err, "its replacement sync", cut_short=False)
+        self.pool.stale.discard(name)
+        self.pool.count_fault(time.perf_counter() - start)
+        logger.warning("%s replaced; it serves policy version %d", name, self.version)
+
+    def _sync_alone(self, name: str) -> None:
         self._close_transport(idle=[])  # the others may be sampling
         self._open_transport([name])
-        self.learner.call("send_weights", True)
+        self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, True)
         self._close_transport(idle=[name])
         self._get([self.pool.engines[name].set_policy_version.remote(self.version)], [name], "set_policy_version")
         if self.probe_ids is not None:  # against the learner's logprobs at the published version
             self._probe([name], self.version, self.published_probe)
-        self.pool.stale.discard(name)
-        self.pool.count_fault(time.perf_counter() - start)
-        logger.warning("%s replaced; it serves policy version %d", name, self.version)
 
     def close(self) -> None:
         try:  # briefly: after a failure an engine may be stuck, and everything is killed next

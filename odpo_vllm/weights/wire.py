@@ -117,7 +117,7 @@ class SyncStats:
         return {"sync/seconds": self.seconds, "sync/bytes": float(self.bytes)}
 
 
-def _in_daemon_thread(fn, *args) -> Future:
+def in_daemon_thread(fn, *args) -> Future:
     """Run fn in a daemon thread: one stuck in a collective must not hold the process at exit."""
     future: Future = Future()
 
@@ -133,7 +133,7 @@ def _in_daemon_thread(fn, *args) -> Future:
 
 def call_with_timeout(fn, timeout_s: float, what: str):
     """`fn()` in a daemon thread; a TimeoutError saying `what` if it has not returned in time."""
-    future = _in_daemon_thread(fn)
+    future = in_daemon_thread(fn)
     done, _ = wait([future], timeout=timeout_s)
     if not done:
         raise TimeoutError(f"weight transport: {what} within {timeout_s:.0f}s")
@@ -144,7 +144,7 @@ def run_with_peer(call, args: tuple, work, timeout_s: float, peer: str):
     """Run `call(*args)` (an RPC to `peer` that returns once its side of the transfer is done)
     beside `work()` (this side of the same collective). Fails as soon as either side fails, and
     names `peer` if the pair has not finished within `timeout_s`."""
-    remote, local = _in_daemon_thread(call, *args), _in_daemon_thread(work)
+    remote, local = in_daemon_thread(call, *args), in_daemon_thread(work)
     done, pending = wait([remote, local], timeout=timeout_s, return_when=FIRST_EXCEPTION)
     for future in (remote, local):
         if future in done and future.exception() is not None:
