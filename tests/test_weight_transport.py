@@ -73,7 +73,7 @@ def test_learner_weights_cover_tied_head_and_merge_lora(model):
     lora_delta = base.lora_B["default"].weight @ base.lora_A["default"].weight * base.scaling["default"]
     expected = base.base_layer.weight + lora_delta
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
-    # after the export the adapter is unmerged again
+    # the merge is out of place: the base weight (the reference) holds no delta
     assert not torch.allclose(base.base_layer.weight, expected)
 
 

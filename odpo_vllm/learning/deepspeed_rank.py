@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from odpo_vllm.learning.learner import Learner, build_optimizer, build_scheduler
-from odpo_vllm.weights.names import TensorMeta, checkpoint_name, merged_adapter
+from odpo_vllm.weights.names import TensorMeta, checkpoint_name, lora_delta, lora_targets, merged_weight
 
 
 def import_deepspeed():
@@ -95,27 +95,23 @@ class DeepSpeedRank(Learner):
     # ---------------------------------------------------------------- weights for the engines
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the engines load (`weights/names.py`'s definition: checkpoint names, tied weights
-        under every name, LoRA merged). Under ZeRO-3 each size-capped group of parameters is
-        gathered, copied out and released before the next (never the whole model at once), except
-        for a LoRA policy, whose merge needs every base weight and its adapter at once. Every rank
-        must iterate in lockstep: gathering is a collective."""
+        under every name, LoRA merged out of place). Under ZeRO-3 each size-capped group of parameters
+        is gathered, copied out and released before the next (never the whole model at once); a group
+        holding a LoRA-adapted weight also gathers that layer's adapter. Every rank must iterate in
+        lockstep: gathering is a collective."""
         deepspeed = import_deepspeed()
-        module = self.model_engine.module
-        names_of, params = _parameters_with_names(module)
+        names_of, params = _parameters_with_names(self.model_engine.module)
+        targets = lora_targets(self.model_engine.module)
         zero3 = self.zero_stage == 3
-        if hasattr(module, "peft_config"):
-            # modifier_rank=None: the merge is undone and nothing is written back to the partitions
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3), merged_adapter(module):
-                copies = [(p, p.detach().clone()) for p in params]
-            yield from _mapped(copies, names_of)
-            return
         group, used = [], 0
         for param in params + [None]:
             size = 0 if param is None else _full_numel(param) * param.element_size()
             if group and (param is None or used + size > bucket_bytes):
-                with deepspeed.zero.GatheredParameters(group, modifier_rank=None, enabled=zero3):
-                    copies = [(p, p.detach().clone()) for p in group]
-                yield from _mapped(copies, names_of)
+                # modifier_rank=None: nothing is written back to the partitions (nothing is modified)
+                gathered = _with_adapters(group, names_of, targets)
+                with torch.no_grad(), deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=zero3):
+                    copies = list(_engine_tensors(group, names_of, targets))
+                yield from copies
                 group, used = [], 0
             if param is not None:
                 group.append(param)
@@ -154,12 +150,35 @@ def _parameters_with_names(model) -> tuple[dict[int, list[str]], list]:
     return names_of, params
 
 
-def _mapped(copies, names_of) -> Iterator[tuple[str, torch.Tensor]]:
-    for param, tensor in copies:
+def _with_adapters(group: list, names_of: dict[int, list[str]], targets: dict) -> list:
+    """`group` and the parameters of the LoRA layers adapting any of them (base, adapter A and B):
+    what must be gathered together to merge them."""
+    params, seen = list(group), {id(p) for p in group}
+    for param in group:
+        for name in names_of[id(param)]:
+            if name in targets:
+                for extra in targets[name][0].parameters():
+                    if id(extra) not in seen:
+                        seen.add(id(extra))
+                        params.append(extra)
+    return params
+
+
+def _engine_tensors(group: list, names_of: dict[int, list[str]], targets: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) for each name of each parameter in `group`: copies, taken while
+    gathered; a LoRA-adapted weight merged (a new tensor, in the parameter's dtype); a parameter
+    with several names copied once."""
+    for param in group:
+        copy = None
         for name in names_of[id(param)]:
             mapped = checkpoint_name(name)
-            if mapped is not None:
-                yield mapped, tensor
+            if mapped is None:
+                continue
+            if name in targets:
+                yield mapped, merged_weight(param, lora_delta(*targets[name]), param.dtype)
+            else:
+                copy = param.detach().clone() if copy is None else copy
+                yield mapped, copy
 
 
 def _full_numel(param) -> int:
