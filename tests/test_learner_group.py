@@ -111,10 +111,11 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     probe = tokenizer("Review the film: it was")["input_ids"] * 2
     Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
 
-    def start_engine(name, index, attempt):
+    def start_engine(name, index, attempt, files_dir):
         return Engine.options(name=f"{name}-{attempt}").remote(
             AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
-            probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index)
+            probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index,
+            files_dir=files_dir)
 
     pool = EnginePool(start_engine, 2, timeout_s=300, max_restarts=1)
     engines = pool.engines

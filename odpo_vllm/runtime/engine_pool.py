@@ -13,11 +13,22 @@ calls the other for it:
 
 An engine is HEALTHY, or STALE (replaced, alive, not yet given the published weights: it serves
 nothing until the publisher syncs it), or dead (found by a failed call, then replaced at once).
+
+Each engine writes the files vLLM starts from (the model's config, the tokenizer) to a folder of
+its own, `<tmp>/odpo_vllm_engines_<run>/<name>.<attempt>`, which the pool removes: the engine
+cannot, as `ray.kill` and a SIGKILL end its process without running any of its code. A replaced
+engine's folder goes in `replace`, the run's folder in `close`. The pool runs in the driver, so
+this reaches the folders on the driver's node only: on a one-node cluster all of them. On a
+multi-node cluster the folders of engines on other nodes stay in those nodes' temporary folders
+(a few MB each: config and tokenizer); being named by run, they can be deleted once it is over.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -34,13 +45,17 @@ def engine_lost(err: BaseException) -> bool:
     return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
 
 
+ENGINE_FILES_PREFIX = "odpo_vllm_engines_"
+
+
 class EnginePool:
-    """`start_engine(name, index, attempt) -> actor handle`: a new engine for place `index` (the
-    placement's recipe: resources, bundle, constructor arguments); `attempt` 0 is the first
-    start, a replacement gets a fresh Ray name from it. `faults` is where the restart count and
+    """`start_engine(name, index, attempt, files_dir) -> actor handle`: a new engine for place
+    `index` (the placement's recipe: resources, bundle, constructor arguments); `attempt` 0 is
+    the first start, a replacement gets a fresh Ray name from it; `files_dir` is the folder the
+    engine writes its start-up files to (see above). `faults` is where the restart count and
     the seconds they cost are kept (the run logs them)."""
 
-    def __init__(self, start_engine: Callable[[str, int, int], Any], count: int, timeout_s: float,
+    def __init__(self, start_engine: Callable[[str, int, int, str], Any], count: int, timeout_s: float,
                  max_restarts: int, faults: dict | None = None):
         import ray
 
@@ -49,9 +64,14 @@ class EnginePool:
         self.engines: dict[str, Any] = {}
         self.restarts: dict[str, int] = {}
         self.stale: set[str] = set()
-        for index in range(count):
-            name = f"vllm-engine-{index}"
-            self.engines[name] = start_engine(name, index, 0)
+        self.files_root = tempfile.mkdtemp(prefix=ENGINE_FILES_PREFIX)  # this run's, on the driver's node
+        try:
+            for index in range(count):
+                name = f"vllm-engine-{index}"
+                self.engines[name] = start_engine(name, index, 0, self.files_dir(name, 0))
+        except BaseException:  # nobody holds the pool yet to close it
+            self.close()
+            raise
 
     def wait_started(self) -> None:
         """Until every engine answers a ping (vLLM is up), with a log line saying so; an engine
@@ -75,6 +95,10 @@ class EnginePool:
     def incarnation(self, name: str) -> int:
         """How often `name` was replaced (a transport opened to an earlier incarnation is stale)."""
         return self.restarts.get(name, 0)
+
+    def files_dir(self, name: str, attempt: int) -> str:
+        """The folder of engine `name`'s start number `attempt` (0: the first)."""
+        return os.path.join(self.files_root, f"{name}.{attempt}")
 
     # ---------------------------------------------------------------- health
     def find_dead(self) -> dict[str, str]:
@@ -106,6 +130,7 @@ class EnginePool:
         while True:
             failures = self.restarts.get(name, 0) + 1
             self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
+            shutil.rmtree(self.files_dir(name, self.incarnation(name)), ignore_errors=True)
             if failures > self.max_restarts:
                 raise RuntimeError(
                     f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
@@ -114,7 +139,9 @@ class EnginePool:
             logger.warning("%s %s: starting a replacement (restart %d of at most %d)", name, reason, failures,
                            self.max_restarts)
             self.restarts[name] = failures
-            self.engines[name] = self.start_engine(name, self.names.index(name), failures)
+            attempt = self.incarnation(name)
+            self.engines[name] = self.start_engine(name, self.names.index(name), attempt,
+                                                   self.files_dir(name, attempt))
             self.stale.add(name)
             ping = self.engines[name].ping.remote()
             ready, _ = self.ray.wait([ping], timeout=self.timeout_s)
@@ -139,3 +166,4 @@ class EnginePool:
         for engine in self.engines.values():
             self.ray.kill(engine)
         self.engines.clear()
+        shutil.rmtree(self.files_root, ignore_errors=True)
