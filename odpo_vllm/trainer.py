@@ -26,7 +26,7 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_utils import EvalPrediction, TrainOutput
 
-from odpo_vllm.run import checkpoint
+from odpo_vllm.run import checkpoint, log_files
 from odpo_vllm import validation
 from odpo_vllm.config import OnlineDPOConfig
 from odpo_vllm.run.console import configure_logging
@@ -244,6 +244,9 @@ class OnlineDPOTrainer:
                                                                 self.model)
         if resume_from_checkpoint:
             checkpoint.load(self, resume_from_checkpoint)
+        # The logs go back to the step the run starts from: after a crash they hold rows of the
+        # steps past the checkpoint, which run (and log) again; at step 0, an earlier run's rows.
+        log_files.cut_to_step(args.output_dir, state.global_step, state.log_history)
 
         sums, maxes, count, loss_sum = defaultdict(float), defaultdict(float), 0, 0.0
         train_start, first_step = time.time(), state.global_step
@@ -348,7 +351,7 @@ class OnlineDPOTrainer:
         logs.pop("truncated_prompts", None)
         self.log(logs)
         if self.args.log_completions:
-            path = os.path.join(self.args.output_dir, "completions.jsonl")
+            path = os.path.join(self.args.output_dir, log_files.COMPLETIONS_FILE)
             with open(path, "a") as f:
                 for row in log_rows:
                     f.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
@@ -359,7 +362,7 @@ class OnlineDPOTrainer:
             logs["epoch"] = self.state.epoch
         row = {**logs, "step": self.state.global_step}
         self.state.log_history.append(row)
-        with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(self.args.output_dir, log_files.METRICS_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
@@ -427,4 +430,4 @@ class OnlineDPOTrainer:
         create_repo(repo_id, token=token, private=self.args.hub_private_repo, exist_ok=True)
         return upload_folder(repo_id=repo_id, folder_path=self.args.output_dir, commit_message=commit_message,
                              token=token, revision=revision, run_as_future=not blocking,
-                             ignore_patterns=["checkpoint-*", "*.pt", "completions.jsonl"])
+                             ignore_patterns=["checkpoint-*", "*.pt", log_files.COMPLETIONS_FILE])

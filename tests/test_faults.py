@@ -116,7 +116,8 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
 
 def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
     """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
-    at the end."""
+    at the end. Checks that a replaced engine's folder went when it was replaced, and the folder of
+    the run's engines when they were closed."""
     import ray
 
     with OnlineDPOTrainer(model=model_path, reward_funcs=reward_funcs, args=args,
@@ -124,7 +125,10 @@ def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
         killed = fault(trainer) if fault is not None else []
         trainer.train()
         weights = saved_weights(trainer, args.output_dir)
-        pids = {name: ray.get(engine.pid.remote()) for name, engine in trainer.roles.engine_pool.engines.items()}
+        pool = trainer.roles.engine_pool
+        pids = {name: ray.get(engine.pid.remote()) for name, engine in pool.engines.items()}
+        assert sorted(os.listdir(pool.files_root)) == [f"{name}.{pool.incarnation(name)}" for name in pool.names]
+    assert not os.path.exists(pool.files_root)  # the killed engines' folders included
     rows = [r for r in trainer.state.log_history if "loss" in r]
     return weights, rows, killed, pids
 

@@ -101,7 +101,7 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     (transport reopened on a fresh port). Past ray_max_engine_restarts the replacement is refused."""
     from transformers import AutoConfig
 
-    from odpo_vllm.runtime.engine_pool import EnginePool
+    from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
     from odpo_vllm.weights.publisher import RayWeightPublisher
     from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
@@ -109,12 +109,13 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     args = make_args(tmp_path, optim="sgd", learning_rate=0.5, per_device_train_batch_size=1,
                      gradient_accumulation_steps=2, gradient_checkpointing=False, use_vllm=True)
     probe = tokenizer("Review the film: it was")["input_ids"] * 2
-    Engine = ray.remote(num_cpus=0.25)(VLLMGenerator)
+    Engine = ray.remote(num_cpus=0.25, **ENGINE_CONCURRENCY)(VLLMGenerator)
 
-    def start_engine(name, index, attempt):
+    def start_engine(name, index, attempt, files_dir):
         return Engine.options(name=f"{name}-{attempt}").remote(
             AutoConfig.from_pretrained(model_path), tokenizer, args, {tokenizer.eos_token_id}, 64,
-            probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index)
+            probe_ids=probe, name=name, weight_transfer_backend="odpo_gloo", engine_index=index,
+            files_dir=files_dir)
 
     pool = EnginePool(start_engine, 2, timeout_s=300, max_restarts=1)
     engines = pool.engines

@@ -3,6 +3,7 @@ change the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -124,6 +125,48 @@ def test_resume_true_uses_latest_of_several(run_a, model_path, tmp_path):
     trainer.train(resume_from_checkpoint=True)  # checkpoint-4: nothing left to do
     assert trainer.state.global_step == 4
     assert_same_weights(run_a["weights"], trainer.model, atol=0)
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_after_a_crash_logs_each_step_once(run_a, model_path, tmp_path):
+    """The run logged steps 1-4 but only checkpoint-2 survived, and the kill cut its last metrics
+    row short; resumed, metrics.jsonl and completions.jsonl hold each step once, in order, with the
+    uninterrupted run's values."""
+    out = tmp_path / "crashed"
+    shutil.copytree(run_a["dir"], out, ignore=shutil.ignore_patterns("checkpoint-4"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 0.1, "st')
+    uninterrupted = {name: read_rows(run_a["dir"] / name) for name in ("metrics.jsonl", "completions.jsonl")}
+    trainer = _resume_trainer(model_path, out)
+    trainer.train(resume_from_checkpoint=True)
+
+    metrics = read_rows(out / "metrics.jsonl")
+    assert [row["step"] for row in metrics if "loss" in row] == [1, 2, 3, 4]
+    assert ["train_runtime" in row for row in metrics] == [False] * 4 + [True]  # one summary, the last row
+    assert metrics[:2] == uninterrupted["metrics.jsonl"][:2]  # kept as they were
+    for resumed, expected in zip(metrics[2:4], uninterrupted["metrics.jsonl"][2:4]):
+        for key in ("step", "loss", "objective/scores", "learning_rate", "epoch"):
+            assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+    completions, expected = read_rows(out / "completions.jsonl"), uninterrupted["completions.jsonl"]
+    assert [row["step"] for row in completions] == [1, 1, 2, 2, 3, 3, 4, 4]
+    for resumed, row in zip(completions, expected):
+        assert {k: resumed[k] for k in ("step", "prompt", "chosen", "rejected")} == \
+               {k: row[k] for k in ("step", "prompt", "chosen", "rejected")}
+        assert resumed["chosen_score"] == pytest.approx(row["chosen_score"], abs=1e-6)
+
+
+def test_fresh_start_replaces_the_logs_an_earlier_run_left(run_a, model_path, tmp_path):
+    out = tmp_path / "reused"
+    out.mkdir()
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        shutil.copy(run_a["dir"] / name, out / name)
+    trainer = _resume_trainer(model_path, out, max_steps=2, save_strategy="no")
+    trainer.train()
+    assert [row["step"] for row in read_rows(out / "metrics.jsonl")] == [1, 2, 2]  # 2: the summary
+    assert [row["step"] for row in read_rows(out / "completions.jsonl")] == [1, 1, 2, 2]
 
 
 def test_resume_true_without_checkpoint_raises(model_path, tmp_path):

@@ -86,7 +86,7 @@ def test_stalled_engine_fails_naming_it(ray_cluster, model_path, tmp_path):
 
             time.sleep(600)
 
-    pool = EnginePool(lambda name, index, attempt: Stalled.remote(), 1, timeout_s=3, max_restarts=0)
+    pool = EnginePool(lambda name, index, attempt, files_dir: Stalled.remote(), 1, timeout_s=3, max_restarts=0)
     generator = RemoteGenerator(pool, publisher=None, timeout_s=3)
     with pytest.raises(RuntimeError, match="vllm-engine-0 did not answer generate.. within 3s: it failed 1 times"):
         generator.generate([[1, 2, 3]], 2, seed=0)

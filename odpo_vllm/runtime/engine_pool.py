@@ -17,11 +17,22 @@ nothing until the publisher syncs it), or dead (found by a failed call, then rep
 Pings go to the engine's `control` concurrency group (its own thread, see `ENGINE_CONCURRENCY`), so
 an engine busy sampling or blocked in a weight transfer still answers: only a dead process, or a
 stopped or hung one, fails a ping. That is how a failed push or probe tells which engine was at fault.
+
+Each engine writes the files vLLM starts from (the model's config, the tokenizer) to a folder of
+its own, `<tmp>/odpo_vllm_engines_<run>/<name>.<attempt>`, which the pool removes: the engine
+cannot, as `ray.kill` and a SIGKILL end its process without running any of its code. A replaced
+engine's folder goes in `replace`, the run's folder in `close`. The pool runs in the driver, so
+this reaches the folders on the driver's node only: on a one-node cluster all of them. On a
+multi-node cluster the folders of engines on other nodes stay in those nodes' temporary folders
+(a few MB each: config and tokenizer); being named by run, they can be deleted once it is over.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -43,13 +54,17 @@ def engine_lost(err: BaseException) -> bool:
     return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
 
 
+ENGINE_FILES_PREFIX = "odpo_vllm_engines_"
+
+
 class EnginePool:
-    """`start_engine(name, index, attempt) -> actor handle`: a new engine for place `index` (the
-    placement's recipe: resources, bundle, constructor arguments); `attempt` 0 is the first
-    start, a replacement gets a fresh Ray name from it. `faults` is where the restart count and
+    """`start_engine(name, index, attempt, files_dir) -> actor handle`: a new engine for place
+    `index` (the placement's recipe: resources, bundle, constructor arguments); `attempt` 0 is
+    the first start, a replacement gets a fresh Ray name from it; `files_dir` is the folder the
+    engine writes its start-up files to (see above). `faults` is where the restart count and
     the seconds they cost are kept (the run logs them)."""
 
-    def __init__(self, start_engine: Callable[[str, int, int], Any], count: int, timeout_s: float,
+    def __init__(self, start_engine: Callable[[str, int, int, str], Any], count: int, timeout_s: float,
                  max_restarts: int, faults: dict | None = None, start_timeout_s: float | None = None):
         import ray
 
@@ -63,9 +78,14 @@ class EnginePool:
         self.restarts: dict[str, int] = {}  # failures, against max_restarts
         self.incarnations: dict[str, int] = {}  # replacements, failed or not (each gets a fresh Ray name)
         self.stale: set[str] = set()
-        for index in range(count):
-            name = f"vllm-engine-{index}"
-            self.engines[name] = start_engine(name, index, 0)
+        self.files_root = tempfile.mkdtemp(prefix=ENGINE_FILES_PREFIX)  # this run's, on the driver's node
+        try:
+            for index in range(count):
+                name = f"vllm-engine-{index}"
+                self.engines[name] = start_engine(name, index, 0, self.files_dir(name, 0))
+        except BaseException:  # nobody holds the pool yet to close it
+            self.close()
+            raise
 
     def wait_started(self) -> None:
         """Until every engine answers a ping (vLLM is up), with a log line saying so; an engine
@@ -89,6 +109,10 @@ class EnginePool:
     def incarnation(self, name: str) -> int:
         """How often `name` was replaced (a transport opened to an earlier incarnation is stale)."""
         return self.incarnations.get(name, 0)
+
+    def files_dir(self, name: str, attempt: int) -> str:
+        """The folder of engine `name`'s start number `attempt` (0: the first)."""
+        return os.path.join(self.files_root, f"{name}.{attempt}")
 
     # ---------------------------------------------------------------- health
     def ping(self, name: str):
@@ -127,6 +151,7 @@ class EnginePool:
         while True:
             failures = self.restarts.get(name, 0) + charged
             self.ray.kill(self.engines[name])  # dead, or stuck: nothing more is asked of it
+            shutil.rmtree(self.files_dir(name, self.incarnation(name)), ignore_errors=True)
             if failures > self.max_restarts:
                 raise RuntimeError(
                     f"{name} {reason}: it failed {failures} times, more than ray_max_engine_restarts="
@@ -136,8 +161,9 @@ class EnginePool:
                            f"restart {failures} of at most {self.max_restarts}" if charged else
                            "not counted against its restarts")
             self.restarts[name] = failures
-            self.incarnations[name] = self.incarnation(name) + 1
-            self.engines[name] = self.start_engine(name, self.names.index(name), self.incarnation(name))
+            self.incarnations[name] = attempt = self.incarnation(name) + 1
+            self.engines[name] = self.start_engine(name, self.names.index(name), attempt,
+                                                   self.files_dir(name, attempt))
             self.stale.add(name)
             ping = self.ping(name)
             ready, _ = self.ray.wait([ping], timeout=self.start_timeout_s)
@@ -163,3 +189,4 @@ class EnginePool:
         for engine in self.engines.values():
             self.ray.kill(engine)
         self.engines.clear()
+        shutil.rmtree(self.files_root, ignore_errors=True)

