@@ -131,6 +131,13 @@ class OnlineDPOConfig(TrainingArguments):
                           "More than its CPUs lets a rank use the cores an idle engine leaves free."},
     )
     ray_timeout_s: float = field(default=600.0, metadata={"help": "Longest wait for any actor call before failing."})
+    preemption_grace_s: float = field(
+        default=25.0,
+        metadata={"help": "Seconds a scheduler leaves between its stop signal (SIGTERM) and SIGKILL, less a margin "
+                          "(default 25: a 30 s grace period). On a stop signal the checkpoint waits for no actor "
+                          "that may be dead or hung: batches still being sampled are waited for up to 40% of it, "
+                          "then dropped and sampled again on resume."},
+    )
     ray_start_timeout_s: float = field(
         default=900.0,
         metadata={"help": "Longest wait for an actor to start (learner ranks loading the policy and meeting, a vLLM "
@@ -313,6 +320,9 @@ class OnlineDPOConfig(TrainingArguments):
         if self.ray_cpus_per_reward_worker is not None and not self.ray_cpus_per_reward_worker >= 0:
             fail("ray_cpus_per_reward_worker", f"must be >= 0 (0: it shares the cores of the others), got "
                                                f"{self.ray_cpus_per_reward_worker}")
+        if not self.preemption_grace_s > 0:
+            fail("preemption_grace_s", f"must be > 0 seconds (the scheduler's grace period), got "
+                                       f"{self.preemption_grace_s}")
         if not self.ray_start_timeout_s > 0:
             fail("ray_start_timeout_s", f"must be > 0 seconds, got {self.ray_start_timeout_s}")
         if not self.ray_wait_for_resources_s >= 0:

@@ -35,7 +35,7 @@ from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline, step_seed
 from odpo_vllm.runtime.placement import BUILDERS, RunSpec
-from odpo_vllm.run.preemption import Preempted, stop_signals
+from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
 from odpo_vllm.sampling.pairing import pair_rollouts
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class OnlineDPOTrainer:
                 logger.warning("closing after a failed train() also failed: %s", err)
             raise
 
-    def _train(self, resume_from_checkpoint, stop: list[int]):
+    def _train(self, resume_from_checkpoint, stop: StopRequest):
         args, state = self.args, self.state
         if self.roles.learner is None:
             raise RuntimeError("train(): this trainer was closed; build a new OnlineDPOTrainer")
@@ -259,7 +259,11 @@ class OnlineDPOTrainer:
                 self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
             self.control = self.callback_handler.on_step_begin(args, state, self.control)
             step_start = time.perf_counter()
-            pairs, waited = self.pipeline.take(step)  # score -> pair
+            try:
+                pairs, waited = self.pipeline.take(step, stop)  # score -> pair
+            except StopWaiting:  # preempted while waiting: the learners have not moved, save the step reached
+                saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s))
+                raise Preempted(stop[0], state.global_step, saved) from None
             self.training_epoch = epoch
             beta = args.beta_at(epoch)
             # learn
@@ -267,11 +271,16 @@ class OnlineDPOTrainer:
             metrics = self.learner.step(pairs.batch, beta)
             metrics["time/train"] = time.perf_counter() - start
             # sync: the engines finish what they sample with the old version, then serve the new one
-            self.generator.drain()
-            metrics.update(self.publisher.publish(step + 1))
-            # sample (and, under Ray, score in the background) every batch the schedule now allows:
-            # step t + 1 + K with the new version, while the next step trains
-            self.pipeline.request_ahead(step + 1, self.publisher.version, self.max_steps)
+            sync_cut_short = False
+            try:
+                self.generator.drain(stop)
+                metrics.update(self.publisher.publish(step + 1, stop))
+            except StopWaiting:  # preempted during the sync: the step is logged and saved without it
+                sync_cut_short = True
+            if not sync_cut_short:
+                # sample (and, under Ray, score in the background) every batch the schedule now
+                # allows: step t + 1 + K with the new version, while the next step trains
+                self.pipeline.request_ahead(step + 1, self.publisher.version, self.max_steps)
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
             metrics["beta"] = beta
@@ -296,10 +305,11 @@ class OnlineDPOTrainer:
                 if self.control.should_log and count:
                     self._log_training(sums, maxes, count, pairs.log_rows)
                     sums, maxes, count = defaultdict(float), defaultdict(float), 0
-            if self.control.should_evaluate:
+            if self.control.should_evaluate and not stop:  # preempted: the grace period is for the checkpoint
                 self.evaluate()
             if self.control.should_save or stop:
-                saved = checkpoint.save(self)
+                saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s) if stop else None,
+                                        policy_version=step + 1 if sync_cut_short else None)
                 self.control = self.callback_handler.on_save(args, state, self.control)
                 self.control.should_save = False
             if stop:  # preempted: the step is done and saved

@@ -170,3 +170,54 @@ def test_killed_driver_leaves_no_process_of_its_cluster(model_path, tmp_path, fu
     driver.wait()
     # Ray's own agents lingered 45-90 s after their GCS died; the watchdog kills them at once
     assert wait_until_gone(ray_tmp, 15) == [], "processes of the killed driver's cluster are still alive"
+
+
+@pytest.fixture(scope="module")
+def full_sync_run(model_path, full_run):
+    """The uninterrupted run with async_steps=0."""
+    prompts, full = full_run
+    out = full.parent / "full_sync"
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+    done = subprocess.run(command(model_path, prompts, out, "--async_steps", "0"), env=run_env(ray_tmp),
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_sigterm_to_the_process_group_with_a_hung_engine_checkpoints_within_the_grace_period(
+        model_path, tmp_path, full_run, full_sync_run):
+    """A scheduler's SIGTERM goes to the whole process group (`kill -- -PGID`, scancel, systemd),
+    here while the engine is stopped (SIGSTOP: alive, silent). The run's own Ray cluster is in a
+    session of its own, so only the driver gets the signal; the driver does not wait for the hung
+    engine (it pings it for a few seconds, then kills it) and exits 143 with a checkpoint well
+    within the grace period. The resumed run ends with the weights of the uninterrupted one."""
+    prompts, _ = full_run
+    ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
+    env, out, grace = run_env(ray_tmp), tmp_path / "hung", 20
+    sync = ("--async_steps", "0", "--preemption_grace_s", str(grace))
+    driver = subprocess.Popen(command(model_path, prompts, out, *sync), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True)  # its own group, as under a scheduler
+    wait_for_step(driver, out, 3)
+    engines = [pid for pid in processes_of(ray_tmp)
+               if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::VLLMGenerator")]
+    assert len(engines) == 1
+    os.kill(int(engines[0]), signal.SIGSTOP)
+    os.killpg(driver.pid, signal.SIGTERM)
+    sent = time.time()
+    _, stderr = driver.communicate(timeout=300)
+    stopped_after = time.time() - sent
+    stderr = stderr.decode(errors="replace")
+    assert driver.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    print(f"exited {stopped_after:.1f}s after SIGTERM (grace {grace}s)")
+    assert stopped_after < grace + 15, stderr[-3000:]  # + the roles' close and Ray's shutdown on loaded cores
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)", stderr).group(1))
+    assert 3 <= step < 14
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").exists()
+    assert "learner-rank0 died" not in stderr
+    assert wait_until_gone(ray_tmp, 15) == [], "processes of the preempted run are still alive"
+
+    resumed = subprocess.run(command(model_path, prompts, out, *sync, "--resume_from_checkpoint", "auto"), env=env,
+                             capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_steps(out) == list(range(1, 15))  # each step once: the log was cut back to the checkpoint
+    assert same_weights(full_sync_run, out) < 1e-5

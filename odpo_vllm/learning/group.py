@@ -104,7 +104,8 @@ class LearnerGroup:
             raise TimeoutError(f"{what} did not answer within {timeout_s:.0f}s")
         return self.ray.get(refs)
 
-    def _gather(self, refs, call: str, notice: Notice | None = None, timeout_s: float | None = None) -> list:
+    def _gather(self, refs, call: str, notice: Notice | None = None, timeout_s: float | None = None,
+                stop: list | None = None) -> list:
         """Every rank's result of `call`. Ranks are watched one by one, so a rank that died is
         reported at once, even while the others wait for it in a collective. `notice`: a start-up
         wait's log lines."""
@@ -113,7 +114,15 @@ class LearnerGroup:
         pending, deadline = list(refs), time.monotonic() + timeout_s
         while pending:
             left = max(deadline - time.monotonic(), 0)
+            if stop is not None:
+                if stop:
+                    from odpo_vllm.run.preemption import StopWaiting
+
+                    raise StopWaiting()
+                left = min(left, 0.2)  # look at `stop` again soon
             ready, pending = self.ray.wait(pending, num_returns=1, timeout=notice.slice(left) if notice else left)
+            if not ready and stop is not None and deadline > time.monotonic():
+                continue
             if not ready and notice is not None and deadline > time.monotonic():
                 notice.tick()
                 continue
@@ -174,10 +183,12 @@ class LearnerGroup:
         """`method(*args)` on every rank together; each rank's result, in rank order."""
         return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
 
-    def call_with_timeout(self, method: str, timeout_s: float, *args) -> list:
+    def call_with_timeout(self, method: str, timeout_s: float, *args, stop: list | None = None) -> list:
         """`call`, waiting up to `timeout_s` instead of `ray_timeout_s` (a rank that waits on
-        others itself, e.g. rank 0 on its engines, is given the time to report them)."""
-        return self._gather([getattr(w, method).remote(*args) for w in self.workers], method, timeout_s=timeout_s)
+        others itself, e.g. rank 0 on its engines, is given the time to report them). A stop
+        signal in `stop` ends the wait (`StopWaiting`; the call goes on in the ranks)."""
+        return self._gather([getattr(w, method).remote(*args) for w in self.workers], method, timeout_s=timeout_s,
+                            stop=stop)
 
     def _rank0_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port on it. A one-node cluster is this machine: loopback

@@ -47,17 +47,23 @@ def checkpoint_folders(output_dir: str) -> list[CheckpointFolder]:
     return sorted(found, key=lambda folder: (folder.step, folder.path))
 
 
-def save(trainer) -> str:
+def save(trainer, deadline: float | None = None, policy_version: int | None = None) -> str:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder beside it, which
     is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder
-    that looks complete (resume and `save_total_limit` only see renamed ones)."""
+    that looks complete (resume and `save_total_limit` only see renamed ones). `deadline`: a
+    preemption's, for the batches in flight (`RolloutPipeline.state_dict`). `policy_version`: the
+    learners' version when a stop cut their push short (default: the version the engines serve)."""
+    if policy_version is None:
+        policy_version = trainer.publisher.version
     output_dir = trainer.args.output_dir
     final = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
     directory = f"{final}.incomplete"
     shutil.rmtree(directory, ignore_errors=True)  # left by a save that was killed
     os.makedirs(directory)
     # first: it waits for the batches being sampled for later steps (their pairs are saved)
-    torch.save(trainer.pipeline.state_dict(), os.path.join(directory, ROLLOUTS_FILE))
+    rollouts = trainer.pipeline.state_dict(deadline, policy_version)
+    data = rollouts.pop("data")  # the prompt order's position, before any batch dropped at the deadline
+    torch.save(rollouts, os.path.join(directory, ROLLOUTS_FILE))
     trainer.save_model(directory)
     trainer.learner.save(directory)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
@@ -66,7 +72,7 @@ def save(trainer) -> str:
     torch.save(rng, os.path.join(directory, RNG_FILE))
     trainer.state.save_to_json(os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, RUN_FILE), "w") as f:
-        json.dump({"data": trainer.batches.state_dict(), "policy_version": trainer.publisher.version}, f)
+        json.dump({"data": data, "policy_version": policy_version}, f)
     old = _set_aside(final) if os.path.exists(final) else None  # the same step saved again (a resumed run)
     os.replace(directory, final)
     if old is not None:

@@ -1,7 +1,13 @@
 """Preemption: SIGTERM (a scheduler taking the node back) or SIGINT (Ctrl-C) during `train()`
-finishes the current step, writes a checkpoint at the step reached, closes every role and ends
-with `Preempted`, whose exit code (128 + signal) a scheduler can read. A second signal stops at
-once."""
+writes a checkpoint at the step reached, closes every role and ends with `Preempted`, whose exit
+code (128 + signal) a scheduler can read. A second signal stops at once.
+
+A scheduler kills the job a grace period after its signal (`preemption_grace_s`), so the
+checkpoint waits for no actor that may be dead or hung: a wait for the next batch's rollouts is
+cut short (the learners have not moved, so the checkpoint is of the step reached), and batches
+still being sampled are waited for only until `BATCH_SHARE` of the grace period has passed; the
+rest is dropped and sampled again on resume (see `RolloutPipeline.state_dict`). A learner step or
+weight push in progress when the signal comes is finished first (bounded by `ray_timeout_s`)."""
 
 from __future__ import annotations
 
@@ -9,10 +15,26 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+BATCH_SHARE = 0.4  # of the grace period, for batches in flight; the rest is for writing the checkpoint
+
+
+class StopRequest(list):
+    """The stop signals received (their numbers), and `at`: when the first came (time.monotonic)."""
+
+    at: float | None = None
+
+    def deadline(self, grace_s: float) -> float | None:
+        """Until when batches in flight may be waited for; None without a signal."""
+        return None if self.at is None else self.at + BATCH_SHARE * grace_s
+
+
+class StopWaiting(Exception):
+    """A wait for rollouts cut short by a stop signal."""
 
 
 class Preempted(Exception):
@@ -25,8 +47,8 @@ class Preempted(Exception):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Yields a list that receives the number of a stop signal; handlers are ours only inside."""
-    received: list[int] = []
+    """Yields a `StopRequest` that receives the number of a stop signal; handlers are ours only inside."""
+    received = StopRequest()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield received
         return
@@ -37,7 +59,8 @@ def stop_signals():
                 signal.signal(sig, old)
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
         received.append(signum)
-        logger.warning("%s received: finishing this step, then writing a checkpoint and stopping",
+        received.at = time.monotonic()
+        logger.warning("%s received: writing a checkpoint at the step reached, then stopping",
                        signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}

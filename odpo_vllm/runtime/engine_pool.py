@@ -120,13 +120,22 @@ class EnginePool:
         receives weights); the Ray reference."""
         return self.engines[name].ping.options(concurrency_group="control").remote()
 
-    def find_dead(self, names: list[str] | None = None, timeout_s: float | None = None) -> dict[str, str]:
+    def find_dead(self, names: list[str] | None = None, timeout_s: float | None = None,
+                  stop: list | None = None) -> dict[str, str]:
         """Each engine of `names` (default: all) that does not answer a ping within `timeout_s`
-        (default `ray_timeout_s`), or whose process is gone: name -> why."""
+        (default `ray_timeout_s`), or whose process is gone: name -> why. A stop signal in `stop`
+        ends the wait (`StopWaiting`)."""
+        from odpo_vllm.run.preemption import StopWaiting
+
         names = self.names if names is None else names
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         refs = [self.ping(name) for name in names]
-        _, pending = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        pending, deadline = refs, time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            if stop:
+                raise StopWaiting()
+            slice_s = max(deadline - time.monotonic(), 0.0) if stop is None else min(0.2, deadline - time.monotonic())
+            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=max(slice_s, 0.0))
         dead = {}
         for name, ref in zip(names, refs):
             if ref in pending:

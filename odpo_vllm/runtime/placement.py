@@ -11,6 +11,7 @@ The training loop receives the roles and never asks which placement built them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -101,6 +102,30 @@ def resolve_weight_transport(requested: str, on_gpu: bool, colocated: bool) -> s
     return requested
 
 
+@contextlib.contextmanager
+def own_session():
+    """The Ray processes started inside (GCS, raylet, agents; the raylet's workers follow) run in a
+    session of their own. A signal to the driver's process group (`kill -- -PGID`, systemd,
+    `scancel`) then reaches the driver alone, which checkpoints and closes the cluster itself;
+    otherwise it also reached the raylet, and the run died as "learner-rank0 died" without a
+    checkpoint. Ray starts them through `ConsolePopen`; a driver SIGKILLed is still covered by
+    the watchdog, which knows their pids."""
+    from ray._private import services
+
+    original = services.ConsolePopen
+
+    class SessionPopen(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
+
+
 def ensure_ray(args) -> list:
     """Connect to Ray. When this call starts a local cluster, the run owns it: the closers that
     shut it down (and the watchdog that kills it if this process is killed), else []."""
@@ -117,8 +142,9 @@ def ensure_ray(args) -> list:
         ray.init(address=address, runtime_env={"env_vars": env}, **console.ray_init_kwargs(args.log_level))
         return []
     # a local cluster owned by this process, even if `ray start` left one running here
-    ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
+    with own_session():
+        ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
     closers = [ray.shutdown]
     try:
         closers.insert(0, Watchdog(cluster_roots()).close)  # closed in reverse order: after ray.shutdown

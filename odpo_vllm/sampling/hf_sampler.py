@@ -48,7 +48,7 @@ class TransformersGenerator:
         """In process, sampling happens now; the handle holds the result."""
         return ReadyRollouts(self.generate(prompt_ids, num_samples, seed))
 
-    def drain(self) -> None:
+    def drain(self, stop: list | None = None) -> None:
         """Nothing is in flight: sampling happens at submit."""
 
     def recover(self) -> None:

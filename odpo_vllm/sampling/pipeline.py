@@ -41,6 +41,7 @@ class _Request:
     position: int | None
     version: int  # the policy version the engines served when it was submitted
     pairs: Future  # -> ScoredPairs
+    data_before: dict | None = None  # the prompt order's state before this batch was drawn
 
 
 class RolloutPipeline:
@@ -63,13 +64,14 @@ class RolloutPipeline:
             if wanted > served_version:
                 raise RuntimeError(f"rollout schedule: the batch of step {self.next_step} must be sampled by policy "
                                    f"version {wanted}, but the engines serve version {served_version}")
-            if wanted < served_version:  # a run resumed past the max_steps it was checkpointed with
+            if wanted < served_version:  # resumed past the checkpoint's max_steps, or a preemption dropped it
                 logger.warning("step %d: sampled by policy version %d instead of %d (the checkpoint holds no "
-                               "batches for the steps after its max_steps)", self.next_step, served_version, wanted)
+                               "batch for it)", self.next_step, served_version, wanted)
             self._request(self.next_step, served_version)
             self.next_step += 1
 
     def _request(self, step: int, version: int) -> None:
+        data_before = self.batches.state_dict()
         _, rows = self.batches.next()
         rows = self.rewrite_rows(rows)
         args = self.args
@@ -90,15 +92,20 @@ class RolloutPipeline:
         else:
             future = self.executor.submit(finish)
         self.requests[step] = _Request(step, self.batches.epoch, getattr(self.batches, "position", None), version,
-                                       future)
+                                       future, data_before)
 
-    def _wait(self, future: Future) -> ScoredPairs:
+    def _wait(self, future: Future, stop: list | None = None) -> ScoredPairs:
         """The future's pairs; meanwhile, replace engines that die (the background thread waits
-        for their lost parts to be re-issued, which only this thread does)."""
+        for their lost parts to be re-issued, which only this thread does). A stop signal in
+        `stop` ends the wait (`StopWaiting`)."""
+        from odpo_vllm.run.preemption import StopWaiting
+
         while True:
             try:
                 return future.result(timeout=0.1)
             except FutureTimeout:
+                if stop:
+                    raise StopWaiting() from None
                 self.roles.generator.recover()
 
     def position_of(self, step: int) -> tuple[int, int | None]:
@@ -106,11 +113,13 @@ class RolloutPipeline:
         request = self.requests[step]
         return request.epoch, request.position
 
-    def take(self, step: int) -> tuple[ScoredPairs, float]:
-        """The scored pairs of `step` and how long the loop waited for them."""
+    def take(self, step: int, stop: list | None = None) -> tuple[ScoredPairs, float]:
+        """The scored pairs of `step` and how long the loop waited for them. A stop signal in
+        `stop` ends the wait with `StopWaiting`, the batch still requested (the checkpoint decides)."""
         start = time.perf_counter()
-        request = self.requests.pop(step)
-        pairs = self._wait(request.pairs)
+        request = self.requests[step]
+        pairs = self._wait(request.pairs, stop)
+        del self.requests[step]
         waited = time.perf_counter() - start
         if pairs.policy_version != request.version:  # an update overtook the batch: a bug, never timing
             raise RuntimeError(f"rollout schedule: the batch of step {step} was sampled by policy version "
@@ -118,14 +127,38 @@ class RolloutPipeline:
         return pairs, waited
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        """The batches requested for later steps, finished first (they are part of the run)."""
-        ready = []
+    def state_dict(self, deadline: float | None = None, checkpoint_version: int | None = None) -> dict:
+        """The batches requested for later steps, finished first (they are part of the run), and
+        `data`: the prompt order's state to resume from.
+
+        `deadline` (time.monotonic; a preemption's grace period): a batch not finished by then is
+        not waited for (its engine or reward worker may be dead or hung, and replacing one takes
+        longer than a grace period). It and every later batch are dropped; `data` is rewound to
+        before it, so a resumed run draws and samples them again, with the checkpoint's weights.
+        A dropped batch scheduled for those weights (`checkpoint_version`) is sampled again exactly;
+        one of an older version (async_steps >= 1) is then sampled by a newer one, and the warning
+        says so."""
+        ready, next_step, data = [], self.next_step, self.batches.state_dict()
         for step in sorted(self.requests):
             request = self.requests[step]
+            if deadline is None:
+                pairs = self._wait(request.pairs)
+            else:
+                try:
+                    pairs = request.pairs.result(timeout=max(deadline - time.monotonic(), 0.0))
+                except FutureTimeout:
+                    dropped = sorted(s for s in self.requests if s >= step)
+                    older = [s for s in dropped if self.requests[s].version != checkpoint_version]
+                    logger.warning("checkpoint: the batches of steps %s were not sampled and scored in time; they "
+                                   "are sampled again on resume%s", ", ".join(map(str, dropped)),
+                                   f" (steps {', '.join(map(str, older))} by the checkpoint's policy version "
+                                   f"{checkpoint_version} instead of an older one: the resumed run differs there)"
+                                   if older else "")
+                    next_step, data = step, request.data_before
+                    break
             ready.append({"step": step, "epoch": request.epoch, "position": request.position,
-                          "version": request.version, "pairs": self._wait(request.pairs)})
-        return {"async_steps": self.async_steps, "next_step": self.next_step, "ready": ready}
+                          "version": request.version, "pairs": pairs})
+        return {"async_steps": self.async_steps, "next_step": next_step, "ready": ready, "data": data}
 
     def load_state_dict(self, state: dict) -> None:
         if state["async_steps"] != self.async_steps:

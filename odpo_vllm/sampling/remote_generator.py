@@ -152,10 +152,15 @@ class RemoteGenerator:
             else:
                 time.sleep(POLL_S)  # the main thread re-issues it
 
-    def drain(self) -> None:
+    def drain(self, stop: list | None = None) -> None:
         """Before a weight push: wait until every submitted part is sampled (an update must not
-        overtake one), replacing engines that die on the way."""
+        overtake one), replacing engines that die on the way. A stop signal in `stop` ends the
+        wait (`StopWaiting`): a preemption's checkpoint does not wait for a hung engine."""
+        from odpo_vllm.run.preemption import StopWaiting
+
         while True:
+            if stop:
+                raise StopWaiting()
             with self.lock:
                 pending = [part for part in self.parts if part.value is None]
                 if not pending:

@@ -26,6 +26,7 @@ from odpo_vllm.weights.names import LearnerWeights
 logger = logging.getLogger(__name__)
 
 RANK_MARGIN_S = 30.0  # how much longer the driver waits for a push than rank 0 waits for its engines
+STOP_PING_S = 3.0  # after a stop signal: an engine that does not answer a ping on its control thread in this is hung
 
 
 def default_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
@@ -48,7 +49,7 @@ class LocalWeightPublisher:
         self.tolerance = default_tolerance(tolerance, self.dtype)
         self.version = -1
 
-    def publish(self, version: int) -> dict[str, float]:
+    def publish(self, version: int, stop: list | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         load = getattr(self.generator, "load_weights", None)
         if load is not None:  # a vLLM engine; the transformers sampler shares the learner's model
@@ -108,7 +109,9 @@ class RayWeightPublisher:
         until then). Engines that may be sampling now are closed before the next push instead."""
         if self.transport is not None:
             opened, self.transport = self.transport, None
-            self.learner.call("close_weight_transport")
+            # bounded like the engines' side: at close after a failure a hung rank answers nothing,
+            # and the run must not wait ray_timeout_s for it a second time
+            self.learner.call_with_timeout("close_weight_transport", timeout_s or self.timeout_s)
             self.unclosed.update(opened)
         idle = self.pool.names if idle is None else idle
         ready = [n for n in idle if n in self.unclosed and self.pool.incarnation(n) == self.unclosed[n]]
@@ -124,17 +127,25 @@ class RayWeightPublisher:
                            "sequence_logprobs")
         return max(probe_gap(s, learned, self.tolerance, n, version) for s, n in zip(served, names))
 
-    def publish(self, version: int) -> dict[str, float]:
+    def publish(self, version: int, stop: list | None = None) -> dict[str, float]:
         """(Engines idle: the generator has drained.) Every engine serves the learner's weights
         after `version` optimizer steps. An engine found dead now is replaced first (no batch waits
         for it: this push gives it the weights); one that dies or hangs during the push or the
-        probe is replaced and the push is made again, within `ray_max_engine_restarts`."""
-        for name, reason in self.pool.find_dead().items():
+        probe is replaced and the push is made again, within `ray_max_engine_restarts`. A stop
+        signal in `stop` during the push ends it (`StopWaiting`): engines that do not answer a
+        ping within a few seconds are killed, so that rank 0, which sends to them, is free for the
+        checkpoint."""
+        from odpo_vllm.run.preemption import StopWaiting
+
+        for name, reason in self.pool.find_dead(stop=stop).items():
             self.pool.replace(name, reason)
         while True:
             names = self.pool.names
             try:
-                metrics = self._send(names, version)
+                metrics = self._send(names, version, stop)
+            except StopWaiting:
+                self._abandon_push(names)
+                raise
             except Exception as err:
                 self._replace_lost(names, err, "the weight push", cut_short=True)
                 continue
@@ -151,15 +162,24 @@ class RayWeightPublisher:
         self.pool.stale.clear()
         return metrics
 
-    def _send(self, names: list[str], version: int) -> dict[str, float]:
+    def _send(self, names: list[str], version: int, stop: list | None = None) -> dict[str, float]:
         if self.transport != {n: self.pool.incarnation(n) for n in names}:
             self._close_transport()
             self._open_transport(names)
         # The driver waits longer than rank 0 does for its engines, so a hung engine is reported
         # by the rank (which names the engines it sends to), not as a silent rank.
-        metrics = self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S)[0]  # rank 0's
+        metrics = self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, stop=stop)[0]
         self._get([e.set_policy_version.remote(version) for e in self._engines(names)], names, "set_policy_version")
         return metrics
+
+    def _abandon_push(self, names: list[str]) -> None:
+        """A push given up for a stop signal: engines silent for `STOP_PING_S` are killed (rank 0's
+        send to them then fails at once), and the push is left to finish or fail on its own."""
+        silent = self.pool.find_dead(names, STOP_PING_S)
+        for name, reason in silent.items():
+            logger.warning("%s %s during the weight push cut short by a stop signal: killed", name, reason)
+            self.pool.ray.kill(self.pool.engines[name])
+        self.transport, self.unclosed = None, {}  # nothing more is sent; the ranks close at the end
 
     def _replace_lost(self, names: list[str], err: Exception, during: str, cut_short: bool) -> None:
         """After `err` in a push or a probe to `names`: replace each engine that died or stopped
@@ -225,7 +245,7 @@ class RayWeightPublisher:
             self._probe([name], self.version, self.published_probe)
 
     def close(self) -> None:
-        try:  # briefly: after a failure an engine may be stuck, and everything is killed next
-            self._close_transport(timeout_s=min(self.timeout_s, 10.0))
+        try:  # briefly: after a failure or a stop an engine may be stuck, and everything is killed next
+            self._close_transport(timeout_s=min(self.timeout_s, 5.0))
         except Exception as err:  # closing after a failure must not hide the failure
             logger.debug("weight publisher: closing the transport failed: %s", err)
