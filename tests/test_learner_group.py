@@ -1,6 +1,7 @@
 """DeepSpeed learner ranks on Ray (real DeepSpeed on gloo, real Ray): data-parallel ZeRO-2 and
 ZeRO-3 steps with shared-prompt rows equal one process training on the whole batch with separate
-sequences, and the ranks stay identical."""
+sequences, and the ranks stay identical; both ranks read the driver's shared-storage marker, and
+a save writes the files `checkpoint_files` lists for each stage (what each save is checked for)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.learning.deepspeed_rank import checkpoint_files
 from odpo_vllm.learning.learner import Learner
 from odpo_vllm.learning.group import LearnerGroup, shard
 
@@ -64,8 +66,14 @@ def test_data_parallel_step_matches_single_process(ray_cluster, model_path, toke
         metrics = group.step(batch, beta=0.1)
         served = rank_logprobs(group, probe_ids, ranks=2)  # both ranks hold the same weights
         trained = saved_weights(group, tmp_path)
+        group.check_shared_storage(str(tmp_path / "out"))  # one machine: every rank reads the driver's file
+        group.save(str(tmp_path / "checkpoint"))
     finally:
         group.close()
+    assert set(group.nodes) == {f"zero{zero_stage}-rank0", f"zero{zero_stage}-rank1"}
+    assert not list((tmp_path / "out").iterdir())  # the marker removed
+    states = {str(path.relative_to(tmp_path / "checkpoint")) for path in (tmp_path / "checkpoint").rglob("*_states.pt")}
+    assert states == set(checkpoint_files(2, zero_stage, bf16=False))
 
     policy = AutoModelForCausalLM.from_pretrained(model_path)
     reference = AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)

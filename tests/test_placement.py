@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from odpo_vllm import OnlineDPOTrainer, toy
+from odpo_vllm.learning.deepspeed_rank import checkpoint_files
+from odpo_vllm.run import checkpoint
 
 from conftest import StopAt, make_args, model_logprobs, rank_logprobs, record_prompts, saved_weights
 
@@ -50,7 +52,8 @@ def test_dedicated_zero3_matches_in_process_and_syncs(ray_cluster, model_path, p
 
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ray" / "checkpoint-3")
     assert (model_logprobs(saved, probe_ids) - served).abs().max().item() < 1e-5
-    assert (tmp_path / "ray" / "checkpoint-3" / "deepspeed").exists()
+    # both ranks' DeepSpeed files, which the save checked for before renaming the folder
+    assert checkpoint.missing_files(str(tmp_path / "ray" / "checkpoint-3"), tuple(checkpoint_files(2, 3, False))) == []
 
 
 @pytest.mark.vllm

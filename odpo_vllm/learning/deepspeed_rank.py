@@ -131,10 +131,30 @@ class DeepSpeedRank(Learner):
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
-        self.model_engine.save_checkpoint(directory, tag="deepspeed")
+        """This rank's part of `checkpoint_files` (every rank calls it together: DeepSpeed synchronises)."""
+        self.model_engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
 
     def load(self, directory: str) -> None:
-        self.model_engine.load_checkpoint(directory, tag="deepspeed")
+        self.model_engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+
+
+CHECKPOINT_TAG = "deepspeed"  # the subfolder of a checkpoint that DeepSpeed's files go to
+
+
+def checkpoint_files(world_size: int, zero_stage: int, bf16: bool) -> dict[str, int]:
+    """The files `DeepSpeedRank.save` writes into a checkpoint folder, relative to it, each with the
+    rank that writes it (DeepSpeed's names): the module states (ZeRO-2: rank 0's, whole; ZeRO-3:
+    each rank's partition) and each rank's optimizer shard (`bf16_` first when training in bf16).
+    Rank 0's `latest` file is left out: loading names the tag, and rank 0 writes the module
+    states too."""
+    files = {}
+    for rank in range(world_size):
+        if zero_stage == 3:
+            files[f"{CHECKPOINT_TAG}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt"] = rank
+        elif rank == 0:
+            files[f"{CHECKPOINT_TAG}/mp_rank_00_model_states.pt"] = rank
+        files[f"{CHECKPOINT_TAG}/{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] = rank
+    return files
 
 
 def _parameters_with_names(model) -> tuple[dict[int, list[str]], list]:

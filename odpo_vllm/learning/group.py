@@ -6,6 +6,8 @@ names the rank that did not answer, and combines their metrics into the step's m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import time
 from typing import Any
@@ -59,6 +61,7 @@ class LearnerGroup:
 
         self.ray, self.timeout_s, self.name = ray, timeout_s, name
         start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
+        self.nodes: dict[str, str] = {}  # rank name -> its node, once `check_shared_storage` asked
         bundle: dict[str, Any] = {"CPU": cpus_per_rank}
         if gpus_per_rank:
             bundle["GPU"] = gpus_per_rank
@@ -211,6 +214,22 @@ class LearnerGroup:
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (rank 0 writes the gathered weights)."""
         self._gather([w.save_pretrained.remote(directory) for w in self.workers], "save_pretrained")
+
+    def check_shared_storage(self, output_dir: str) -> None:
+        """Fail before training unless every rank reads a file the driver writes in `output_dir`
+        (see `run/shared_storage.py`); remembers each rank's node for later errors."""
+        from odpo_vllm.run import shared_storage
+
+        path, token = shared_storage.write_marker(output_dir)
+        try:
+            answers = self.call("sees_file", path, token)
+        finally:
+            with contextlib.suppress(OSError):  # never hides why the call failed
+                os.remove(path)
+        self.nodes = {name: node for name, (_, node) in zip(self.names, answers)}
+        error = shared_storage.blind_ranks(output_dir, self.names, answers)
+        if error is not None:
+            raise error
 
     def save(self, directory: str) -> None:
         """DeepSpeed checkpoint of every rank (weights, optimizer, scheduler) under `directory`."""

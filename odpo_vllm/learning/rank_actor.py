@@ -69,6 +69,12 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def sees_file(self, path: str, token: str) -> tuple[bool, str]:
+        """Whether this rank reads `token` in `path` (the driver's shared-storage marker), and its node."""
+        from odpo_vllm.run import shared_storage
+
+        return shared_storage.sees_marker(path, token), shared_storage.this_node()
+
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);
         a collective under ZeRO-3: every rank joins."""

@@ -18,6 +18,9 @@ import torch
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from odpo_vllm.learning.deepspeed_rank import checkpoint_files
+from odpo_vllm.run import shared_storage
+
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "odpo_state.json"
 RNG_FILE = "rng_state.pth"
@@ -52,7 +55,9 @@ def save(trainer, deadline: float | None = None, policy_version: int | None = No
     is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder
     that looks complete (resume and `save_total_limit` only see renamed ones). `deadline`: a
     preemption's, for the batches in flight (`RolloutPipeline.state_dict`). `policy_version`: the
-    learners' version when a stop cut their push short (default: the version the engines serve)."""
+    learners' version when a stop cut their push short (default: the version the engines serve).
+    Under Ray, a save whose learner-rank files the driver cannot see (`output_dir` not shared with
+    a rank's node) raises `SharedStorageError` and is not renamed."""
     if policy_version is None:
         policy_version = trainer.publisher.version
     output_dir = trainer.args.output_dir
@@ -73,6 +78,11 @@ def save(trainer, deadline: float | None = None, policy_version: int | None = No
     trainer.state.save_to_json(os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, RUN_FILE), "w") as f:
         json.dump({"data": data, "policy_version": policy_version}, f)
+    written_by = rank_files(trainer)
+    missing = wait_for_files(directory, tuple(written_by))
+    if missing:
+        raise shared_storage.missing_rank_files(output_dir, directory, {name: written_by[name] for name in missing},
+                                                getattr(trainer.learner, "nodes", {}))
     old = _set_aside(final) if os.path.exists(final) else None  # the same step saved again (a resumed run)
     os.replace(directory, final)
     if old is not None:
@@ -95,9 +105,36 @@ def _set_aside(directory: str) -> str:
     return doomed
 
 
+def rank_files(trainer) -> dict[str, str]:
+    """Under a Ray placement, the files the learner ranks write into a checkpoint, each with the
+    name of the rank that writes it; in process, none (this process writes every file)."""
+    if trainer.model is not None:
+        return {}
+    args = trainer.args
+    files = checkpoint_files(args.ray_learner_ranks, args.ray_zero_stage, args.bf16)
+    return {name: trainer.learner.names[rank] for name, rank in files.items()}
+
+
 def required_files(trainer) -> tuple[str, ...]:
-    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else ("deepspeed",)  # Ray: DeepSpeed's
+    """What a checkpoint of this trainer must hold: what `save` writes here, and every rank's files."""
+    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else tuple(rank_files(trainer))
     return (STATE_FILE, RUN_FILE, RNG_FILE, ROLLOUTS_FILE) + learner_files
+
+
+def missing_files(directory: str, required: tuple[str, ...]) -> list[str]:
+    """The `required` files (relative paths) that `directory` lacks, in the order given."""
+    return [name for name in required if not os.path.exists(os.path.join(directory, name))]
+
+
+def wait_for_files(directory: str, required: tuple[str, ...], wait_s: float = 10.0, poll_s: float = 1.0) -> list[str]:
+    """`missing_files`, looked at again for up to `wait_s` while some are missing: a network file
+    system may show another node's new files to this one a moment late."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = missing_files(directory, required)
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(poll_s)
 
 
 def load(trainer, directory: str) -> None:
@@ -156,10 +193,11 @@ def verify(directory: str, required: tuple[str, ...] = (STATE_FILE, RUN_FILE), m
     if not os.path.isdir(directory):
         raise MissingCheckpointError(f"resume_from_checkpoint: no such folder: {directory!r}; give a checkpoint-<step> "
                               "folder written by odpo_vllm, or True for the newest one in output_dir")
-    for name in required:
-        if not os.path.exists(os.path.join(directory, name)):
-            raise MissingCheckpointError(f"resume_from_checkpoint: {directory} has no {name}: the checkpoint is incomplete "
-                                  "(interrupted while saving?); resume from an earlier checkpoint-<step> folder")
+    missing = missing_files(directory, required)
+    if missing:
+        raise MissingCheckpointError(f"resume_from_checkpoint: {directory} has no {', '.join(missing)}: the checkpoint "
+                                     "is incomplete (interrupted while saving, or saved with other ray_learner_ranks or "
+                                     "ray_zero_stage?); resume from an earlier checkpoint-<step> folder")
     shapes = None
     if model is not None:
         shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}

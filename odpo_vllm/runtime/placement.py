@@ -239,6 +239,9 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             # batches can be in flight while the learners step: rank 0 keeps the published version
             # for an engine that replaces one which died holding them
             keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
+        # Before the engines start, and whatever save_strategy says: a stop signal saves a checkpoint,
+        # the command line saves the final model from rank 0, and a resume is only known at train().
+        roles.learner.check_shared_storage(args.output_dir)
         num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
         Engine = ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)
