@@ -1,9 +1,10 @@
 """The one way the driver waits for Ray actors: a deadline, an error that names who did not
 answer, and, for the waits at start-up, log lines that say what the run waits for.
 
-A start-up wait (`Notice`) logs at INFO when it begins ("waiting for ... (at most 600s,
-ray_timeout_s)"), and a WARNING, which the default console shows, when it lasts past `NOTICE_S`
-and every `REPEAT_S` after; a run that waits is never silent for long."""
+A start-up wait (`Notice`) logs at INFO when it begins ("waiting for ... (at most 900s,
+ray_start_timeout_s)"), and a WARNING, which the default console shows, once it lasted a quarter
+of its deadline (at least `NOTICE_S`) and every `REPEAT_S` after; a run that waits is never
+silent for long."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ class Notice:
     `tick()` (and waits at most `slice(left)` between calls); `done()` says when a wait that was
     warned about ended."""
 
-    def __init__(self, what: str, timeout_s: float, flag: str = "ray_timeout_s", notice_s: float = NOTICE_S,
+    def __init__(self, what: str, timeout_s: float, flag: str = "ray_timeout_s", notice_s: float | None = None,
                  level: int = logging.INFO):
         self.what, self.timeout_s, self.flag = what, timeout_s, flag
         self.start = time.monotonic()
-        self.next = self.start + notice_s
+        # default: a quarter of the deadline, at least NOTICE_S (a start that takes 90 s on a
+        # loaded machine is normal, and the console stays quiet for it)
+        self.next = self.start + (max(NOTICE_S, timeout_s / 4) if notice_s is None else notice_s)
         self.warned = level >= logging.WARNING
         logger.log(level, "waiting for %s (at most %.0fs, %s)", what, timeout_s, flag)
 
