@@ -61,3 +61,20 @@ def test_a_failed_start_kills_what_it_started_and_removes_the_run_s_folder(kille
     (engine, files_dir), = started
     assert killed == [engine]
     assert not os.path.exists(os.path.dirname(files_dir))
+
+
+def test_losing_an_engine_s_node_counts_as_losing_the_engine():
+    """A part whose engine's node went away fails with Ray's object or node errors, not an actor
+    error; those must lead to a replacement too, while an error raised by the call itself is a bug
+    to report (the exception classes are Ray's own)."""
+    import ray.exceptions as errors
+
+    from odpo_vllm.runtime.engine_pool import engine_lost
+
+    object_id = "0" * 56
+    assert engine_lost(errors.ActorDiedError())
+    assert engine_lost(errors.OwnerDiedError(object_id, "", ""))
+    assert engine_lost(errors.ObjectLostError(object_id, "", ""))
+    assert engine_lost(errors.NodeDiedError("node 10.0.0.5 died"))
+    assert not engine_lost(ValueError("a bug in the call"))
+    assert not engine_lost(errors.RayTaskError("generate", "Traceback ...", ValueError("bad prompt")))

@@ -46,11 +46,13 @@ DIAGNOSE_S = 60.0  # a ping to the control thread answers in milliseconds unless
 
 def engine_lost(err: BaseException) -> bool:
     """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
-    engine core inside a live actor did), rather than a bug in the call."""
+    engine core inside a live actor did, or its node: the call's result was lost with it, or the
+    node was reported dead), rather than a bug in the call."""
     import ray
 
-    if isinstance(err, ray.exceptions.RayActorError):
-        return True
+    exceptions = ray.exceptions
+    if isinstance(err, (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.NodeDiedError)):
+        return True  # ObjectLostError covers OwnerDiedError and ObjectReconstructionFailedError
     return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
 
 
