@@ -214,7 +214,9 @@ class OnlineDPOTrainer:
         ahead -> log -> save. With `async_steps = K` the batches of the next K steps are sampled
         (and, under Ray, scored) while this step trains; see `pipeline.py` for the schedule. On an
         error every role is closed (engines, ranks, reward workers, the run's own Ray cluster).
-        SIGTERM or SIGINT: the step finishes, a checkpoint is written, then `Preempted`."""
+        SIGTERM or SIGINT: a checkpoint of the step reached is written, then `Preempted` (a wait
+        for rollouts or a weight push is cut short, a learner step is finished; see
+        `run/preemption.py`)."""
         try:
             with stop_signals() as stop:
                 return self._train(resume_from_checkpoint, stop)
@@ -262,7 +264,10 @@ class OnlineDPOTrainer:
             try:
                 pairs, waited = self.pipeline.take(step, stop)  # score -> pair
             except StopWaiting:  # preempted while waiting: the learners have not moved, save the step reached
-                saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s))
+                saved = checkpoint.complete_folder(args.output_dir, state.global_step)  # saved at its end?
+                if saved is None:
+                    saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s))
+                    self.control = self.callback_handler.on_save(args, state, self.control)
                 raise Preempted(stop[0], state.global_step, saved) from None
             self.training_epoch = epoch
             beta = args.beta_at(epoch)

@@ -30,6 +30,7 @@ class RankWeightSource:
         self.learner, self.bucket_bytes, self.keep_published = learner, bucket_bytes, keep_published
         self.send_published = False
         self.published: list[tuple[str, torch.Tensor]] | None = None
+        self.live = None  # the live iteration of the last send, until it ran to its end
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -40,7 +41,8 @@ class RankWeightSource:
         if not (self.send_published and self.keep_published):
             # without a kept copy the live weights are the published ones: nothing is sampled
             # while the learners step (async_steps = 0)
-            return self._live()
+            self.live = self._live()
+            return self.live
         if self.learner.rank != 0:  # nothing to gather: rank 0 sends its copy alone
             return iter(())
         if self.published is None:
@@ -60,6 +62,21 @@ class RankWeightSource:
                     copies[id(tensor)] = tensor.to("cpu")
                 published.append((name, copies[id(tensor)]))
             yield name, tensor
+        self.live = None
+
+    def finish_live(self) -> None:
+        """Run the live iteration of a send that failed part-way to its end. Under ZeRO-3 every
+        rank walks `named_weights` in step (each group is an all-gather): the other ranks wait
+        in the next gather until rank 0 has taken every group, and would otherwise hang there
+        past the failed push, holding up the next one (or a checkpoint)."""
+        live, self.live = self.live, None
+        if live is None:
+            return
+        try:
+            for _ in live:
+                pass
+        except Exception:  # a broken iteration: the collective fails on every rank alike
+            pass
 
 
 class WeightSender:
@@ -103,6 +120,10 @@ class WeightSender:
                 raise TimeoutError(f"weight transport: {self.info['engine_name']} did not finish the {self.backend} "
                                    f"weight update within {timeout_s:.0f}s")
             self.in_flight.result()
+        except BaseException:
+            if self.in_flight.done():  # (a send still running is finished by the next call, or close)
+                self.source.finish_live()
+            raise
         finally:
             if self.in_flight.done():
                 self.source.send_published = False
@@ -117,6 +138,7 @@ class WeightSender:
         if not done:
             raise RuntimeError(f"weight transport: an earlier send to {self.info['engine_name']} is still stuck")
         self.source.send_published = False
+        self.source.finish_live()
 
     def close(self) -> None:
         self._wait_for_earlier_send()

@@ -79,8 +79,9 @@ class RemoteRewards:
                     try:
                         tables.append(self._get([ref], [self.names[w]], "model_table")[0])
                         break
-                    except (ActorDied, TimeoutError) as err:
-                        self._replace(w, str(err))
+                    except (ActorDied, TimeoutError, self.ray.exceptions.ObjectLostError,
+                            self.ray.exceptions.NodeDiedError) as err:  # the worker or its node is gone
+                        self._replace(w, str(err) or type(err).__name__)
                         ref = self.workers[w].model_table.remote(prompts[a:b], completions[a:b])
             table = torch.cat(tables)
         return self.local.score(prompts, completions, completion_ids, columns, contains_eos, model_table=table)

@@ -50,6 +50,12 @@ def checkpoint_folders(output_dir: str) -> list[CheckpointFolder]:
     return sorted(found, key=lambda folder: (folder.step, folder.path))
 
 
+def complete_folder(output_dir: str, step: int) -> str | None:
+    """`checkpoint-<step>` in `output_dir` if a complete one is there (renamed at the end of its save)."""
+    path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+    return path if os.path.isdir(path) else None
+
+
 def save(trainer, deadline: float | None = None, policy_version: int | None = None) -> str:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder beside it, which
     is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder

@@ -6,8 +6,10 @@ A scheduler kills the job a grace period after its signal (`preemption_grace_s`)
 checkpoint waits for no actor that may be dead or hung: a wait for the next batch's rollouts is
 cut short (the learners have not moved, so the checkpoint is of the step reached), and batches
 still being sampled are waited for only until `BATCH_SHARE` of the grace period has passed; the
-rest is dropped and sampled again on resume (see `RolloutPipeline.state_dict`). A learner step or
-weight push in progress when the signal comes is finished first (bounded by `ray_timeout_s`)."""
+rest is dropped and sampled again on resume (see `RolloutPipeline.state_dict`). A weight push in
+progress is given up (engines silent for a few seconds are killed, so that rank 0 can save); a
+learner step in progress is finished first. Not cut short: an engine replacement already under
+way when the signal comes (it waits up to `ray_start_timeout_s`), and a hung learner rank."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ calls the other for it:
 - the generator (`sampling/remote_generator.py`) samples from `pool.engines` and asks for a
   replacement when a part it waits for is lost;
 - the weight publisher (`weights/publisher.py`) pushes to `pool.engines`, replaces engines that
-  died while idle before a push, and gives a replacement the published weights before it serves
-  (`pool.stale` says which engines still need them).
+  died while idle (found before a push) or during a push, its probe or a replacement's sync, and
+  gives a replacement the published weights before it serves (`pool.stale` says which engines
+  still need them).
 
 An engine is HEALTHY, or STALE (replaced, alive, not yet given the published weights: it serves
 nothing until the publisher syncs it), or dead (found by a failed call, then replaced at once).
@@ -91,7 +92,7 @@ class EnginePool:
 
     def wait_started(self) -> None:
         """Until every engine answers a ping (vLLM is up), with a log line saying so; an engine
-        still silent after `timeout_s` fails the start naming it. An engine whose start failed is
+        still silent after `start_timeout_s` fails the start naming it. An engine whose start failed is
         left to the first weight push, which replaces it (`replace`)."""
         from odpo_vllm.runtime.waits import Notice, wait_all
 

@@ -109,10 +109,10 @@ class RayWeightPublisher:
         until then). Engines that may be sampling now are closed before the next push instead."""
         if self.transport is not None:
             opened, self.transport = self.transport, None
+            self.unclosed.update(opened)  # first: their sides are closed below or before the next push
             # bounded like the engines' side: at close after a failure a hung rank answers nothing,
             # and the run must not wait ray_timeout_s for it a second time
             self.learner.call_with_timeout("close_weight_transport", timeout_s or self.timeout_s)
-            self.unclosed.update(opened)
         idle = self.pool.names if idle is None else idle
         ready = [n for n in idle if n in self.unclosed and self.pool.incarnation(n) == self.unclosed[n]]
         for name in [n for n in self.unclosed if n in idle or n not in self.pool.engines]:
@@ -174,7 +174,8 @@ class RayWeightPublisher:
 
     def _abandon_push(self, names: list[str]) -> None:
         """A push given up for a stop signal: engines silent for `STOP_PING_S` are killed (rank 0's
-        send to them then fails at once), and the push is left to finish or fail on its own."""
+        send to them then fails; at once over gloo, while NCCL may wait for its own timeout), and
+        the push is left to finish or fail on its own."""
         silent = self.pool.find_dead(names, STOP_PING_S)
         for name, reason in silent.items():
             logger.warning("%s %s during the weight push cut short by a stop signal: killed", name, reason)
@@ -197,7 +198,7 @@ class RayWeightPublisher:
         if not lost:
             raise err
         for name, reason in lost.items():
-            logger.warning("%s %s during %s (%s)", name, reason, during, str(err).splitlines()[0][:300])
+            logger.warning("%s %s during %s (%s)", name, reason, during, (str(err).splitlines() or [repr(err)])[0][:300])
         for name, reason in lost.items():  # killed first: a sender blocked on it then fails at once
             self.pool.replace(name, f"{reason} during {during}")
         self._drop_transport()
@@ -210,11 +211,8 @@ class RayWeightPublisher:
         the next push (`unclosed`); a side that cannot be closed now is left to that push."""
         try:
             self._close_transport(idle=[], timeout_s=min(self.timeout_s, 60.0))
-        except Exception as err:
+        except Exception as err:  # the transport is dropped all the same (`unclosed` holds the engines' sides)
             logger.debug("weight publisher: closing the failed transport: %s", err)
-            if self.transport is not None:
-                self.unclosed.update(self.transport)
-                self.transport = None
 
     def sync_replacement(self, name: str) -> None:
         """Give the replacement `name` the published version alone (the other engines keep
