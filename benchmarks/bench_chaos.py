@@ -91,6 +91,7 @@ def run(model, reward, prompts, out: Path, steps: int, schedule: list[tuple[int,
     ray_tmp = tempfile.mkdtemp(prefix="odpo_ray_", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start, injected, resumes, pending = time.time(), [], 0, list(schedule)
+    totals: dict[str, float] = {}  # faults/* summed over the attempts (each process counts its own)
     extra: tuple[str, ...] = ()
     while True:
         driver = subprocess.Popen(command(model, reward, prompts, out, steps, *extra), env=env,
@@ -104,6 +105,8 @@ def run(model, reward, prompts, out: Path, steps: int, schedule: list[tuple[int,
             time.sleep(delay)
             if driver.poll() is not None:
                 break
+            if kind == "SIGTERM + resume" and last_step(out) >= steps - 1:
+                continue  # the run is ending: a signal now would land after training, not within it
             if kind == "SIGTERM + resume":
                 os.killpg(driver.pid, signal.SIGTERM)
                 preempted = True
@@ -115,13 +118,17 @@ def run(model, reward, prompts, out: Path, steps: int, schedule: list[tuple[int,
                 os.kill(rng.choice(pids), signal.SIGKILL if kind.endswith("SIGKILL") else signal.SIGSTOP)
             injected.append((step, kind))
         stderr = driver.stderr.read().decode(errors="replace")
+        attempt = [row for row in logged(out) if "loss" in row]
+        for key, value in (attempt[-1] if attempt else {}).items():
+            if key.startswith("faults/"):
+                totals[key] = totals.get(key, 0.0) + value
         if preempted and driver.returncode == 128 + signal.SIGTERM:
             resumes += 1
             extra = ("--resume_from_checkpoint", "auto")
             continue
         break
     metrics = [row for row in logged(out) if "loss" in row]
-    faults = {key: value for key, value in (metrics[-1] if metrics else {}).items() if key.startswith("faults/")}
+    faults = totals
     return {"returncode": driver.returncode, "seconds": time.time() - start, "injected": injected,
             "resumes": resumes, "faults": faults, "steps": [row["step"] for row in metrics],
             "error": "" if driver.returncode == 0 else stderr[-600:]}
@@ -147,7 +154,7 @@ def main() -> None:
     prompts = toy.write_prompts(work / "prompts.jsonl", n=64)
 
     rng = random.Random(options.seed)
-    fault_steps = sorted(rng.sample(range(2, options.steps - 2), options.faults))
+    fault_steps = sorted(rng.sample(range(2, options.steps - 6), options.faults))
     schedule = [(step, round(rng.uniform(0.0, 1.5), 2), KINDS[i % len(KINDS)]) for i, step in enumerate(fault_steps)]
     print("schedule (step, delay into it, kind):", schedule, flush=True)
 

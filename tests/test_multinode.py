@@ -1,0 +1,126 @@
+"""Several nodes on one machine: a head without CPUs and three `ray start` nodes of 1 CPU each
+(each in a session of its own, so that SIGKILL of its process group is the loss of that node).
+The learner rank, the vLLM engine and a spare node land on different nodes; the node holding the
+engine is killed mid-run, the engine is started again on the spare node, and the run ends with
+the weights of the same run without the fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from odpo_vllm import OnlineDPOTrainer, toy
+
+from conftest import free_port, make_args, ray_env, saved_weights
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+
+def cluster_env() -> dict[str, str]:
+    return {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # nodes may join the head
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """The head's address and each worker node's `ray start` process, by the custom resource that names it."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="odpo_3node_")
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={200 << 20}", "--disable-usage-stats", "--block"]
+    processes = [subprocess.Popen(["ray", "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
+                                   "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
+                                  env=cluster_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)]
+    nodes = {}
+    try:
+        for name in ("node_a", "node_b", "node_c"):
+            time.sleep(5)
+            nodes[name] = subprocess.Popen(
+                ["ray", "start", f"--address={address}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}",
+                 *common], env=cluster_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+            processes.append(nodes[name])
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": cluster_env()["PYTHONPATH"],
+                                                            "OMP_WAIT_POLICY": "PASSIVE"}})
+        deadline = time.time() + 300
+        while len([n for n in ray.nodes() if n["Alive"]]) < 4:
+            assert time.time() < deadline, "the cluster's four nodes did not come up within 300 s"
+            time.sleep(2)
+        yield ray, nodes
+    finally:
+        ray.shutdown()
+        for process in processes:
+            stop(process)
+
+
+def node_of(ray, actor_name: str) -> str:
+    """The custom resource ("node_a", ...) of the node the named actor runs on."""
+    from ray._private.state import actors  # the GCS's actor table (the state API needs a dashboard)
+
+    node_id = next(info["Address"]["NodeID"] for info in actors(actor_state_name="ALIVE").values()
+                   if info.get("Name") == actor_name)
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return next(key for key in node["Resources"] if key.startswith("node_"))
+
+
+def train(model_path, args, fault=None):
+    with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                          train_dataset=toy.prompt_dataset(24)) as trainer:
+        if fault is not None:
+            fault(trainer)
+        trainer.train()
+        weights = saved_weights(trainer, args.output_dir)
+    return weights, [r for r in trainer.state.log_history if "loss" in r]
+
+
+def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_the_fault(three_nodes, model_path,
+                                                                                          tmp_path):
+    ray, nodes = three_nodes
+
+    def settings(name):
+        return make_args(tmp_path, use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_num_engines=1,
+                         ray_cpus_per_actor=1.0, ray_timeout_s=60, max_steps=6, per_device_train_batch_size=4,
+                         max_new_tokens=8, learning_rate=1e-2, gradient_checkpointing=False,
+                         lr_scheduler_type="constant", output_dir=tmp_path / name)
+
+    expected, clean_rows = train(model_path, settings("clean"))
+    placed = {}
+
+    def kill_engine_node(trainer):
+        from transformers import TrainerCallback
+
+        class KillNode(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3 and not placed:
+                    placed["rank"] = node_of(ray, "learner-rank0")
+                    placed["engine"] = node_of(ray, "vllm-engine-0")
+                    os.killpg(nodes[placed["engine"]].pid, signal.SIGKILL)  # the node's raylet and workers
+
+        trainer.add_callback(KillNode())
+
+    weights, rows = train(model_path, settings("faulty"), kill_engine_node)
+    assert placed and placed["engine"] != placed["rank"]
+    survivors = [n for n in ray.nodes() if n["Alive"] and any(k.startswith("node_") for k in n["Resources"])]
+    assert placed["engine"] not in {k for n in survivors for k in n["Resources"]}  # that node is gone
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["faults/engine_restarts"] == 1
+    assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
+    for key in ("loss", "objective/scores"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
+    assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
