@@ -91,12 +91,12 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
     calls = {"send_weights": 0, "probe": 0}
     send, probe, sync_alone = trainer.roles.learner.call_with_timeout, publisher._probe, publisher._sync_alone
 
-    def sending(method, *args):
+    def sending(method, *args, **kwargs):
         if method == "send_weights" and not args[1:]:  # a live push (a replacement sync sends `published`)
             calls["send_weights"] += 1
             if moment == "push" and calls["send_weights"] == push and not killed:
                 killed.append(kill_engine(trainer, name, sig))
-        return send(method, *args)
+        return send(method, *args, **kwargs)
 
     def probing(names, version, learned):
         calls["probe"] += 1

@@ -1,8 +1,10 @@
-"""Several nodes on one machine: a head without CPUs and three `ray start` nodes of 1 CPU each
+"""Several nodes on one machine: a head without CPUs and four `ray start` nodes of 1 CPU each
 (each in a session of its own, so that SIGKILL of its process group is the loss of that node).
-The learner rank, the vLLM engine and a spare node land on different nodes; the node holding the
-engine is killed mid-run, the engine is started again on the spare node, and the run ends with
-the weights of the same run without the fault."""
+The learner rank and the vLLM engine land on different nodes.
+- The node holding the engine is killed mid-run: the engine is started again on a spare node and
+  the run ends with the weights of the same run without the fault.
+- The node holding the learner rank is killed: the run stops naming the rank, and a resume from
+  its last checkpoint on the nodes left ends with the fault-free weights."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def three_nodes():
                                   start_new_session=True)]
     nodes = {}
     try:
-        for name in ("node_a", "node_b", "node_c"):
+        for name in ("node_a", "node_b", "node_c", "node_d"):
             time.sleep(5)
             nodes[name] = subprocess.Popen(
                 ["ray", "start", f"--address={address}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}",
@@ -59,8 +61,8 @@ def three_nodes():
         ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": cluster_env()["PYTHONPATH"],
                                                             "OMP_WAIT_POLICY": "PASSIVE"}})
         deadline = time.time() + 300
-        while len([n for n in ray.nodes() if n["Alive"]]) < 4:
-            assert time.time() < deadline, "the cluster's four nodes did not come up within 300 s"
+        while len([n for n in ray.nodes() if n["Alive"]]) < 5:
+            assert time.time() < deadline, "the cluster's five nodes did not come up within 300 s"
             time.sleep(2)
         yield ray, nodes
     finally:
@@ -79,42 +81,50 @@ def node_of(ray, actor_name: str) -> str:
     return next(key for key in node["Resources"] if key.startswith("node_"))
 
 
-def train(model_path, args, fault=None):
+def train(model_path, args, fault=None, resume=None):
     with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                           train_dataset=toy.prompt_dataset(24)) as trainer:
         if fault is not None:
             fault(trainer)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         weights = saved_weights(trainer, args.output_dir)
     return weights, [r for r in trainer.state.log_history if "loss" in r]
 
 
-def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_the_fault(three_nodes, model_path,
-                                                                                          tmp_path):
+def settings(tmp_path, name, **overrides):
+    return make_args(tmp_path, use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_num_engines=1,
+                     ray_cpus_per_actor=1.0, ray_timeout_s=60, max_steps=6, per_device_train_batch_size=4,
+                     max_new_tokens=8, learning_rate=1e-2, gradient_checkpointing=False, lr_scheduler_type="constant",
+                     output_dir=tmp_path / name, **overrides)
+
+
+@pytest.fixture(scope="module")
+def clean_run(three_nodes, model_path, tmp_path_factory):
+    return train(model_path, settings(tmp_path_factory.mktemp("clean"), "clean"))
+
+
+def kill_node_after_step(trainer, ray, nodes, actor: str, step: int, placed: dict) -> None:
+    """SIGKILL, after `step`, the node holding `actor`; `placed` records where the rank and the engine were."""
+    from transformers import TrainerCallback
+
+    class KillNode(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step and not placed:
+                placed["rank"] = node_of(ray, "learner-rank0")
+                placed["engine"] = node_of(ray, "vllm-engine-0")
+                os.killpg(nodes[placed[actor]].pid, signal.SIGKILL)  # the node's raylet and its workers
+
+    trainer.add_callback(KillNode())
+
+
+def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_the_fault(three_nodes, clean_run,
+                                                                                          model_path, tmp_path):
     ray, nodes = three_nodes
-
-    def settings(name):
-        return make_args(tmp_path, use_vllm=True, placement="dedicated", ray_learner_ranks=1, ray_num_engines=1,
-                         ray_cpus_per_actor=1.0, ray_timeout_s=60, max_steps=6, per_device_train_batch_size=4,
-                         max_new_tokens=8, learning_rate=1e-2, gradient_checkpointing=False,
-                         lr_scheduler_type="constant", output_dir=tmp_path / name)
-
-    expected, clean_rows = train(model_path, settings("clean"))
+    expected, clean_rows = clean_run
     placed = {}
 
-    def kill_engine_node(trainer):
-        from transformers import TrainerCallback
-
-        class KillNode(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == 3 and not placed:
-                    placed["rank"] = node_of(ray, "learner-rank0")
-                    placed["engine"] = node_of(ray, "vllm-engine-0")
-                    os.killpg(nodes[placed["engine"]].pid, signal.SIGKILL)  # the node's raylet and workers
-
-        trainer.add_callback(KillNode())
-
-    weights, rows = train(model_path, settings("faulty"), kill_engine_node)
+    weights, rows = train(model_path, settings(tmp_path, "faulty"),
+                          lambda trainer: kill_node_after_step(trainer, ray, nodes, "engine", 3, placed))
     assert placed and placed["engine"] != placed["rank"]
     survivors = [n for n in ray.nodes() if n["Alive"] and any(k.startswith("node_") for k in n["Resources"])]
     assert placed["engine"] not in {k for n in survivors for k in n["Resources"]}  # that node is gone
@@ -124,3 +134,18 @@ def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_t
     for key in ("loss", "objective/scores"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+
+
+def test_losing_the_node_of_a_rank_stops_naming_it_and_resume_ends_as_without_the_fault(three_nodes, clean_run,
+                                                                                        model_path, tmp_path):
+    ray, nodes = three_nodes
+    expected, _ = clean_run
+    placed = {}
+    args = settings(tmp_path, "rank_lost", save_strategy="steps", save_steps=2)
+    with pytest.raises(RuntimeError, match=r"learner group: learner-rank0 died during \w+\(\)"):
+        train(model_path, args, lambda trainer: kill_node_after_step(trainer, ray, nodes, "rank", 3, placed))
+    assert placed and placed["rank"] != placed["engine"]
+    assert (tmp_path / "rank_lost" / "checkpoint-2").is_dir()
+    weights, rows = train(model_path, args, resume=True)  # on the nodes left
+    assert [r["step"] for r in rows][-1] == 6
+    assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-5
