@@ -1,5 +1,5 @@
-"""Several nodes on one machine: a head without CPUs and four `ray start` nodes of 1 CPU each
-(each in a session of its own, so that SIGKILL of its process group is the loss of that node).
+"""Several nodes on one machine: a head without CPUs and four nodes of 1 CPU each (Ray's own
+`cluster_utils.Cluster`; removing a node kills its raylet and every process on it at once).
 The learner rank and the vLLM engine land on different nodes.
 - The node holding the engine is killed mid-run: the engine is started again on a spare node and
   the run ends with the weights of the same run without the fault.
@@ -8,67 +8,35 @@ The learner rank and the vLLM engine land on different nodes.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import tempfile
-import time
 
 import pytest
 
 from odpo_vllm import OnlineDPOTrainer, toy
 
-from conftest import free_port, make_args, ray_env, saved_weights
+from conftest import make_args, saved_weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 
-def cluster_env() -> dict[str, str]:
-    return {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # nodes may join the head
-
-
-def stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def three_nodes():
-    """The head's address and each worker node's `ray start` process, by the custom resource that names it."""
+    """Ray and the worker nodes by the custom resource that names each (`ray.cluster_utils.Cluster`:
+    every node its own raylet and object store on this machine)."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="odpo_3node_")
-    address = f"127.0.0.1:{free_port()}"
-    common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={200 << 20}", "--disable-usage-stats", "--block"]
-    processes = [subprocess.Popen(["ray", "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                                   "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
-                                  env=cluster_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)]
-    nodes = {}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 << 20})
     try:
-        for name in ("node_a", "node_b", "node_c", "node_d"):
-            time.sleep(5)
-            nodes[name] = subprocess.Popen(
-                ["ray", "start", f"--address={address}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}",
-                 *common], env=cluster_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
-            processes.append(nodes[name])
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": cluster_env()["PYTHONPATH"],
-                                                            "OMP_WAIT_POLICY": "PASSIVE"}})
-        deadline = time.time() + 300
-        while len([n for n in ray.nodes() if n["Alive"]]) < 5:
-            assert time.time() < deadline, "the cluster's five nodes did not come up within 300 s"
-            time.sleep(2)
-        yield ray, nodes
+        nodes = {name: cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=200 << 20)
+                 for name in ("node_a", "node_b", "node_c", "node_d")}
+        cluster.wait_for_nodes()
+        env = {key: os.environ[key] for key in ("PYTHONPATH", "OMP_WAIT_POLICY") if key in os.environ}
+        ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        yield ray, cluster, nodes
     finally:
         ray.shutdown()
-        for process in processes:
-            stop(process)
+        cluster.shutdown()
 
 
 def node_of(ray, actor_name: str) -> str:
@@ -103,8 +71,9 @@ def clean_run(three_nodes, model_path, tmp_path_factory):
     return train(model_path, settings(tmp_path_factory.mktemp("clean"), "clean"))
 
 
-def kill_node_after_step(trainer, ray, nodes, actor: str, step: int, placed: dict) -> None:
-    """SIGKILL, after `step`, the node holding `actor`; `placed` records where the rank and the engine were."""
+def kill_node_after_step(trainer, ray, cluster, nodes, actor: str, step: int, placed: dict) -> None:
+    """Kill, after `step`, the node holding `actor` (its raylet and every process on it, at once);
+    `placed` records where the rank and the engine were."""
     from transformers import TrainerCallback
 
     class KillNode(TrainerCallback):
@@ -112,19 +81,19 @@ def kill_node_after_step(trainer, ray, nodes, actor: str, step: int, placed: dic
             if state.global_step == step and not placed:
                 placed["rank"] = node_of(ray, "learner-rank0")
                 placed["engine"] = node_of(ray, "vllm-engine-0")
-                os.killpg(nodes[placed[actor]].pid, signal.SIGKILL)  # the node's raylet and its workers
+                cluster.remove_node(nodes[placed[actor]], allow_graceful=False)
 
     trainer.add_callback(KillNode())
 
 
 def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_the_fault(three_nodes, clean_run,
                                                                                           model_path, tmp_path):
-    ray, nodes = three_nodes
+    ray, cluster, nodes = three_nodes
     expected, clean_rows = clean_run
     placed = {}
 
     weights, rows = train(model_path, settings(tmp_path, "faulty"),
-                          lambda trainer: kill_node_after_step(trainer, ray, nodes, "engine", 3, placed))
+                          lambda trainer: kill_node_after_step(trainer, ray, cluster, nodes, "engine", 3, placed))
     assert placed and placed["engine"] != placed["rank"]
     survivors = [n for n in ray.nodes() if n["Alive"] and any(k.startswith("node_") for k in n["Resources"])]
     assert placed["engine"] not in {k for n in survivors for k in n["Resources"]}  # that node is gone
@@ -138,12 +107,12 @@ def test_losing_the_node_of_an_engine_re_places_it_and_the_run_ends_as_without_t
 
 def test_losing_the_node_of_a_rank_stops_naming_it_and_resume_ends_as_without_the_fault(three_nodes, clean_run,
                                                                                         model_path, tmp_path):
-    ray, nodes = three_nodes
+    ray, cluster, nodes = three_nodes
     expected, _ = clean_run
     placed = {}
     args = settings(tmp_path, "rank_lost", save_strategy="steps", save_steps=2)
     with pytest.raises(RuntimeError, match=r"learner group: learner-rank0 died during \w+\(\)"):
-        train(model_path, args, lambda trainer: kill_node_after_step(trainer, ray, nodes, "rank", 3, placed))
+        train(model_path, args, lambda trainer: kill_node_after_step(trainer, ray, cluster, nodes, "rank", 3, placed))
     assert placed and placed["rank"] != placed["engine"]
     assert (tmp_path / "rank_lost" / "checkpoint-2").is_dir()
     weights, rows = train(model_path, args, resume=True)  # on the nodes left
