@@ -137,8 +137,9 @@ class EnginePool:
         while pending and time.monotonic() < deadline:
             if stop:
                 raise StopWaiting()
-            slice_s = max(deadline - time.monotonic(), 0.0) if stop is None else min(0.2, deadline - time.monotonic())
-            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=max(slice_s, 0.0))
+            left = max(deadline - time.monotonic(), 0.0)
+            wait_s = left if stop is None else min(left, 0.2)  # with a stop to watch: look at it again soon
+            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=wait_s)
         dead = {}
         for name, ref in zip(names, refs):
             if ref in pending:
