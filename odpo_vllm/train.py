@@ -95,7 +95,9 @@ def import_callable(spec: str):
         raise SystemExit(f"--reward_funcs {spec!r}: cannot import ({err})") from err
 
 
-def main(argv: list[str] | None = None):
+def build_trainer(argv: list[str] | None = None):
+    """The trainer the command line would run (flags as on the command line), not started, and the
+    script's own arguments (dataset, reward functions)."""
     script, args, model_args = parse_args(argv)
     configure_logging(args.log_level)  # quiet libraries (here and in Ray actors) unless --log_level asks
     from odpo_vllm.data import load_prompt_dataset
@@ -127,6 +129,12 @@ def main(argv: list[str] | None = None):
         model=model_args.model_name_or_path, reward_funcs=reward_funcs, args=args,
         train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
     )
+    return trainer, script
+
+
+def main(argv: list[str] | None = None):
+    trainer, script = build_trainer(argv)
+    args = trainer.args
     with trainer:  # closes the engines, ranks and reward workers (and the run's own Ray cluster)
         try:
             result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 # File endings that make a string a local path rather than a hub id ("org/name").
-LOCAL_ENDINGS = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".pt", ".yaml")
+LOCAL_ENDINGS = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".pt", ".yaml",
+                 ".gguf")
 
 
 def looks_local(name: str) -> bool:
@@ -49,12 +50,37 @@ def resolve_paths(model, ref_model, reward_funcs, args):
     reward-model strings when they name something local. Returns (model, ref_model, reward_funcs);
     the path fields of `args` are set in place."""
     args.output_dir = os.path.abspath(os.path.expanduser(os.fspath(args.output_dir)))
-    args.reward_model_path = absolute_if_local(args.reward_model_path)
+    # `model_init_kwargs={"gguf_file": name}` (transformers' spelling) names a GGUF file in the
+    # model's folder; the converted folder needs no such argument, so it leaves the kwargs here.
+    gguf_file = None
+    if getattr(args, "model_init_kwargs", None) and "gguf_file" in args.model_init_kwargs:
+        args.model_init_kwargs = dict(args.model_init_kwargs)
+        gguf_file = args.model_init_kwargs.pop("gguf_file")
+    args.reward_model_path = model_source(absolute_if_local(args.reward_model_path), "reward_model_path")
     if isinstance(reward_funcs, (list, tuple)):
-        reward_funcs = [absolute_if_local(func) for func in reward_funcs]
+        reward_funcs = [model_source(absolute_if_local(func), f"reward_funcs[{i}]") for i, func in enumerate(reward_funcs)]
     else:
-        reward_funcs = absolute_if_local(reward_funcs)
-    return absolute_if_local(model), absolute_if_local(ref_model), reward_funcs
+        reward_funcs = model_source(absolute_if_local(reward_funcs), "reward_funcs")
+    return (model_source(absolute_if_local(model), "model", gguf_file),
+            model_source(absolute_if_local(ref_model), "ref_model", gguf_file), reward_funcs)
+
+
+def model_source(name: Any, field: str, gguf_file: str | None = None) -> Any:
+    """A model given as a GGUF file (`x.gguf`, or a folder holding `gguf_file`) or as a packaged
+    model's alias (`smollm2-135m-instruct`): the plain folder converted from it (once, cached;
+    `odpo_vllm.models`). Anything else comes back unchanged."""
+    if not isinstance(name, str):
+        return name
+    from odpo_vllm.models.gguf import convert_gguf, is_gguf
+    from odpo_vllm.models.packaged import PACKAGED, packaged_gguf
+
+    if name.lower() in PACKAGED and not os.path.exists(name):
+        return convert_gguf(packaged_gguf(name, field), field)
+    if gguf_file and os.path.isdir(name) and os.path.isfile(os.path.join(name, gguf_file)):
+        return convert_gguf(os.path.join(name, gguf_file), field)
+    if is_gguf(name):
+        return convert_gguf(name, field)
+    return name
 
 
 def check_paths(model, ref_model, reward_funcs, args) -> None:

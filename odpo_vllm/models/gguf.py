@@ -66,7 +66,16 @@ def convert_gguf(path: str, field: str = "model", cache_dir: str | None = None) 
     with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same file: wait for it
         if not os.path.exists(os.path.join(folder, DONE_FILE)):
-            _convert(path, folder, field)
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            if logger.getEffectiveLevel() > logging.INFO:
+                hf_logging.disable_progress_bar()  # the console stays quiet unless log_level asks
+            try:
+                _convert(path, folder, field)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
     return folder
 
 

@@ -109,8 +109,8 @@ class Rewards:
 
         kwargs = {k: v for k, v in init_kwargs.items() if k not in ("num_labels",)}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
             )
         except (RuntimeError, ValueError) as err:
             if "size mismatch" not in str(err) and "ignore_mismatched_sizes" not in str(err):
@@ -119,6 +119,13 @@ class Rewards:
                 f"reward_funcs ({path}): its score head does not have one label (num_labels=1), so it is not a "
                 "reward model for one score per sequence; give a reward model trained with num_labels=1"
             ) from err
+        untrained = [key for key in loading.get("missing_keys", ()) if "score" in key or "classifier" in key]
+        if untrained:
+            raise ValueError(
+                f"reward_funcs ({path}): the checkpoint has no trained score head ({', '.join(sorted(untrained))} "
+                "would start random), e.g. a causal language model or a GGUF file of one; give a reward model "
+                "trained as AutoModelForSequenceClassification with num_labels=1"
+            )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return model, tokenizer
