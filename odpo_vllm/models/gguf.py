@@ -57,7 +57,9 @@ def convert_gguf(path: str, field: str = "model", cache_dir: str | None = None) 
         raise FileNotFoundError(f"{field}: no such GGUF file: {path!r}")
     root = cache_dir or cache_root()
     os.makedirs(root, exist_ok=True)
-    stem = os.path.basename(path)[: -len(".gguf")]
+    stem = os.path.basename(path)
+    if is_gguf(stem):
+        stem = stem[: -len(".gguf")]
     folder = os.path.join(root, f"{stem}-{file_sha256(path)[:16]}")
     if os.path.exists(os.path.join(folder, DONE_FILE)):
         return folder
@@ -92,20 +94,35 @@ def _convert(path: str, folder: str, field: str) -> None:
         raise GGUFError(f"{field}: reading {path} needs the gguf package: pip install gguf") from err
     try:
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # ValueError for a foreign file or architecture, struct.error for a cut-short one
         raise GGUFError(
-            f"{field}: transformers cannot read the GGUF file {path} ({err}); its architecture must be one "
-            "transformers dequantizes (see `transformers.integrations.ggml.GGUF_SUPPORTED_ARCHITECTURES`): "
-            "convert it to a Hugging Face folder yourself, or give the original model's folder or hub id"
+            f"{field}: transformers cannot read the GGUF file {path} ({type(err).__name__}: {err}); it must be a "
+            "complete GGUF file of an architecture transformers dequantizes (see "
+            "`transformers.modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES`): convert it to a Hugging Face "
+            "folder yourself, or give the original model's folder or hub id"
         ) from err
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    architecture = getattr(config, "model_type", None)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except Exception as err:  # tensors cut short, an unknown tokenizer model, a non-causal-LM architecture
+        raise GGUFError(
+            f"{field}: transformers read the metadata of the GGUF file {path} (architecture {architecture!r}) but "
+            f"not its weights or tokenizer ({type(err).__name__}: {err}); convert it to a Hugging Face folder "
+            "yourself, or give the original model's folder or hub id"
+        ) from err
     # The loaded model is marked quantized (save_pretrained refuses it); its weights are already
     # plain fp32 tensors, so a model built from the config without the quantization marker takes them.
     plain_config = loaded.config
     if hasattr(plain_config, "quantization_config"):
         del plain_config.quantization_config
     plain_config.dtype = torch.float32
+    # The file's tokenizer ids are the truth: a GGUF without a BOS token otherwise leaves the config
+    # class's default BOS id (1 for Llama), which names some other token of this vocabulary.
+    for kind in ("bos", "pad"):
+        setattr(plain_config, f"{kind}_token_id", getattr(tokenizer, f"{kind}_token_id"))
+    if plain_config.eos_token_id is None:
+        plain_config.eos_token_id = tokenizer.eos_token_id
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     state = loaded.state_dict()
     missing, unexpected = plain.load_state_dict(state, strict=False)
@@ -118,12 +135,10 @@ def _convert(path: str, folder: str, field: str) -> None:
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        generation = loaded.generation_config if loaded.generation_config is not None else GenerationConfig()
-        if tokenizer.eos_token_id is not None and generation.eos_token_id is None:
-            generation.eos_token_id = tokenizer.eos_token_id
+        generation = GenerationConfig.from_model_config(plain_config)
         generation.save_pretrained(staging)
         with open(os.path.join(staging, DONE_FILE), "w") as f:
-            json.dump({"source": path, "architecture": getattr(config, "model_type", None),
+            json.dump({"source": path, "architecture": architecture,
                        "parameters": sum(p.numel() for p in plain.parameters())}, f)
         if os.path.exists(folder):  # a conversion cut short earlier: no DONE_FILE, so incomplete
             shutil.rmtree(folder)
