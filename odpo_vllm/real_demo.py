@@ -19,6 +19,10 @@ import time
 from odpo_vllm import real_task
 
 HELD_OUT_SEED = 1234  # the same sampling seed before and after: only the weights differ
+# The training settings (OnlineDPOConfig fields), shared with benchmarks/bench_real_learning.py,
+# which trains TRL's trainer with the same ones.
+SETTINGS = dict(per_device_train_batch_size=8, learning_rate=2e-5, lr_scheduler_type="constant",
+                max_new_tokens=40, temperature=0.9, beta=0.1, seed=0)
 
 
 def held_out_replies(trainer, rows: list[dict], seed: int = HELD_OUT_SEED) -> tuple[list[str], list[float]]:
@@ -67,17 +71,13 @@ def run(output_dir: str, max_steps: int, extra: list[str]) -> dict:
         "--reward_funcs", "odpo_vllm.real_task:vader_reward",
         "--output_dir", os.path.join(output_dir, "train"),
         "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", "8",
-        "--learning_rate", "2e-5",
-        "--lr_scheduler_type", "constant",
-        "--max_new_tokens", "40",
-        "--temperature", "0.9",
-        "--beta", "0.1",
         "--logging_steps", "5",
         "--save_strategy", "no",
         "--report_to", "none",
-        "--seed", "0",
-    ] + extra
+    ]
+    for key, value in SETTINGS.items():
+        flags += [f"--{key}", str(value)]
+    flags += extra  # the user's flags win
     trainer, _ = build_trainer(flags)
     with trainer:
         print(f"held-out prompts ({len(held_out)}, topics not trained on): sampling before training", flush=True)
