@@ -35,6 +35,19 @@ def held_out_replies(trainer, rows: list[dict], seed: int = HELD_OUT_SEED) -> tu
     return texts, real_task.vader_scores(texts)
 
 
+def _distinct_topics(rows: list[dict], count: int) -> list[int]:
+    """The first `count` rows (in the held-out order) about different topics: the examples shown."""
+    chosen, seen = [], set()
+    for index, row in enumerate(rows):
+        topic = next(t for t in real_task.HELD_OUT_TOPICS if t in row["prompt"][-1]["content"])
+        if topic not in seen:
+            chosen.append(index)
+            seen.add(topic)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -87,13 +100,14 @@ def run(output_dir: str, max_steps: int, extra: list[str]) -> dict:
         trainer.save_model()
     rows = [r for r in trainer.state.log_history if "objective/scores" in r]
     texts = [trainer.encoder.text(row["prompt"], i) for i, row in enumerate(held_out)]
-    shown = [row["prompt"][-1]["content"] for row in held_out[:3]]
+    shown = _distinct_topics(held_out, 3)
     print("\nReal-model demo finished in %.0f s (%d steps)" % (time.monotonic() - started, max_steps))
     print(f"  training reward (objective/scores): {rows[0]['objective/scores']:+.3f} at step {rows[0]['step']}, "
           f"{rows[-1]['objective/scores']:+.3f} at step {rows[-1]['step']}")
     print(f"  held-out reward ({len(held_out)} prompts, mean VADER): before {_mean(scores_before):+.3f}, "
           f"after {_mean(scores_after):+.3f}")
-    _print_side_by_side(shown, before[:3], after[:3], scores_before[:3], scores_after[:3])
+    _print_side_by_side([held_out[i]["prompt"][-1]["content"] for i in shown], [before[i] for i in shown],
+                        [after[i] for i in shown], [scores_before[i] for i in shown], [scores_after[i] for i in shown])
     train_dir = trainer.args.output_dir
     result = {"held_out_before": _mean(scores_before), "held_out_after": _mean(scores_after),
               "train_first": rows[0]["objective/scores"], "train_last": rows[-1]["objective/scores"],

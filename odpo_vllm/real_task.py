@@ -30,10 +30,10 @@ TOPICS = [
     "a music lesson", "a local park", "a volunteer day", "a farmers' market",
 ]
 HELD_OUT_TOPICS = [
-    "a dentist's waiting room", "a rainy bus stop", "a broken washing machine", "a long night shift",
-    "a crowded beach", "a delayed train", "a chemistry lesson", "a shared office", "an old photograph",
-    "a foggy morning", "a visit to the post office", "a noisy cafe", "a hospital visit", "a late pizza delivery",
-    "a power outage", "a windy pier",
+    "a ferry crossing", "a rainy bus stop", "a broken washing machine", "a long night shift",
+    "a crowded beach", "a rusty garden gate", "a chemistry lesson", "a shared office", "an old photograph",
+    "a foggy morning", "a visit to the post office", "a noisy cafe", "a broken escalator", "a late pizza delivery",
+    "a lighthouse at dusk", "a windy pier",
 ]
 REQUESTS = [
     "Write two sentences about {}.",
