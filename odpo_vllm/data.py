@@ -95,6 +95,7 @@ class PromptEncoder:
     max_prompt_tokens: int  # the model's context minus the tokens reserved for the completion
     max_new_tokens: int
     dataset_name: str = "train_dataset"
+    vocab_size: int | None = None  # the policy's embedding rows: a prompt id at or past it is refused
 
     def text(self, prompt: Any, row_index: int) -> str:
         if isinstance(prompt, str):
@@ -126,6 +127,14 @@ class PromptEncoder:
         ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         if not ids:
             raise ValueError(f"{self.dataset_name} row {row_index}: the prompt tokenizes to nothing")
+        if self.vocab_size is not None and max(ids) >= self.vocab_size:
+            bad = next(i for i in ids if i >= self.vocab_size)
+            raise ValueError(
+                f"{self.dataset_name} row {row_index}: the prompt holds token {self.tokenizer.convert_ids_to_tokens(bad)!r} "
+                f"(id {bad}), which is outside the policy's vocabulary of {self.vocab_size} (the tokenizer has "
+                f"{len(self.tokenizer)} tokens); remove it from the prompt (or the chat template), or resize the model "
+                "(model.resize_token_embeddings(len(tokenizer)))"
+            )
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
                 f"{self.dataset_name} row {row_index}: the prompt has {len(ids)} tokens, which leaves no room for "

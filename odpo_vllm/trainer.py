@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from transformers.trainer_callback import (
@@ -94,7 +95,8 @@ class OnlineDPOTrainer:
 
         # ---- data
         context = context_length(config)
-        self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens)
+        self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens,
+                                     vocab_size=validation.vocab_size(config))
         self.train_dataset = encode_dataset(train_dataset, self.encoder)
         self.eval_dataset = self._encode_eval(eval_dataset)
         self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
@@ -182,13 +184,9 @@ class OnlineDPOTrainer:
         if eval_dataset is None:
             return None
         if isinstance(eval_dataset, dict):
-            return {
-                name: encode_dataset(ds, PromptEncoder(self.encoder.tokenizer, self.encoder.max_prompt_tokens,
-                                                       self.encoder.max_new_tokens, f"eval_dataset[{name!r}]"))
-                for name, ds in eval_dataset.items()
-            }
-        return encode_dataset(eval_dataset, PromptEncoder(self.encoder.tokenizer, self.encoder.max_prompt_tokens,
-                                                          self.encoder.max_new_tokens, "eval_dataset"))
+            return {name: encode_dataset(ds, replace(self.encoder, dataset_name=f"eval_dataset[{name!r}]"))
+                    for name, ds in eval_dataset.items()}
+        return encode_dataset(eval_dataset, replace(self.encoder, dataset_name="eval_dataset"))
 
     def _rows(self, rows: list[dict]) -> list[dict]:
         """Apply a user data_collator if given: it may rewrite rows (e.g. add columns)."""

@@ -131,9 +131,27 @@ def check_tokenizer_fits(tokenizer, model_or_config, field: str, model_field: st
         )
 
 
+def check_special_ids_fit(tokenizer, model_or_config, field: str = "processing_class") -> None:
+    """The ids the trainer itself puts into sequences (padding, EOS) must have a row in the
+    policy's embedding. A tokenizer larger than the embedding is accepted otherwise (e.g. a Qwen2
+    tokenizer class that adds `<|endoftext|>` on load): an added id that never occurs does no harm,
+    and one that occurs in a prompt fails at encoding, naming the row (`PromptEncoder`)."""
+    size = vocab_size(model_or_config)
+    if size is None:
+        return
+    for name in ("pad_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if isinstance(token_id, int) and token_id >= size:
+            raise ValueError(
+                f"{field}: its {name[:-3]} {tokenizer.convert_ids_to_tokens(token_id)!r} has id {token_id}, outside "
+                f"the policy's vocabulary of {size}; set tokenizer.{name[:-3]} to a token the model has, or resize "
+                "the model (model.resize_token_embeddings(len(tokenizer)))"
+            )
+
+
 def check_models(model, ref_model, tokenizer, config=None) -> None:
     """The policy, its reference and the tokenizer agree on the vocabulary."""
-    check_tokenizer_fits(tokenizer, model if model is not None else config, "processing_class", "the policy")
+    check_special_ids_fit(tokenizer, model if model is not None else config)
     if ref_model is not None and model is not None:
         policy, reference = vocab_size(model), vocab_size(ref_model)
         if policy is not None and reference is not None and policy != reference:

@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from conftest import make_args, snapshot
+from conftest import changed, make_args, snapshot
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from odpo_vllm import OnlineDPOTrainer, toy
@@ -98,10 +99,33 @@ def test_tokenizer_without_pad_uses_eos(model, fresh_tokenizer, tmp_path):
     assert trainer.processing_class.pad_token == fresh_tokenizer.eos_token
 
 
-def test_tokenizer_larger_than_the_policy_vocabulary(model, fresh_tokenizer, tmp_path):
-    fresh_tokenizer.add_tokens(["<extra_a>", "<extra_b>"])
-    with pytest.raises(ValueError, match=r"processing_class: the tokenizer has 322 tokens but the policy has a "
-                                         r"vocabulary of 320"):
+@pytest.mark.parametrize("use_vllm", [False, pytest.param(True, marks=pytest.mark.vllm)])
+def test_tokenizer_larger_than_the_policy_vocabulary_trains(model, fresh_tokenizer, tmp_path, use_vllm):
+    """As in the reference: ids past the embedding that never occur do no harm (e.g. a Qwen2
+    tokenizer class that adds `<|endoftext|>` on load to a small BPE), with either sampler."""
+    fresh_tokenizer.add_special_tokens({"additional_special_tokens": ["<|added_on_load|>"]})
+    assert len(fresh_tokenizer) == 321
+    before = snapshot(model)
+    trainer = trainer_for(model, tmp_path, processing_class=fresh_tokenizer, max_steps=2, use_vllm=use_vllm)
+    with trainer:
+        trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(rows) == 2 and changed(before, model)
+
+
+def test_prompt_with_an_id_outside_the_vocabulary_names_row_and_token(model, fresh_tokenizer, tmp_path):
+    fresh_tokenizer.add_tokens(["<extra_a>", "<extra_b>"])  # ids 320, 321: the embedding has 320 rows
+    rows = toy.prompts(4)
+    rows[2]["prompt"] = "Review the <extra_b> film:"
+    with pytest.raises(ValueError, match=r"train_dataset row 2: the prompt holds token '<extra_b>' \(id 321\), which "
+                                         r"is outside the policy's vocabulary of 320"):
+        trainer_for(model, tmp_path, processing_class=fresh_tokenizer, dataset=Dataset.from_list(rows))
+
+
+def test_pad_token_outside_the_vocabulary_is_refused(model, fresh_tokenizer, tmp_path):
+    fresh_tokenizer.add_special_tokens({"pad_token": "<new_pad>"})
+    with pytest.raises(ValueError, match=r"processing_class: its pad_token '<new_pad>' has id 320, outside the "
+                                         r"policy's vocabulary of 320"):
         trainer_for(model, tmp_path, processing_class=fresh_tokenizer)
 
 
