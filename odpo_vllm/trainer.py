@@ -69,6 +69,7 @@ class OnlineDPOTrainer:
         validation.check_inputs(model, ref_model, reward_funcs, args)
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
+        self._set_reference_attributes(reward_funcs if reward_funcs is not None else args.reward_model_path)
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         torch.manual_seed(args.seed)
 
@@ -98,7 +99,8 @@ class OnlineDPOTrainer:
         self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens,
                                      vocab_size=validation.vocab_size(config))
         self.train_dataset = encode_dataset(train_dataset, self.encoder)
-        self.eval_dataset = self._encode_eval(eval_dataset)
+        self.eval_dataset = eval_dataset  # as passed, as in transformers.Trainer; encoded copy below
+        self._eval_encoded = self._encode_eval(eval_dataset)
         self.prompts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             args.data_parallel_ranks
         if hasattr(self.train_dataset, "__len__"):
@@ -153,7 +155,7 @@ class OnlineDPOTrainer:
         longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
         first_prompt = None
         if isinstance(self.train_dataset, Dataset):
-            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            evals = self._eval_encoded.values() if isinstance(self._eval_encoded, dict) else [self._eval_encoded]
             parts = [self.train_dataset] + [part for part in evals if isinstance(part, Dataset)]
             longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
             first_prompt = self.train_dataset[0]["prompt_ids"]
@@ -162,6 +164,33 @@ class OnlineDPOTrainer:
         return max_model_len, probe[: max_model_len - 1]
 
     # ------------------------------------------------------------------------------ helpers
+    def _set_reference_attributes(self, reward_funcs) -> None:
+        """The reference trainer's public attributes, read from the config (the placement holds
+        the working objects): which sampler, its settings, the reward functions and weights."""
+        args = self.args
+        from odpo_vllm.sampling.vllm_engine import vllm_available
+
+        self.use_vllm = args.placement != "in_process" or (
+            args.use_vllm if args.use_vllm is not None else vllm_available())
+        self.vllm_mode = "colocate" if self.use_vllm else None  # the engine runs beside the learner
+        self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k
+        self.repetition_penalty = args.repetition_penalty
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+    @property
+    def generation_config(self):
+        """What each completion is sampled with: vLLM's `SamplingParams` (n = num_samples) when
+        the engine samples, else transformers' `GenerationConfig`, as in the reference."""
+        if self.use_vllm:
+            from odpo_vllm.sampling.vllm_engine import sampling_params
+
+            return sampling_params(self.args, self.eos_token_ids, self.args.num_samples, None)
+        from odpo_vllm.sampling.hf_sampler import generation_config
+
+        return generation_config(self.args.sampling_settings(), self.eos_token_ids, self.processing_class.pad_token_id)
+
     @property
     def optimizer(self):
         """The optimizer in process; None under a Ray placement (each rank holds its own)."""
@@ -384,7 +413,7 @@ class OnlineDPOTrainer:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Sample pairs for every eval prompt with the current policy and report the training
         metrics (and loss) on them, without updating the model."""
-        dataset = self._encode_eval(eval_dataset) if eval_dataset is not None else self.eval_dataset
+        dataset = self._encode_eval(eval_dataset) if eval_dataset is not None else self._eval_encoded
         if dataset is None:
             raise ValueError("eval_dataset: evaluate() needs an eval_dataset (here or in the constructor)")
         if isinstance(dataset, dict):

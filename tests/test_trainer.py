@@ -673,3 +673,33 @@ def test_judge_invalid_answer_raises():
     rewards = Rewards(PairwiseJudge(lambda prompts, pairs: [2] * len(pairs)))
     with pytest.raises(ValueError, match="judge returned 2"):
         rewards.score(["p", "p"], ["a", "b"], [[1], [2]], {}, torch.tensor([False, False]))
+
+
+@pytest.mark.parametrize("use_vllm", [False, pytest.param(True, marks=pytest.mark.vllm)])
+def test_reference_attributes(model, tmp_path, use_vllm):
+    """The attributes the reference trainer exposes, with the config's values; `eval_dataset`
+    is the object passed (as in transformers.Trainer), and evaluate() still reads it."""
+    eval_dataset = toy.prompt_dataset(4, seed=3)
+    args = make_args(tmp_path, use_vllm=use_vllm, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.1,
+                     reward_weights=[2.0, 0.5], max_new_tokens=6, per_device_eval_batch_size=2)
+    with OnlineDPOTrainer(model, reward_funcs=[toy.sentiment_reward, toy.short_reward], args=args,
+                          train_dataset=toy.prompt_dataset(4), eval_dataset=eval_dataset) as trainer:
+        assert trainer.use_vllm is use_vllm and trainer.vllm_mode == ("colocate" if use_vllm else None)
+        assert (trainer.temperature, trainer.top_p, trainer.top_k, trainer.repetition_penalty) == (0.7, 0.9, 20, 1.1)
+        assert trainer.reward_funcs == [toy.sentiment_reward, toy.short_reward]
+        assert torch.equal(trainer.reward_weights, torch.tensor([2.0, 0.5]))
+        assert trainer.eval_dataset is eval_dataset and "prompt_ids" not in eval_dataset.column_names
+        config = trainer.generation_config
+        if use_vllm:
+            from vllm import SamplingParams
+
+            assert isinstance(config, SamplingParams) and config.n == 2 and config.max_tokens == 6
+            assert (config.temperature, config.top_p, config.top_k) == (0.7, 0.9, 20)
+        else:
+            from transformers import GenerationConfig
+
+            assert isinstance(config, GenerationConfig) and config.do_sample and config.max_new_tokens == 6
+            assert (config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (0.7, 0.9, 20, 1.1)
+        metrics = trainer.evaluate()
+        assert metrics["eval_samples_per_second"] > 0 and "eval_objective/scores" in metrics
+        assert trainer.optimizer is not None and trainer.lr_scheduler is not None

@@ -30,19 +30,7 @@ class TransformersGenerator:
         self.policy_version = -1  # set by the weight publisher
 
     def _generation_config(self):
-        from transformers import GenerationConfig
-
-        settings = dict(self.sampling)
-        settings.setdefault("do_sample", True)
-        # 0, not None: generate() fills None from the model's defaults (top_k=50), which would
-        # truncate the distribution that vLLM samples in full.
-        settings["top_k"] = settings.get("top_k") or 0
-        return GenerationConfig(
-            eos_token_id=sorted(self.eos_token_ids),
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            **settings,
-        )
+        return generation_config(self.sampling, self.eos_token_ids, self.pad_token_id)
 
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
@@ -92,3 +80,16 @@ class TransformersGenerator:
     def set_policy_version(self, version: int) -> None:
         """Shares the learner's parameters: nothing moves, only the version is recorded."""
         self.policy_version = version
+
+
+def generation_config(sampling: dict, eos_token_ids, pad_token_id):
+    """transformers' `GenerationConfig` for the config's sampling settings."""
+    from transformers import GenerationConfig
+
+    settings = dict(sampling)
+    settings.setdefault("do_sample", True)
+    # 0, not None: generate() fills None from the model's defaults (top_k=50), which would
+    # truncate the distribution that vLLM samples in full.
+    settings["top_k"] = settings.get("top_k") or 0
+    return GenerationConfig(eos_token_id=sorted(eos_token_ids), pad_token_id=pad_token_id, use_cache=True,
+                            **settings)

@@ -211,14 +211,7 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------------------ sampling
     def _sampling_params(self, num_samples: int, seed: int):
-        from vllm import SamplingParams
-
-        settings = dict(self.args.sampling_settings())
-        settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
-        settings["top_k"] = settings.get("top_k") or -1
-        settings["min_p"] = settings.get("min_p") or 0.0
-        return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(self.eos_token_ids),
-                              **settings)
+        return sampling_params(self.args, self.eos_token_ids, num_samples, seed)
 
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
@@ -342,3 +335,14 @@ class VLLMGenerator:
             self._temporary_dir.cleanup()
         else:
             shutil.rmtree(self.files_dir, ignore_errors=True)
+
+
+def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
+    """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win)."""
+    from vllm import SamplingParams
+
+    settings = dict(args.sampling_settings())
+    settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
+    settings["top_k"] = settings.get("top_k") or -1
+    settings["min_p"] = settings.get("min_p") or 0.0
+    return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(eos_token_ids), **settings)
