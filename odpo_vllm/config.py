@@ -69,7 +69,7 @@ class OnlineDPOConfig(TrainingArguments):
     )
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature (> 0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass, in (0, 1]."})
-    top_k: int | None = field(default=None, metadata={"help": "Keep the k most likely tokens (None or 0: all)."})
+    top_k: int | None = field(default=0, metadata={"help": "Keep the k most likely tokens (0 or None: all)."})
     min_p: float | None = field(default=None, metadata={"help": "Minimum token probability relative to the top."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens."})
     generation_kwargs: dict[str, Any] | str | None = field(
@@ -82,10 +82,40 @@ class OnlineDPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Prompts per generate call (default: the whole step's prompts at once)."},
     )
+    cache_implementation: str | None = field(
+        default=None, metadata={"help": "transformers sampler: the KV-cache implementation of generate()."}
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "Accepted for the reference's configs. Sampling never reads ZeRO-3 shards here: the engine "
+                          "(or the in-process sampler) holds whole weights, so there is nothing to gather."},
+    )
 
     # --- vLLM engine
     use_vllm: bool | None = field(
         default=None, metadata={"help": "Sample with a vLLM engine. Default: True where vLLM is installed."}
+    )
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={"help": "colocate: the engine runs beside the learner (in process, or the Ray placements); "
+                          "server: a separate vLLM server (not available yet: use placement=dedicated)."},
+    )
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "vllm_mode=server: the server's URL."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode=server: the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode=server: the server's port."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "vllm_mode=server: seconds to wait for the server."}
+    )
+    vllm_group_port: int = field(
+        default=51216, metadata={"help": "vllm_mode=server: port of the weight-update group."}
+    )
+    vllm_model_impl: str = field(
+        default="vllm",
+        metadata={"help": "vllm: vLLM's own model code; transformers: vLLM's Transformers backend (any model "
+                          "transformers can run, e.g. custom code)."},
+    )
+    vllm_structured_outputs_regex: str | None = field(
+        default=None, metadata={"help": "vLLM engine: completions must match this regular expression."}
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.55, metadata={"help": "Share of GPU memory the engine may take (weights + KV cache)."}
@@ -287,6 +317,23 @@ class OnlineDPOConfig(TrainingArguments):
             fail("num_samples", f"Online DPO needs at least 2 completions per prompt, got {self.num_samples}")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             fail("generation_batch_size", f"must be >= 1, got {self.generation_batch_size}")
+        if self.vllm_mode not in ("colocate", "server"):
+            fail("vllm_mode", f"must be 'colocate' or 'server', got {self.vllm_mode!r}")
+        if self.vllm_mode == "server":
+            fail("vllm_mode", "'server' (a separate vLLM server) is not available yet; placement='dedicated' runs the "
+                 "engines in Ray actors apart from the learners, which is what server mode is for, or use "
+                 "vllm_mode='colocate'")
+        if self.vllm_model_impl not in ("vllm", "transformers"):
+            fail("vllm_model_impl", f"must be 'vllm' or 'transformers', got {self.vllm_model_impl!r}")
+        if self.vllm_structured_outputs_regex is not None:
+            import re
+
+            try:
+                re.compile(self.vllm_structured_outputs_regex)
+            except re.error as err:
+                fail("vllm_structured_outputs_regex", f"is not a regular expression ({err})")
+        if self.vllm_server_timeout <= 0:
+            fail("vllm_server_timeout", f"must be > 0 seconds, got {self.vllm_server_timeout}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             fail("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
@@ -355,5 +402,7 @@ class OnlineDPOConfig(TrainingArguments):
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.cache_implementation is not None:  # transformers sampler only
+            settings["cache_implementation"] = self.cache_implementation
         settings.update(self.generation_kwargs or {})
         return settings

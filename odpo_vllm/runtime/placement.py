@@ -59,6 +59,17 @@ def _engine_dtype(args) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # In process
 # --------------------------------------------------------------------------------------------
+def plain_forward_beside_vllm(*models) -> None:
+    """vLLM's Transformers backend (`vllm_model_impl="transformers"`) wraps the `__call__` of
+    transformers' model classes for the whole process, and the wrapper reads an attribute only the
+    engine's own instances have. The learner's instances of those classes get it set so that the
+    wrapper runs their plain `forward`, as it does while vLLM compiles."""
+    for model in models:
+        for module in model.modules() if model is not None else ():
+            if type(module).__call__ is not torch.nn.Module.__call__ and not hasattr(module, "do_not_compile"):
+                module.do_not_compile = True
+
+
 def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.learning.learner import Learner
@@ -78,6 +89,8 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     if use_vllm:
         generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
                                   probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples)
+        if args.vllm_model_impl == "transformers":
+            plain_forward_beside_vllm(model, learner.ref_model)
     else:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
                                           args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # vLLM's sampling arguments under the names `generation_kwargs` may use
 _SAMPLING_ALIASES = {"max_new_tokens": "max_tokens"}
-_HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams"}
+_HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams", "cache_implementation"}
 
 
 def vllm_available() -> bool:
@@ -147,6 +147,7 @@ class VLLMGenerator:
             enable_prefix_caching=True,
             disable_log_stats=True,
             trust_remote_code=args.trust_remote_code,
+            model_impl=args.vllm_model_impl,
         )
         if on_gpu:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
@@ -345,4 +346,8 @@ def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
     settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
     settings["top_k"] = settings.get("top_k") or -1
     settings["min_p"] = settings.get("min_p") or 0.0
+    if args.vllm_structured_outputs_regex is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        settings["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
     return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(eos_token_ids), **settings)
