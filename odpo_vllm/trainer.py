@@ -83,8 +83,8 @@ class OnlineDPOTrainer:
         else:
             raise ValueError(f"model: expected a hub id, a path or a PreTrainedModel, got {type(model).__name__}")
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str)
-                                                             else model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(
+                model if isinstance(model, str) else model.config._name_or_path, trust_remote_code=args.trust_remote_code)
         validation.check_tokenizer(processing_class)  # pad = EOS where there is no pad token
         self.processing_class = processing_class
         validation.check_models(model if isinstance(model, torch.nn.Module) else None,

@@ -74,7 +74,7 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.learning.learner import Learner
     from odpo_vllm.learning.models import prepare_policy_and_reference
-    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, engine_model_impl, vllm_available
 
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
@@ -86,12 +86,22 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     rewards = Rewards(spec.reward_funcs, spec.reward_processing_classes, args.reward_weights,
                       args.missing_eos_penalty, args.model_init_kwargs, args.trust_remote_code, device)
     use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+    generator = None
     if use_vllm:
-        generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
-                                  probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples)
-        if args.vllm_model_impl == "transformers":
+        impl = engine_model_impl(model.config, args.vllm_model_impl, log=False)  # the engine says which
+        try:
+            generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
+                                      probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples)
+        except RuntimeError as err:
+            if impl == args.vllm_model_impl:  # an architecture vLLM has code for: a real failure
+                raise
+            # nor could vLLM's Transformers backend run it (e.g. custom code without an AutoModel
+            # entry): sample with transformers, as the reference does
+            logger.warning("vLLM cannot run %s (%s); sampling with transformers' generate instead (use_vllm=False)",
+                           ", ".join(model.config.architectures or []), str(err).splitlines()[0][:300])
+        if generator is not None and impl == "transformers":
             plain_forward_beside_vllm(model, learner.ref_model)
-    else:
+    if generator is None:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
                                           args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)
     publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance)

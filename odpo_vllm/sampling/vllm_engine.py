@@ -134,6 +134,7 @@ class VLLMGenerator:
             model, "get_base_model", lambda: model)().config
         config.save_pretrained(self.files_dir)
         tokenizer.save_pretrained(self.files_dir)
+        copy_custom_code(config, self.files_dir)
         self.expected = self._expected_shapes(config)
 
         engine_args: dict[str, Any] = dict(
@@ -147,7 +148,7 @@ class VLLMGenerator:
             enable_prefix_caching=True,
             disable_log_stats=True,
             trust_remote_code=args.trust_remote_code,
-            model_impl=args.vllm_model_impl,
+            model_impl=engine_model_impl(config, args.vllm_model_impl),
         )
         if on_gpu:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
@@ -336,6 +337,34 @@ class VLLMGenerator:
             self._temporary_dir.cleanup()
         else:
             shutil.rmtree(self.files_dir, ignore_errors=True)
+
+
+def engine_model_impl(config, requested: str, log: bool = True) -> str:
+    """vLLM's own model code where it has it; its Transformers backend (`"transformers"`) for an
+    architecture it does not list, e.g. a custom-code model, as the reference trains those too."""
+    if requested != "vllm":
+        return requested
+    from vllm.model_executor.models import ModelRegistry
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures or any(arch in ModelRegistry.get_supported_archs() for arch in architectures):
+        return requested
+    if log:
+        logger.warning("vLLM has no model code for %s: the engine runs it with vLLM's Transformers backend "
+                       "(vllm_model_impl='transformers')", ", ".join(architectures))
+    return "transformers"
+
+
+def copy_custom_code(config, folder: str) -> None:
+    """A custom-code model (`auto_map` in its config): its Python files beside the config the
+    engine starts from (`save_pretrained` of a config copies the configuration module only, and
+    vLLM's Transformers backend imports the modeling one too)."""
+    source = getattr(config, "_name_or_path", None)
+    if not getattr(config, "auto_map", None) or not source or not os.path.isdir(source):
+        return
+    for name in os.listdir(source):
+        if name.endswith(".py") and not os.path.exists(os.path.join(folder, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(folder, name))
 
 
 def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
