@@ -75,3 +75,10 @@ def test_vllm_transformers_backend_trains_and_serves_the_learner(model_path, tmp
         trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert len(rows) == 2 and max(r["sync/logprob_gap"] for r in rows) < 1e-4
+    # vLLM decorated the model class for the whole process: models of that class built afterwards
+    # (by the next trainer, or the user) still build and run
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(model_path)
+    assert type(again) is type(trainer.model) and torch.isfinite(again(torch.tensor([[1, 2, 3]])).logits).all()

@@ -59,17 +59,6 @@ def _engine_dtype(args) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # In process
 # --------------------------------------------------------------------------------------------
-def plain_forward_beside_vllm(*models) -> None:
-    """vLLM's Transformers backend (`vllm_model_impl="transformers"`) wraps the `__call__` of
-    transformers' model classes for the whole process, and the wrapper reads an attribute only the
-    engine's own instances have. The learner's instances of those classes get it set so that the
-    wrapper runs their plain `forward`, as it does while vLLM compiles."""
-    for model in models:
-        for module in model.modules() if model is not None else ():
-            if type(module).__call__ is not torch.nn.Module.__call__ and not hasattr(module, "do_not_compile"):
-                module.do_not_compile = True
-
-
 def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.learning.learner import Learner
@@ -99,8 +88,6 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
             # entry): sample with transformers, as the reference does
             logger.warning("vLLM cannot run %s (%s); sampling with transformers' generate instead (use_vllm=False)",
                            ", ".join(model.config.architectures or []), str(err).splitlines()[0][:300])
-        if generator is not None and impl == "transformers":
-            plain_forward_beside_vllm(model, learner.ref_model)
     if generator is None:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
                                           args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)

@@ -12,6 +12,7 @@ version it now serves; the engine never counts versions itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -169,7 +170,8 @@ class VLLMGenerator:
         threads = torch.get_num_threads()
         start = time.perf_counter()
         try:
-            self.llm = vllm.LLM(**engine_args)
+            with transformers_classes_kept():
+                self.llm = vllm.LLM(**engine_args)
         except Exception as err:
             raise RuntimeError(
                 f"vLLM engine failed to start ({type(err).__name__}: {err}). Settings to check: "
@@ -353,6 +355,41 @@ def engine_model_impl(config, requested: str, log: bool = True) -> str:
         logger.warning("vLLM has no model code for %s: the engine runs it with vLLM's Transformers backend "
                        "(vllm_model_impl='transformers')", ", ".join(architectures))
     return "transformers"
+
+
+def _subclasses(cls) -> set:
+    found, stack = set(), [cls]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                stack.append(sub)
+    return found
+
+
+@contextlib.contextmanager
+def transformers_classes_kept():
+    """vLLM's Transformers backend decorates the transformers model class it runs, for the whole
+    process: its `__init__` then needs a vLLM config context and its `__call__` an attribute only
+    the engine's instance has. Beside an in-process learner that breaks every other instance (the
+    policy, the reference, any model built later in this process). After the engine is built its
+    instance no longer needs the new `__init__`, so the class gets its own back; and the class gets
+    `do_not_compile = True` as a default, so other instances' calls run their plain `forward` (the
+    engine's instance keeps its own value)."""
+    from transformers import PreTrainedModel
+
+    saved = {cls: (cls.__dict__.get("__init__"), cls.__dict__.get("__call__")) for cls in _subclasses(PreTrainedModel)}
+    try:
+        yield
+    finally:
+        for cls, (init, call) in saved.items():
+            if cls.__dict__.get("__init__") is not init:
+                if init is None:
+                    delattr(cls, "__init__")
+                else:
+                    cls.__init__ = init
+            if cls.__dict__.get("__call__") is not call and "do_not_compile" not in cls.__dict__:
+                cls.do_not_compile = True
 
 
 def copy_custom_code(config, folder: str) -> None:
