@@ -172,7 +172,7 @@ class OnlineDPOTrainer:
 
         self.use_vllm = args.placement != "in_process" or (
             args.use_vllm if args.use_vllm is not None else vllm_available())
-        self.vllm_mode = "colocate" if self.use_vllm else None  # the engine runs beside the learner
+        self.vllm_mode = args.vllm_mode if self.use_vllm else None  # colocate: the engine beside the learner
         self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k
         self.repetition_penalty = args.repetition_penalty
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
