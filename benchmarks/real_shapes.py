@@ -3,7 +3,7 @@
     python benchmarks/bench_vs_trl.py --model smollm2 --shapes tldr,chat \
         --out benchmarks/results/vs_trl_smollm2_cpu.md [--quick] [--rounds N] [--steps N]
 
-SmolLM2-135M-Instruct (`odpo_vllm.models.smollm2()`: the packaged GGUF converted once to a plain
+SmolLM2-135M-Instruct (`odpo_vllm.models.packaged.smollm2()`: the packaged GGUF converted once to a plain
 fp32 folder), the reward `odpo_vllm.real_task.vader_reward` (VADER sentiment of the reply), the
 same learning rate, seed and temperature for every system, and two shapes:
 

@@ -37,7 +37,7 @@ def _smollm2_counter():
 def test_tldr_prompts_are_about_400_tokens_of_real_text(counter):
     count = real_shapes.rough_tokens if counter == "rough" else _smollm2_counter()
     if count is None:
-        pytest.skip("SmolLM2's converted folder is not here (odpo_vllm.models.smollm2() makes it)")
+        pytest.skip("SmolLM2's converted folder is not here (odpo_vllm.models.packaged.smollm2() makes it)")
     rows = real_shapes.tldr_prompts(16, count, target=400)
     assert len(rows) == 16 and len({r["prompt"] for r in rows}) == 16
     source = " ".join(" ".join(sentences) for _, sentences in real_shapes.doc_sections())
