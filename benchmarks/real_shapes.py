@@ -238,7 +238,7 @@ def run(options, vs) -> None:
 
     import real_shapes_report as report
     from vs_trl_report import measured
-    from odpo_vllm.models import smollm2
+    from odpo_vllm.models.packaged import smollm2
 
     quick = options.quick
     rounds = options.rounds or 1
