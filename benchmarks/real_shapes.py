@@ -15,13 +15,17 @@ same learning rate, seed and temperature for every system, and two shapes:
 - `chat`: the real task's short requests (`real_task.train_prompts()`, conversational, so the
   chat template with SmolLM2's system line is applied: 37-48 tokens); up to 64 new tokens.
 
-8 prompts x 2 completions per step. Systems: `trl-nockpt` (TRL's best CPU configuration:
+8 prompts x 2 completions per step, 1 round of 4 steps per odpo_vllm run (3 per TRL run; see the
+report's header for what is left out). Systems: `trl-nockpt` (TRL's best CPU configuration:
 gradient checkpointing off, so its sampler keeps the KV cache), `trl` (TRL's defaults: no KV
 cache while sampling, so each new token re-runs the whole sequence; run once, with fewer steps,
 on the shapes of `--trl_default_shapes`), `ours-vllm` (in process, vLLM engine) and `ray-ded-k1`
 (Ray dedicated: 1 learner rank + 1 engine, 1 CPU each, async_steps=1). odpo_vllm runs with
 gradient checkpointing off, as TRL's best does. The prompts are built once by the driver with the
 model's tokenizer and written to a file that every worker reads.
+
+The results JSON (beside `--out`) is rewritten after every run, so a run stopped part way keeps
+what it measured; `--render that.json` writes the tables from it again (`--out`: where).
 """
 
 from __future__ import annotations
@@ -222,6 +226,8 @@ def add_arguments(parser) -> None:
                         help="with --model smollm2: shapes on which TRL's defaults run (once, round 0)")
     parser.add_argument("--trl_default_steps", type=int, default=1,
                         help="with --model smollm2: steps of the TRL-defaults run (1: that step is measured)")
+    parser.add_argument("--render", default=None,
+                        help="with --model smollm2: write the tables of a results JSON (a finished or stopped run)")
 
 
 def _load() -> str:
@@ -236,10 +242,11 @@ def run(options, vs) -> None:
     sys.path.insert(0, ROOT)
     from transformers import AutoTokenizer
 
-    import real_shapes_report as report
     from vs_trl_report import measured
     from odpo_vllm.models.packaged import smollm2
 
+    if options.render:
+        return render_saved(options.render, options.out or os.path.splitext(options.render)[0] + ".md", vs)
     quick = options.quick
     rounds = options.rounds or 1
     steps = options.steps or (3 if quick else 4)  # odpo_vllm's; TRL's best runs one fewer
@@ -261,6 +268,11 @@ def run(options, vs) -> None:
     print(f"model {path}; logs under {root}", flush=True)
     started, load_before = time.perf_counter(), _load()
     per_shape, raws = {}, []
+    meta = dict(quick=quick, rounds=rounds, steps=steps, warmup=warmup, model_path=path, params_m=vs.params_m(path),
+                learning_rate=options.learning_rate, trl_default_steps=options.trl_default_steps,
+                trl_omp_default=options.trl_omp_default, load_before=load_before, status="partial",
+                command=" ".join(["python benchmarks/bench_vs_trl.py"] + sys.argv[1:]))
+    saved = os.path.splitext(out)[0] + ".json"
     for shape in shapes:
         spec = SHAPES[shape]
         new_tokens = min(spec["new_tokens"], 8) if quick else spec["new_tokens"]
@@ -268,6 +280,8 @@ def run(options, vs) -> None:
         lengths = write_prompts(shape, prompts * max(steps, options.trl_default_steps), tokenizer, prompts_file)
         runs: dict = {s: [] for s in systems + [vs.RAW]}
         errors: dict = {}
+        per_shape[shape] = {"label": f"SmolLM2-135M, {shape}", "shape_label": spec["label"], "runs": runs,
+                            "errors": errors, "prompt_tokens": lengths, "new_tokens": new_tokens, "prompts": prompts}
         if "trl" in systems and shape not in options.trl_default_shapes.split(","):
             errors["trl"] = (f"skipped to save time: without a KV cache each of the {new_tokens} new tokens re-runs "
                              f"all ~{statistics.mean(lengths):.0f}+ tokens of {2 * prompts} sequences (see `trl` on "
@@ -287,6 +301,7 @@ def run(options, vs) -> None:
                 load = _load()
                 result = vs.launch(cfg, log_dir, timeout_s)
                 result["load_before"], result["load_after"] = load, _load()
+                result.pop("traceback", None)  # kept in the run's log
                 if system == vs.RAW:
                     raws.append(result)
                     print(f"[{time.perf_counter() - started:6.0f}s] raw bandwidth round {r}: " + (
@@ -302,25 +317,35 @@ def run(options, vs) -> None:
                     errors[system] = result["error"]
                     print(f"[{time.perf_counter() - started:6.0f}s] {shape} {system:11s} round {r}: did not run: "
                           f"{result['error']}", flush=True)
+                meta.update(load_after=_load(), wall_s=time.perf_counter() - started)
+                _save(saved, per_shape, raws, meta)
         del runs[vs.RAW]
-        per_shape[shape] = {"label": f"SmolLM2-135M, {shape}", "shape_label": spec["label"], "runs": runs,
-                            "errors": errors, "prompt_tokens": lengths, "new_tokens": new_tokens, "prompts": prompts}
-    good_raws = [r for r in raws if r.get("ok")]
-    raw = ({key: statistics.median(r[key] for r in good_raws) for key in ("bytes", "gloo_bps", "copy_bps", "pack_s")}
-           if good_raws else None)
-    text = report.render(per_shape, raw, vs.SYSTEMS, dict(
-        quick=quick, rounds=rounds, steps=steps, warmup=warmup, model_path=path, params_m=vs.params_m(path),
-        learning_rate=options.learning_rate, trl_default_steps=options.trl_default_steps,
-        trl_omp_default=options.trl_omp_default, load_before=load_before, load_after=_load(),
-        wall_s=time.perf_counter() - started, command=" ".join(["python benchmarks/bench_vs_trl.py"] + sys.argv[1:])))
+    meta["status"] = "complete"
+    _save(saved, per_shape, raws, meta)
+    render_saved(saved, out, vs)
+
+
+def _save(path: str, per_shape: dict, raws: list, meta: dict) -> None:
+    """Everything measured so far (rewritten after every run: a stopped run keeps its figures)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"meta": meta, "raw_runs": raws, "shapes": per_shape}, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def render_saved(path: str, out: str, vs) -> None:
+    import real_shapes_report as report
+
+    with open(path) as f:
+        saved = json.load(f)
+    for data in saved["shapes"].values():
+        data["runs"].pop(vs.RAW, None)
+    good = [r for r in saved["raw_runs"] if r.get("ok")]
+    raw = ({key: statistics.median(r[key] for r in good) for key in ("bytes", "gloo_bps", "copy_bps", "pack_s")}
+           if good else None)
+    text = report.render(saved["shapes"], raw, vs.SYSTEMS, saved["meta"])
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"raw": raw, "raw_runs": raws, "shapes": {shape: {
-            k: v if k != "runs" else {s: [{kk: vv for kk, vv in r.items() if kk != "traceback"} for r in rs]
-                                      for s, rs in v.items()} for k, v in data.items()}
-            for shape, data in per_shape.items()}}, f, indent=1, default=str)
     print(f"written to {out}")
 

@@ -3,6 +3,7 @@ sync beside the raw transport and where an in-process sync goes, and the targets
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -22,6 +23,18 @@ def _median(values):
 def _pooled(runs: list[dict], key: str, warmup: int) -> float:
     values = [v for r in runs if r.get("ok") for v in measured(r, key, warmup)]
     return _median(values)
+
+
+def _from_log(runs: list[dict]) -> dict | None:
+    """A summary with the step alone, for runs whose per-step results were lost (`log_step`: the
+    per-run median step the driver printed)."""
+    steps = [r["log_step"] for r in runs if r.get("log_step")]
+    if not steps:
+        return None
+    nan = float("nan")
+    return {"steps": _median(steps), "generate": nan, "reward": nan, "train": nan, "sync": nan, "step_runs": steps,
+            "measured_steps": 0, "tokens": nan, "sync_bytes": 0.0, "rss": {"process": nan}, "runs": len(steps),
+            "wall_s": nan, "from_log": True}
 
 
 def _split(s: dict) -> str:
@@ -45,6 +58,10 @@ def shape_section(shape: str, data: dict, labels: dict, meta: dict) -> list[str]
     options = SimpleNamespace(prompts=data["prompts"], new_tokens=data["new_tokens"])
     lines = results_table(shape, f"SmolLM2-135M-Instruct ({meta['params_m']:.1f}M params), {data['shape_label']}",
                           s, data["errors"], options, labels, base_header="vs TRL defaults")
+    from_log = [name for name, v in s.items() if v and v.get("from_log")]
+    if from_log:
+        lines += ["", f"{', '.join(from_log)}: per-step results lost (see the header); the step is the per-run median "
+                  "the driver printed, the other columns are unknown (nan)."]
     lines += ["", f"Prompt tokens (SmolLM2 tokenizer, as fed): {min(lengths)}-{max(lengths)}, mean "
               f"{statistics.mean(lengths):.0f}, over the {len(lengths)} prompts written."]
     speed = [f"{name} {2 * data['prompts'] / v['steps'] * v['tokens']:.1f}" for name, v in s.items() if v]
@@ -114,7 +131,8 @@ def targets(per_shape: dict, raw: dict | None) -> list[str]:
                      f"(trl-nockpt){vs_default} ({verdict}).")
         lines.append(f"  - TRL best step {best['steps']:.2f} s = {_split(best)}.")
         for name, v in ours.items():
-            phases = ", ".join(f"{part} {best[part] / v[part]:.2f}x" for part in ("generate", "train") if v[part] > 0)
+            phases = ", ".join(f"{part} {best[part] / v[part]:.2f}x" for part in ("generate", "train")
+                               if v[part] > 0 and not math.isnan(best[part])) or "n/a (per-step results lost)"
             lines.append(f"  - {name} step {v['steps']:.2f} s = {_split(v)}" + (
                 " (generate overlaps train here)" if name == "ray-ded-k1" else "")
                 + f"; TRL best / {name} by phase: {phases}.")
@@ -133,8 +151,13 @@ def targets(per_shape: dict, raw: dict | None) -> list[str]:
                 parts = ", ".join(f"{label} {value:.3f}" for label, value in profile["parts"].items())
                 where += f"; profiled {profile['total']:.3f} s: {parts}, rest {profile['total'] - sum(profile['parts'].values()):.3f}"
             elif not in_process:
-                reload_s = local["sync"] if local else float("nan")
-                where += (f": wire {wire:.3f} + engine reload (the in-process sync) {reload_s:.3f} + pack "
+                reload_s, whose = local["sync"] if local else float("nan"), ""
+                if math.isnan(reload_s):  # the reload does not depend on the shape: another shape's will do
+                    others = [(d["summaries"]["ours-vllm"]["sync"], other) for other, d in per_shape.items()
+                              if (d["summaries"].get("ours-vllm") or {}).get("sync", float("nan")) >= 0]
+                    reload_s, whose = others[0] if others else (float("nan"), "")
+                    whose = f" at {whose}" if whose else ""
+                where += (f": wire {wire:.3f} + engine reload (the in-process sync{whose}) {reload_s:.3f} + pack "
                           f"{raw['pack_s']:.3f} + rest {v['sync'] - wire - reload_s - raw['pack_s']:.3f}")
             lines.append(f"- sync, {shape}, {name}: {ratio:.1f}x the raw transport ({'met' if ratio <= TARGET_SYNC else 'missed'}"
                          f" <= {TARGET_SYNC:g}x); {where}.")
@@ -147,7 +170,8 @@ def render(per_shape: dict, raw: dict | None, labels: dict, meta: dict) -> str:
     import trl
 
     for data in per_shape.values():
-        data["summaries"] = {name: summarize(runs, meta["warmup"]) for name, runs in data["runs"].items()}
+        data["summaries"] = {name: summarize(runs, meta["warmup"]) or _from_log(runs)
+                             for name, runs in data["runs"].items()}
         data["raw"] = raw
     lines = [
         f"# odpo_vllm vs TRL {trl.__version__} OnlineDPOTrainer on a real model: SmolLM2-135M-Instruct on CPU "
@@ -167,8 +191,11 @@ def render(per_shape: dict, raw: dict | None, labels: dict, meta: dict) -> str:
            "Every process ran with OMP_WAIT_POLICY=PASSIVE. ")
         + "Torch threads: 2 in process; the Ray rank and engine 1 each (1 CPU each). The machine's 2 cores are "
         "shared with other work: figures are noisy (see each shape's load line and the per-round step times). "
-        f"Load average (1/5/15 min) before: {meta['load_before']}, after: {meta['load_after']}. "
-        f"Total wall time {meta['wall_s']:.0f} s.", ""]
+        f"Load average (1/5/15 min) before: {meta['load_before']}, after: {meta.get('load_after', '?')}. "
+        f"Total wall time {meta.get('wall_s', float('nan')):.0f} s.", ""]
+    if meta.get("status") != "complete":
+        lines += [f"**Partial run** (stopped before its end): only the runs below were measured. {meta.get('note', '')}",
+                  ""]
     for shape, data in per_shape.items():
         lines += shape_section(shape, data, labels, meta)
     lines += sync_table(per_shape) + [""]
