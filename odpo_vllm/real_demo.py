@@ -69,6 +69,7 @@ def run(output_dir: str, max_steps: int, extra: list[str], model: str | None = N
     from odpo_vllm.train import build_trainer
 
     started = time.monotonic()
+    output_dir = os.path.abspath(output_dir)
     if model is None:
         from odpo_vllm.models.gguf import cache_root
         from odpo_vllm.models.packaged import smollm2
