@@ -195,6 +195,7 @@ def run_score(cfg: dict) -> dict:
     k = cfg["k"]
     per_prompt = [sum(scores[i * k : (i + 1) * k]) / k for i in range(len(rows))]
     return {"per_prompt": per_prompt, "scores": scores, "seconds": time.perf_counter() - start,
+            "prompts_sha": prompts_sha(rows),
             "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "reply": replies[i * k],
                           "reward": scores[i * k]} for i in range(min(3, len(rows)))]}
 
@@ -214,8 +215,15 @@ def worker_main(cfg: dict) -> None:
 # ============================================================================================
 # Driver side
 # ============================================================================================
-def launch(name: str, cfg: dict, log_dir: str, timeout_s: int) -> dict:
+def launch(name: str, cfg: dict, log_dir: str, timeout_s: int, reuse: bool = False) -> dict:
+    """One worker subprocess; its result (with the subprocess's wall time) stays in log_dir/name.json.
+    reuse: a finished, successful result already there is returned instead of running again."""
     cfg = dict(cfg, result=os.path.join(log_dir, name + ".json"))
+    if reuse and os.path.exists(cfg["result"]):
+        with open(cfg["result"]) as f:
+            result = json.load(f)
+        if result.get("ok") and "wall_s" in result:
+            return dict(result, reused=True)
     env = {**os.environ, **ENV}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     start = time.perf_counter()
@@ -233,6 +241,8 @@ def launch(name: str, cfg: dict, log_dir: str, timeout_s: int) -> dict:
         tail = open(log_path).read().strip().splitlines()[-1:]
         result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
     result["wall_s"] = time.perf_counter() - start
+    with open(cfg["result"], "w") as f:
+        json.dump(result, f)
     return result
 
 
@@ -270,6 +280,9 @@ def main():
                                                    "the .json beside it holds every number")
     parser.add_argument("--from_json", default=None, help="only write the markdown again from a saved .json")
     parser.add_argument("--keep", action="store_true", help="keep the trained model folders")
+    parser.add_argument("--run_dir", default=None,
+                        help="folder for runs and logs (default: a new temp folder); finished runs found there are "
+                             "reused, so a run cut short goes on where it stopped")
     parser.add_argument("--timeout_s", type=int, default=3600, help="per subprocess")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -297,9 +310,10 @@ def main():
     from odpo_vllm.models.packaged import smollm2
 
     model_path = smollm2()
-    root = tempfile.mkdtemp(prefix="odpo_bench_real_")
+    root = os.path.abspath(options.run_dir) if options.run_dir else tempfile.mkdtemp(prefix="odpo_bench_real_")
     log_dir = os.path.join(root, "runs")
-    os.makedirs(log_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    reuse = bool(options.run_dir)
     full = options.steps >= 40 and options.held_out == 64
     out = options.out or ("benchmarks/results/real_learning_cpu.md" if full
                           else os.path.join(root, "real_learning_check.md"))
@@ -315,21 +329,26 @@ def main():
                      "held_out": options.held_out, "k": options.k, "sampler": SAMPLER,
                      "settings": real_demo.SETTINGS, "max_length": MAX_LENGTH, "train_prompts": len(rows),
                      "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "trl": trl.__version__, "total_s": None},
+                     "transformers": transformers.__version__, "trl": trl.__version__, "total_s": None,
+                     "held_out_sha": prompts_sha(real_task.held_out_prompts()[: options.held_out])},
             "initial": None, "runs": {}}
     score_cfg = dict(role="score", tokenizer_path=model_path, held_out=options.held_out, k=options.k, **SAMPLER)
 
     def score(name: str, path: str) -> dict:
-        result = launch(f"score_{name}", dict(score_cfg, model_path=path), log_dir, options.timeout_s)
+        result = launch(f"score_{name}", dict(score_cfg, model_path=path), log_dir, options.timeout_s, reuse)
         if result.get("ok"):
             m, se = mean_se(result["per_prompt"])
-            _log(started, f"held-out {name}: {m:+.3f} +- {se:.3f} ({result['seconds']:.0f}s)")
+            _log(started, f"held-out {name}: {m:+.3f} +- {se:.3f} ({result['seconds']:.0f}s)"
+                          + (" (reused)" if result.get("reused") else ""))
         else:
             _log(started, f"held-out {name}: FAILED {result['error']}")
         return result
 
     def save() -> None:  # after every run: a crash later keeps what is done
-        data["meta"]["total_s"] = time.perf_counter() - started
+        # the subprocesses' wall times (initial score, trainings, their scores): also right when resumed
+        results = [data["initial"] or {}] + [r for run in data["runs"].values()
+                                             for r in (run, run.get("held_out", {}))]
+        data["meta"]["total_s"] = sum(r.get("wall_s", 0.0) for r in results)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump(data, f, indent=1)
@@ -346,16 +365,22 @@ def main():
                        model_path=model_path, steps=options.steps, settings=settings,
                        order=[i for b in order for i in b], output_dir=os.path.join(root, name),
                        final_dir=os.path.join(root, name, "final"))
-            result = launch(name, cfg, log_dir, options.timeout_s)
+            reuse_run = reuse and (os.path.isdir(cfg["final_dir"]) or os.path.exists(
+                os.path.join(log_dir, f"score_{name}.json")))  # a finished training whose model is still there
+            result = launch(name, cfg, log_dir, options.timeout_s, reuse_run)
             result.update(system=system, seed=seed)
             if result.get("ok"):
                 curve = result["curve"]
-                seen = result.pop("prompts_seen")
-                result["order_matches"] = len(seen) == len(expected) and all(
-                    sorted(a) == sorted(b) for a, b in zip(seen, expected))
+                if "prompts_seen" in result:  # (a reused result holds the check already)
+                    seen = result.pop("prompts_seen")
+                    result["order_matches"] = len(seen) == len(expected) and all(
+                        sorted(a) == sorted(b) for a, b in zip(seen, expected))
+                    _rewrite(os.path.join(log_dir, name + ".json"), result)
+                reused = ", reused" if result.get("reused") else ""
                 _log(started, f"{name}: trained {len(curve)} steps in {result['train_s']:.0f}s (run "
-                              f"{result['wall_s']:.0f}s), reward first-5 {statistics.fmean(curve[:5]):+.3f} last-5 "
-                              f"{statistics.fmean(curve[-5:]):+.3f}, prompt order as ours: {result['order_matches']}")
+                              f"{result['wall_s']:.0f}s{reused}), reward first-5 {statistics.fmean(curve[:5]):+.3f} "
+                              f"last-5 {statistics.fmean(curve[-5:]):+.3f}, prompt order as ours: "
+                              f"{result['order_matches']}")
                 result["held_out"] = _strip(score(name, cfg["final_dir"]))
                 if not options.keep:
                     shutil.rmtree(cfg["final_dir"], ignore_errors=True)
@@ -365,6 +390,19 @@ def main():
             save()
     save()
     write(data, out)
+
+
+def _rewrite(path: str, result: dict) -> None:
+    """A training's result file without the raw prompt lists, once checked (a reuse keeps the check)."""
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "reused"}, f)
+
+
+def prompts_sha(rows: list[dict]) -> str:
+    import hashlib
+
+    text = "\n".join(row["prompt"][-1]["content"] for row in rows)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _strip(result: dict) -> dict:
@@ -474,6 +512,10 @@ def report(data: dict) -> list[str]:
                       f"{statistics.fmean(other_means):+.3f})"
                       + (f"; worst seed {'met' if met_worst else 'NOT met'} ({min(ours_means):+.3f} vs "
                          f"{min(other_means):+.3f})" if len(paired) > 1 else "") + "."]
+    shas = {held.get("prompts_sha") for held in [initial] + [r.get("held_out", {}) for r in runs.values()]} - {None}
+    if shas - {meta.get("held_out_sha")}:
+        lines += ["", f"WARNING: the held-out prompts differ between scorings ({sorted(shas)}): "
+                      "`real_task.held_out_prompts()` changed during the run."]
     lines += ["", "What differs between the trainings:", "", *DIFFERENCES]
     if "trl-vllm" in systems:
         lines.append(TRL_VLLM_NOTE)
