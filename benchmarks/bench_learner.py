@@ -6,13 +6,13 @@ with separate padded sequences (before), with shared-prompt packed rows (after),
                                        [--models 21m,qwen05] [--shapes tldr,ultrafeedback,short]
                                        [--systems before,after,trl] [--device cpu|cuda] [--bf16]
 
-Models (random init, fp32): `21m` is bench_vs_trl.py's large toy model (Qwen2-shaped, hidden 512,
+Models (random init): `smollm2` has SmolLM2-135M-Instruct's config (the real demo's model); `21m` is bench_vs_trl.py's large toy model (Qwen2-shaped, hidden 512,
 8 layers, vocabulary 320); `qwen05` has Qwen2-0.5B's shape (hidden 896, MLP 4864, 14 heads, 2 KV
 heads, vocabulary 151,936, tied embeddings) with `--qwen_layers` layers (default 2) instead of 24,
 so that it runs on 2 CPU cores in reasonable time.
 Shapes (token ids drawn at random, the same pairs for every system): TL;DR-like (prompt 400,
 completions 24-53), UltraFeedback-like (prompt 200, completions 64-256), short (prompt 32,
-completions 128); `--pairs` pairs per step in one micro-batch.
+completions 128), chat (prompt 45, completions 16-64: the real task's requests); `--pairs` pairs per step in one micro-batch.
 
 A step is what each trainer does per micro-batch once the completions are there:
 - odpo_vllm: `Learner._pair_pass` (reference logprobs without grad, policy logprobs, loss) and
@@ -47,8 +47,10 @@ SHAPES = {  # prompt length, completion length range
     "tldr": ("TL;DR-like", 400, (24, 53)),
     "ultrafeedback": ("UltraFeedback-like", 200, (64, 256)),
     "short": ("short prompt", 32, (128, 128)),
+    "chat": ("short chat prompt", 45, (16, 64)),  # the real task's requests with SmolLM2's chat template
 }
-MODELS = {"21m": "21M (hidden 512, 8 layers, vocab 320)", "qwen05": "Qwen2-0.5B-shaped ({layers} layers, vocab 152k)"}
+MODELS = {"21m": "21M (hidden 512, 8 layers, vocab 320)", "qwen05": "Qwen2-0.5B-shaped ({layers} layers, vocab 152k)",
+          "smollm2": "SmolLM2-135M-shaped (30 layers, vocab 49k)"}
 SYSTEMS = {"before": "odpo_vllm, separate sequences", "after": "odpo_vllm, shared-prompt rows", "trl": "TRL 1.16"}
 BETA = 0.1
 
@@ -66,8 +68,13 @@ def _reset_peak() -> int:
 
 
 def model_config(name: str, qwen_layers: int):
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
 
+    if name == "smollm2":  # SmolLM2-135M-Instruct's config (random weights: a device has no package data)
+        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                           rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                           pad_token_id=1, eos_token_id=0, bos_token_id=None)
     if name == "21m":
         return Qwen2Config(vocab_size=320, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
