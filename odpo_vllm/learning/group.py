@@ -61,6 +61,7 @@ class LearnerGroup:
 
         self.ray, self.timeout_s, self.name = ray, timeout_s, name
         start_timeout_s = timeout_s if start_timeout_s is None else start_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.nodes: dict[str, str] = {}  # rank name -> its node, once `check_shared_storage` asked
         bundle: dict[str, Any] = {"CPU": cpus_per_rank}
         if gpus_per_rank:
@@ -203,7 +204,9 @@ class LearnerGroup:
 
         locate = self.ray.remote(num_cpus=0)(_node_address).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=0))
-        address, port = self._wait([locate.remote()], "rank 0's node")[0]
+        # a task may need a fresh Ray worker process on that node: a start-up wait, not a call's
+        address, port = self._wait([locate.remote()], "rank 0's node", timeout_s=self.start_timeout_s,
+                                   waiting_for="a task on rank 0's node for its address and a free port")[0]
         return address, port
 
     def free_port_on_rank0(self) -> int:
