@@ -63,7 +63,8 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.learning.learner import Learner
     from odpo_vllm.learning.models import prepare_policy_and_reference
-    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, engine_model_impl, vllm_available
+    from odpo_vllm.sampling.custom_code import engine_model_impl
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
 
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
