@@ -94,6 +94,9 @@ def run(output_dir: str, max_steps: int, extra: list[str], model: str | None = N
         "--logging_steps", str(max(1, min(5, max_steps // 4))),
         "--save_strategy", "no",
         "--report_to", "none",
+        # speed only, the math is the same: 135M parameters fit in memory without recomputing
+        # the forward (TRL's default recomputes it); idle 2-core machine: train 17 -> 14 s a step, demo 838 -> 711 s
+        "--gradient_checkpointing", "False",
     ]
     for key, value in SETTINGS.items():
         flags += [f"--{key}", str(value)]
