@@ -42,8 +42,8 @@ def one_rank_group(monkeypatch) -> None:
 
 
 def test_engine_starts_after_a_learner_group_came_and_went(model_path, tmp_path, monkeypatch):
-    """The CI failure of stop 23: an engine closed, a DeepSpeed rank made and destroyed the default
-    group, and every later engine failed to start ("not initialized in the world group map")."""
+    """An engine closed, then a DeepSpeed rank made and destroyed the default group: the next engine
+    starts and samples as the first did (a closed engine leaves no process group behind)."""
     assert not torch.distributed.is_initialized(), "an earlier test left a process group behind"
     first = start_engine(model_path, tmp_path / "first")
     assert torch.distributed.is_initialized()  # vLLM made the default group for its engine
@@ -63,9 +63,10 @@ def test_engine_starts_after_a_learner_group_came_and_went(model_path, tmp_path,
 
 
 def test_engine_starts_after_a_failed_start_and_a_learner_group(model_path, tmp_path, monkeypatch):
-    """The CI failure of stop 23 itself: an engine that failed once its process groups existed (a
-    KV cache too small to hold one sequence) left them in vLLM's globals, a DeepSpeed rank then
-    made and destroyed the default group, and every later engine failed to start."""
+    """The CI failure of stop 23: an engine that failed once its process groups existed (here a KV
+    cache too small for one sequence; there a custom-code model vLLM could not build) left them in
+    vLLM's globals, a DeepSpeed rank then made and destroyed the default group, and every later
+    engine failed to start ("... not initialized in the world group map")."""
     with pytest.raises(RuntimeError, match="vllm_kv_cache_memory_bytes"):
         start_engine(model_path, tmp_path / "failed", kv_cache_bytes=1 << 10)
     assert not torch.distributed.is_initialized()
