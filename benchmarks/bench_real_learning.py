@@ -44,11 +44,12 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
+
+from worker_launch import run_worker  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -226,21 +227,7 @@ def launch(name: str, cfg: dict, log_dir: str, timeout_s: int, reuse: bool = Fal
             return dict(result, reused=True)
     env = {**os.environ, **ENV}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    start = time.perf_counter()
-    log_path = os.path.join(log_dir, name + ".log")
-    with open(log_path, "w") as log:
-        try:
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], env=env,
-                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout_s}s", "wall_s": time.perf_counter() - start}
-    try:
-        with open(cfg["result"]) as f:
-            result = json.load(f)
-    except (OSError, ValueError):
-        tail = open(log_path).read().strip().splitlines()[-1:]
-        result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
-    result["wall_s"] = time.perf_counter() - start
+    result = run_worker(__file__, cfg, os.path.join(log_dir, name + ".log"), env, ROOT, timeout_s)
     with open(cfg["result"], "w") as f:
         json.dump(result, f)
     return result

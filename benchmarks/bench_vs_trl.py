@@ -45,13 +45,13 @@ import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
 import real_shapes  # noqa: E402  (this folder is the script's; no odpo_vllm import at module level)
+from worker_launch import run_worker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -381,21 +381,7 @@ def launch(cfg: dict, log_dir: str, timeout_s: int) -> dict:
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     if cfg["system"].startswith("trl") and cfg.get("trl_omp_default"):
         env.pop("OMP_WAIT_POLICY")
-    start = time.perf_counter()
-    with open(os.path.join(log_dir, name + ".log"), "w") as log:
-        try:
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], env=env,
-                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout_s}s", "wall_s": time.perf_counter() - start}
-    try:
-        with open(cfg["result"]) as f:
-            result = json.load(f)
-    except (OSError, ValueError):
-        tail = open(os.path.join(log_dir, name + ".log")).read().strip().splitlines()[-1:]
-        result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
-    result["wall_s"] = time.perf_counter() - start
-    return result
+    return run_worker(__file__, cfg, os.path.join(log_dir, name + ".log"), env, ROOT, timeout_s)
 
 
 def main():

@@ -1,0 +1,33 @@
+"""One benchmark run in a fresh process: a script's `--worker` mode, its output to a log file and
+its result to a JSON file that the worker writes. Shared by bench_vs_trl.py and
+bench_real_learning.py (this folder is on the path of a script run from it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_worker(script: str, cfg: dict, log_path: str, env: dict, cwd: str, timeout_s: int) -> dict:
+    """Runs `python script --worker <cfg as JSON>` and returns the JSON the worker wrote at
+    `cfg["result"]`, with `wall_s`; a worker that timed out or died gives `ok: False` and an
+    `error` (for a death, the last line of its log)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(cfg)], env=env,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=cwd)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout_s}s", "wall_s": time.perf_counter() - start}
+    try:
+        with open(cfg["result"]) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        with open(log_path) as f:
+            tail = f.read().strip().splitlines()[-1:]
+        result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
+    result["wall_s"] = time.perf_counter() - start
+    return result
