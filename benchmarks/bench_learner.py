@@ -6,13 +6,15 @@ with separate padded sequences (before), with shared-prompt packed rows (after),
                                        [--models 21m,qwen05] [--shapes tldr,ultrafeedback,short]
                                        [--systems before,after,trl] [--device cpu|cuda] [--bf16]
 
-Models (random init): `smollm2` has SmolLM2-135M-Instruct's config (the real demo's model); `21m` is bench_vs_trl.py's large toy model (Qwen2-shaped, hidden 512,
-8 layers, vocabulary 320); `qwen05` has Qwen2-0.5B's shape (hidden 896, MLP 4864, 14 heads, 2 KV
+Models (random init): `smollm2` has SmolLM2-135M-Instruct's config (the real demo's model);
+`21m` is bench_vs_trl.py's large toy model (Qwen2-shaped, hidden 512, 8 layers, vocabulary 320);
+`qwen05` has Qwen2-0.5B's shape (hidden 896, MLP 4864, 14 heads, 2 KV
 heads, vocabulary 151,936, tied embeddings) with `--qwen_layers` layers (default 2) instead of 24,
 so that it runs on 2 CPU cores in reasonable time.
 Shapes (token ids drawn at random, the same pairs for every system): TL;DR-like (prompt 400,
 completions 24-53), UltraFeedback-like (prompt 200, completions 64-256), short (prompt 32,
-completions 128), chat (prompt 45, completions 16-64: the real task's requests); `--pairs` pairs per step in one micro-batch.
+completions 128), chat (prompt 45, completions 16-64: the real task's requests); `--pairs` pairs
+per step in one micro-batch.
 
 A step is what each trainer does per micro-batch once the completions are there:
 - odpo_vllm: `Learner._pair_pass` (reference logprobs without grad, policy logprobs, loss) and
