@@ -173,6 +173,7 @@ class OnlineDPOTrainer:
         self.use_vllm = args.placement != "in_process" or (
             args.use_vllm if args.use_vllm is not None else vllm_available())
         self.vllm_mode = args.vllm_mode if self.use_vllm else None  # colocate: the engine beside the learner
+        self.vllm_client = None  # the reference's server-mode client; no server mode here (see README)
         self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k
         self.repetition_penalty = args.repetition_penalty
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -190,6 +191,12 @@ class OnlineDPOTrainer:
         from odpo_vllm.sampling.hf_sampler import generation_config
 
         return generation_config(self.args.sampling_settings(), self.eos_token_ids, self.processing_class.pad_token_id)
+
+    @property
+    def llm(self):
+        """The in-process vLLM engine (`vllm.LLM`) with use_vllm in process, as the reference's
+        colocate mode; None otherwise (the transformers sampler, or engine actors under Ray)."""
+        return getattr(self.generator, "llm", None)
 
     @property
     def optimizer(self):

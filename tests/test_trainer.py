@@ -203,6 +203,32 @@ def test_peft_with_ref_model(model, model_path, tmp_path):
     assert not changed(ref_before, ref)
 
 
+def test_peft_model_with_a_new_peft_config_trains_only_the_new_adapter(model, tmp_path, probe_ids):
+    """A PeftModel with a peft_config: its adapter is merged into the base (which is then also the
+    reference) and only the new adapter trains; no adapter is nested inside another."""
+    from peft import get_peft_model
+
+    earlier = get_peft_model(model, _lora())
+    with torch.no_grad():  # a trained-looking first adapter, so that merging it changes the outputs
+        for name, param in earlier.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        ids = torch.tensor([probe_ids])
+        logits_with_adapter = earlier(ids).logits
+        with earlier.disable_adapter():
+            assert not torch.allclose(earlier(ids).logits, logits_with_adapter, atol=1e-4)
+    trainer = make_trainer(earlier, tmp_path, peft_config=_lora(), max_steps=3)
+    names = [name for name, _ in trainer.model.named_parameters()]
+    assert not any("base_model.model.base_model" in name for name in names), names[:3]
+    with torch.no_grad():  # the new adapter starts at zero: the policy is the merged model
+        assert torch.allclose(trainer.model(ids).logits, logits_with_adapter, atol=1e-4)
+    before = snapshot(trainer.model)
+    trainer.train()
+    _check_only_lora_changed(before, trainer.model)
+    rows = train_rows(trainer)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # reference = merged model = start
+
+
 # ------------------------------------------------------------------------------------- rewards
 def test_two_reward_functions_weighted(model, tmp_path):
     trainer = make_trainer(model, tmp_path, reward_funcs=[toy.sentiment_reward, toy.short_reward],
@@ -685,6 +711,7 @@ def test_reference_attributes(model, tmp_path, use_vllm):
     with OnlineDPOTrainer(model, reward_funcs=[toy.sentiment_reward, toy.short_reward], args=args,
                           train_dataset=toy.prompt_dataset(4), eval_dataset=eval_dataset) as trainer:
         assert trainer.use_vllm is use_vllm and trainer.vllm_mode == ("colocate" if use_vllm else None)
+        assert (trainer.llm is not None) is use_vllm and trainer.vllm_client is None
         assert (trainer.temperature, trainer.top_p, trainer.top_k, trainer.repetition_penalty) == (0.7, 0.9, 20, 1.1)
         assert trainer.reward_funcs == [toy.sentiment_reward, toy.short_reward]
         assert torch.equal(trainer.reward_weights, torch.tensor([2.0, 0.5]))

@@ -39,14 +39,18 @@ def context_length(model_or_config) -> int:
 
 def prepare_policy_and_reference(model, ref_model, peft_config, args, device=None):
     """PEFT adapter, frozen reference (a copy of the policy, or None with PEFT: the policy with its
-    adapter disabled is the reference), dropout off, device, gradient checkpointing."""
+    adapter disabled is the reference), dropout off, device, gradient checkpointing. A PeftModel
+    given with a peft_config has its adapter merged first, as the reference does."""
     if isinstance(model, str):
         model = load_causal_lm(model, args)
     if isinstance(ref_model, str):
         ref_model = load_causal_lm(ref_model, args)
     if peft_config is not None:
-        from peft import get_peft_model
+        from peft import PeftModel, get_peft_model
 
+        if isinstance(model, PeftModel):
+            # Its adapter becomes part of the base (and so of the reference); only the new one trains.
+            model = model.merge_and_unload()
         model = get_peft_model(model, peft_config)
     elif ref_model is None:
         ref_model = copy.deepcopy(model)
