@@ -40,7 +40,7 @@ def context_length(model_or_config) -> int:
 def prepare_policy_and_reference(model, ref_model, peft_config, args, device=None):
     """PEFT adapter, frozen reference (a copy of the policy, or None with PEFT: the policy with its
     adapter disabled is the reference), dropout off, device, gradient checkpointing. A PeftModel
-    given with a peft_config has its adapter merged first, as the reference does."""
+    given with a peft_config has its adapter merged first (TRL 1.16 refuses that case)."""
     if isinstance(model, str):
         model = load_causal_lm(model, args)
     if isinstance(ref_model, str):
