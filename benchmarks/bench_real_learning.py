@@ -507,8 +507,8 @@ def report(data: dict) -> list[str]:
     if "trl-vllm" in systems:
         lines.append(TRL_VLLM_NOTE)
     total = meta.get("total_s") or 0
-    lines += ["", f"Total wall time {total:.0f} s ({total / 60:.1f} min) on a 2-core machine shared with other "
-                  "jobs (load average 6-15 during the runs): timings are indicative only."]
+    lines += ["", f"Total wall time {total:.0f} s ({total / 60:.1f} min) on a {meta.get('cpus', '?')}-CPU machine "
+                  "that may have run other jobs at the same time: timings are indicative only."]
     examples = [("initial model", initial)] + [(name, r.get("held_out", {})) for name, r in runs.items()]
     for name, held in examples:
         if held.get("ok"):
