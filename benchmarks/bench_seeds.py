@@ -29,9 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 
-from worker_launch import run_worker  # this folder is the script's
+from worker_launch import run_worker, write_worker_result  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -106,15 +105,7 @@ def run_trl(cfg: dict) -> dict:
 
 
 def worker_main(cfg: dict) -> None:
-    try:
-        result = (run_trl if cfg["system"] == "trl" else run_ours)(cfg)
-        result["ok"] = True
-    except BaseException as err:  # report, do not hide: the row says why it did not run
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        result = {"ok": False, "error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:240],
-                  "traceback": traceback.format_exc()[-4000:]}
-    with open(cfg["result"], "w") as f:
-        json.dump(result, f)
+    write_worker_result(run_trl if cfg["system"] == "trl" else run_ours, cfg)
 
 
 # ============================================================================================

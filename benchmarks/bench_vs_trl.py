@@ -48,10 +48,9 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 import real_shapes  # noqa: E402  (this folder is the script's; no odpo_vllm import at module level)
-from worker_launch import run_worker  # noqa: E402
+from worker_launch import run_worker, write_worker_result  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -334,20 +333,8 @@ def run_raw(cfg: dict) -> dict:
 
 
 def worker_main(cfg: dict) -> None:
-    try:
-        if cfg["system"] == RAW:
-            result = run_raw(cfg)
-        elif cfg["system"].startswith("trl"):
-            result = run_trl(cfg)
-        else:
-            result = run_ours(cfg)
-        result["ok"] = True
-    except BaseException as err:  # report, do not hide: the row says why it did not run
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        result = {"ok": False, "error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:240],
-                  "traceback": traceback.format_exc()[-4000:]}
-    with open(cfg["result"], "w") as f:
-        json.dump(result, f)
+    run = run_raw if cfg["system"] == RAW else run_trl if cfg["system"].startswith("trl") else run_ours
+    write_worker_result(run, cfg)
 
 
 # ============================================================================================

@@ -1,6 +1,7 @@
 """One benchmark run in a fresh process: a script's `--worker` mode, its output to a log file and
-its result to a JSON file that the worker writes. Shared by bench_vs_trl.py and
-bench_real_learning.py (this folder is on the path of a script run from it)."""
+its result to a JSON file that the worker writes. Shared by bench_vs_trl.py, bench_real_learning.py
+and bench_seeds.py (this folder is on the path of a script run from it): `run_worker` on the
+driver's side, `write_worker_result` on the worker's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 
 def run_worker(script: str, cfg: dict, log_path: str, env: dict, cwd: str, timeout_s: int) -> dict:
@@ -31,3 +33,18 @@ def run_worker(script: str, cfg: dict, log_path: str, env: dict, cwd: str, timeo
         result = {"ok": False, "error": f"worker died: {tail[0][:200] if tail else 'no output'}"}
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def write_worker_result(run, cfg: dict) -> None:
+    """The worker's side: `run(cfg)`'s result dict with `ok: True`, or for any failure `ok: False`
+    with the error's first line and the traceback's end (the report's row says why it did not
+    run), written to `cfg["result"]`."""
+    try:
+        result = run(cfg)
+        result["ok"] = True
+    except BaseException as err:  # report, do not hide
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        result = {"ok": False, "error": f"{type(err).__name__}: {lines[0] if lines else ''}"[:240],
+                  "traceback": traceback.format_exc()[-4000:]}
+    with open(cfg["result"], "w") as f:
+        json.dump(result, f)
