@@ -48,16 +48,12 @@ import sys
 import tempfile
 import time
 
-from worker_launch import run_worker, write_worker_result  # this folder is the script's
+from worker_launch import WORKER_ENV, run_worker, write_worker_result  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
-    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE",
-}
+ENV = WORKER_ENV
 SAMPLER = dict(temperature=0.9, max_new_tokens=40, seed=1234)  # the common held-out sampler
 MAX_LENGTH = 256  # prompt + completion tokens of the logprob pass (odpo_vllm's default; TRL's is 512)
 SYSTEMS = {

@@ -30,16 +30,11 @@ import sys
 import tempfile
 import time
 
-from worker_launch import run_worker, write_worker_result  # this folder is the script's
+from worker_launch import WORKER_ENV, run_worker, write_worker_result  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
-    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
+ENV = {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: without it vLLM asks for most of the RAM
 SETTINGS = dict(per_device_train_batch_size=8, learning_rate=5e-3, temperature=1.0, beta=0.1, max_new_tokens=24)
 MAX_LENGTH = 256
 VOCAB_ROWS = 384  # embedding rows; the tokenizer has 320

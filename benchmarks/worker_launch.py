@@ -13,6 +13,14 @@ import time
 import traceback
 
 
+# What every measured run's process gets: vLLM's engine in the worker's own process on loopback,
+# no downloads, quiet libraries, OpenMP threads that sleep when idle (a shared 2-core machine).
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
+    "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE",
+}
+
 def run_worker(script: str, cfg: dict, log_path: str, env: dict, cwd: str, timeout_s: int) -> dict:
     """Runs `python script --worker <cfg as JSON>` and returns the JSON the worker wrote at
     `cfg["result"]`, with `wall_s`; a worker that timed out or died gives `ok: False` and an
