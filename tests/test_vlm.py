@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from conftest import changed, make_args, snapshot
 from odpo_vllm import OnlineDPOTrainer
-from odpo_vllm.core.sequences import separate_sequences
+from odpo_vllm.core.sequences import separate_sequences, stack_pixel_inputs
 from odpo_vllm.toy import sentiment_reward
 from tiny_vlm import idefics2, llava, random_image
 
@@ -43,8 +43,9 @@ def test_vlm_trains(kind, tmp_path):
     and evaluation runs on image prompts too."""
     model, processor = BUILDERS[kind]()
     before = snapshot(model)
+    # micro-batches of one pair and one prompt per generate call: pixel inputs sliced with their rows
     args = make_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                     per_device_eval_batch_size=2)
+                     per_device_eval_batch_size=2, generation_batch_size=1)
     trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=args, train_dataset=image_dataset(kind),
                                eval_dataset=image_dataset(kind, 2), processing_class=processor)
     first_ids = trainer.train_dataset[0]["prompt_ids"]
@@ -177,3 +178,37 @@ def test_resume_matches_uninterrupted(tmp_path):
     whole = run(tmp_path / "whole")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-1"))
     assert all(torch.allclose(whole[name], resumed[name], atol=1e-6) for name in whole)
+
+
+def test_stack_pixel_inputs_pads_and_orders():
+    """Rows get their prompts' pixel inputs in row order; differing sizes are zero-padded (pixels
+    and their mask), as the processors pad a batch."""
+    small = {"pixel_values": torch.ones(1, 1, 3, 2, 2), "pixel_attention_mask": torch.ones(1, 1, 2, 2, dtype=torch.bool)}
+    large = {"pixel_values": torch.full((1, 2, 3, 3, 3), 2.0),
+             "pixel_attention_mask": torch.ones(1, 2, 3, 3, dtype=torch.bool)}
+    stacked = stack_pixel_inputs([small, large], [1, 0, 1])
+    assert stacked["pixel_values"].shape == (3, 2, 3, 3, 3)
+    assert torch.equal(stacked["pixel_values"][0], large["pixel_values"][0])
+    assert stacked["pixel_values"][1, 0, :, :2, :2].eq(1).all() and stacked["pixel_values"][1].sum() == 12
+    assert stacked["pixel_attention_mask"][1].sum() == 4 and not stacked["pixel_attention_mask"][1, 1].any()
+
+
+def test_completions_never_hold_image_tokens(tmp_path):
+    """An image token sampled into a completion would ask the logprob pass for image features that
+    do not exist (transformers: "Image features and image tokens do not match"): the sampler never
+    emits one, even from a policy that prefers it (an output bias of +30 on the image token)."""
+    model, processor = llava()
+    image_id = processor.image_token_id
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[image_id] = 30.0
+    model.lm_head = head
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path),
+                               train_dataset=image_dataset("llava"), processing_class=processor)
+    rows = trainer._rows([trainer.train_dataset[i] for i in range(4)])
+    rollouts = trainer.generator.generate([row["prompt_ids"] for row in rows], 2, seed=0,
+                                          media=[row["prompt_media"] for row in rows])
+    drawn = [token for ids in rollouts.completion_ids for token in ids]
+    assert drawn and image_id not in drawn

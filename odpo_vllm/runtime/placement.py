@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from odpo_vllm.run import console
-from odpo_vllm import validation
+from odpo_vllm import multimodal, validation
 from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.rewards.scorer import Rewards
@@ -92,9 +92,12 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
             # entry): sample with transformers, as the reference does
             logger.warning("vLLM cannot run %s (%s); sampling with transformers' generate instead (use_vllm=False)",
                            ", ".join(model.config.architectures or []), str(err).splitlines()[0][:300])
+    sampling = args.sampling_settings()
+    if spec.processor is not None:  # an image token in a completion would ask for image features that do not exist
+        sampling["suppress_tokens"] = sorted(multimodal.image_token_ids(spec.processor))
     if generator is None:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
-                                          args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)
+                                          sampling, args.generation_batch_size, learner.autocast_dtype)
     publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance)
     return Roles(generator, learner, rewards, publisher, background_sampling=False)
 
@@ -112,9 +115,11 @@ def vision_engine_or_none(model, spec: RunSpec):
         reason = "vLLM's vision-language models need torchvision, which is not installed"
     else:
         try:
-            return VLLMGenerator(model, spec.processor, spec.args, spec.eos_token_ids, spec.max_model_len,
-                                 probe_ids=spec.probe_ids,
-                                 max_sequences=spec.prompts_per_step * spec.args.num_samples)
+            engine = VLLMGenerator(model, spec.processor, spec.args, spec.eos_token_ids, spec.max_model_len,
+                                   probe_ids=spec.probe_ids,
+                                   max_sequences=spec.prompts_per_step * spec.args.num_samples)
+            engine.suppress_token_ids = sorted(multimodal.image_token_ids(spec.processor))
+            return engine
         except Exception as err:  # noqa: BLE001 (any engine failure: the transformers sampler samples)
             reason = f"the engine failed to start: {str(err).splitlines()[0][:300]}"
     logger.warning("use_vllm: vLLM cannot sample the vision-language model %s here (%s); sampling with "

@@ -150,6 +150,7 @@ class VLLMGenerator:
         self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
+        self.suppress_token_ids: list[int] = []  # never sampled: a vision-language model's image tokens
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
         self._temporary_dir = None if files_dir else tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
         self.files_dir = files_dir or self._temporary_dir.name
@@ -247,7 +248,7 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------------------ sampling
     def _sampling_params(self, num_samples: int, seed: int):
-        return sampling_params(self.args, self.eos_token_ids, num_samples, seed)
+        return sampling_params(self.args, self.eos_token_ids, num_samples, seed, self.suppress_token_ids)
 
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
@@ -378,8 +379,9 @@ class VLLMGenerator:
             shutil.rmtree(self.files_dir, ignore_errors=True)
 
 
-def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
-    """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win)."""
+def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, suppress_token_ids=()):
+    """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win);
+    `suppress_token_ids` are never sampled (a vision-language model's image tokens)."""
     from vllm import SamplingParams
 
     settings = dict(args.sampling_settings())
@@ -390,4 +392,6 @@ def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
         from vllm.sampling_params import StructuredOutputsParams
 
         settings["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
+    if suppress_token_ids:
+        settings["logit_bias"] = {**(settings.get("logit_bias") or {}), **{i: -100.0 for i in suppress_token_ids}}
     return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(eos_token_ids), **settings)
