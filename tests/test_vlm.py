@@ -212,3 +212,11 @@ def test_completions_never_hold_image_tokens(tmp_path):
                                           media=[row["prompt_media"] for row in rows])
     drawn = [token for ids in rollouts.completion_ids for token in ids]
     assert drawn and image_id not in drawn
+
+
+def test_streaming_image_dataset(tmp_path):
+    """A streaming (iterable) dataset with images: rows are encoded batch by batch, with their pixels."""
+    model, processor = llava()
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, max_steps=2),
+                               train_dataset=image_dataset("llava").to_iterable_dataset(), processing_class=processor)
+    assert math.isfinite(trainer.train().training_loss)
