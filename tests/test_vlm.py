@@ -220,3 +220,19 @@ def test_streaming_image_dataset(tmp_path):
     trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, max_steps=2),
                                train_dataset=image_dataset("llava").to_iterable_dataset(), processing_class=processor)
     assert math.isfinite(trainer.train().training_loss)
+
+
+def test_lora_and_gradient_checkpointing(tmp_path):
+    """A LoRA policy (the reference: its base, adapter disabled) under gradient checkpointing: only
+    the adapter moves."""
+    from peft import LoraConfig
+
+    model, processor = llava()
+    args = make_args(tmp_path, gradient_checkpointing=True)
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=args, train_dataset=image_dataset("llava"),
+                               processing_class=processor,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(trainer.model)
+    assert math.isfinite(trainer.train().training_loss)
+    moved = changed(before, trainer.model)
+    assert moved and all("lora_" in name for name in moved)
