@@ -60,12 +60,12 @@ def load_processing_class(name_or_path: str, model_or_config: Any, trust_remote_
 
 
 def check_placement(processing_class: Any, args) -> None:
-    """Images reach the learner and the sampler in process only: the Ray placements move token ids."""
-    if is_processor(processing_class) and args.placement != "in_process":
+    """Images reach the learner and the sampler in process and on the dedicated placement; the
+    colocated placement does not carry them yet."""
+    if is_processor(processing_class) and args.placement == "colocated":
         raise ValueError(
-            f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor) trains "
-            f"in process only; placement={args.placement!r} does not carry images to its engines and learner ranks "
-            "yet: use placement=\"in_process\""
+            f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor) does not "
+            "train on placement='colocated' yet: use placement=\"dedicated\" or placement=\"in_process\""
         )
 
 

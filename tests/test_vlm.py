@@ -144,12 +144,12 @@ def test_image_column_needs_a_processor(tmp_path):
                          train_dataset=image_dataset("llava"), processing_class=processor.tokenizer)
 
 
-def test_ray_placement_refuses_a_processor(tmp_path):
-    """The Ray placements move token ids only: a processor fails at once, naming the fix."""
+def test_colocated_placement_refuses_a_processor(tmp_path):
+    """The colocated placement does not carry images: a processor fails at once, naming the fix."""
     model, processor = llava()
-    with pytest.raises(ValueError, match=r"processing_class: a LlavaProcessor .* placement='dedicated'.*"
-                                         r"placement=\"in_process\""):
-        OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, placement="dedicated"),
+    with pytest.raises(ValueError, match=r"processing_class: a LlavaProcessor .* placement='colocated'.*"
+                                         r"placement=\"dedicated\" or placement=\"in_process\""):
+        OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path, placement="colocated"),
                          train_dataset=image_dataset("llava"), processing_class=processor)
 
 

@@ -45,6 +45,12 @@ class RankActor:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self.learner.sequence_logprobs(token_ids)
 
+    def gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        """The policy's weights under `named_weights`' names (LoRA merged), on rank 0; None on the
+        others, which iterate too (ZeRO-3 gathers are collectives). For a sampler in the driver."""
+        weights = {name: tensor.cpu() for name, tensor in self.learner.named_weights()}
+        return weights if self.learner.rank == 0 else None
+
     # ---- the weight publisher's calls: every rank together (ZeRO-3 gathers are collectives)
     def open_weight_transport(self, engines: list, wire: dict) -> None:
         """A transport to `engines` (actor handles) over `wire` (backend, address, port, world

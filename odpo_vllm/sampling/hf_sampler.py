@@ -90,6 +90,21 @@ class TransformersGenerator:
             )
         return [row.tolist() for row in out[:, width:].cpu()]
 
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the sampler's model (the weight
+        publisher's sync probe, where the model is a copy of the learner's)."""
+        from odpo_vllm.core.sequences import token_logprobs
+
+        was_training = self.model.training
+        self.model.eval()
+        ids = torch.tensor([token_ids], device=next(self.model.parameters()).device)
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            self.model.train(was_training)
+        return token_logprobs(logits, ids)[0].cpu()
+
     def set_policy_version(self, version: int) -> None:
         """Shares the learner's parameters: nothing moves, only the version is recorded."""
         self.policy_version = version

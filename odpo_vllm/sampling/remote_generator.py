@@ -45,6 +45,12 @@ class _Part:
     value: Any = None
     lost: str | None = None  # why the current ref will never give a value
     error: BaseException | None = None  # the run cannot recover this part
+    media: list | None = None  # a vision-language batch: each prompt's `multimodal.PromptMedia`
+
+    def call(self, engine):
+        """This part's `generate` on `engine` (a text part is called without `media`)."""
+        extra = {} if self.media is None else {"media": self.media}
+        return engine.generate.remote(self.prompts, self.num_samples, self.seed, **extra)
 
 
 class RemoteRollouts:
@@ -92,24 +98,27 @@ class RemoteGenerator:
         self.free_since: dict[str, float] = {}
 
     # ---------------------------------------------------------------- sampling
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> RemoteRollouts:
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> RemoteRollouts:
+        """`media`: one `PromptMedia` per prompt (a vision-language batch); each engine gets its
+        prompts' share."""
         names = self.pool.names
         size, extra = divmod(len(prompt_ids), len(names))
         parts, bounds, start = [], [], 0
         for index, name in enumerate(names):
             stop = start + size + (index < extra)
             if stop > start:
-                part_seed = seed + index * 1_000_003
-                ref = self.pool.engines[name].generate.remote(prompt_ids[start:stop], num_samples, part_seed)
-                parts.append(_Part(name, prompt_ids[start:stop], num_samples, part_seed, ref))
+                part = _Part(name, prompt_ids[start:stop], num_samples, seed + index * 1_000_003, None,
+                             media=media[start:stop] if media is not None else None)
+                part.ref = part.call(self.pool.engines[name])
+                parts.append(part)
                 bounds.append((start, stop))
             start = stop
         with self.lock:
             self.parts += parts
         return RemoteRollouts(self, parts, bounds, prompt_ids, num_samples)
 
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
-        return self.submit(prompt_ids, num_samples, seed).result(repair=True)
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> Rollouts:
+        return self.submit(prompt_ids, num_samples, seed, media).result(repair=True)
 
     def _poll(self, part: _Part, timeout: float) -> None:
         """Wait up to `timeout` for the part's current call; record its value or why it is lost."""
@@ -194,7 +203,7 @@ class RemoteGenerator:
             with self.lock:
                 for part in self.parts:
                     if part.engine == name and part.value is None:
-                        part.ref = engine.generate.remote(part.prompts, part.num_samples, part.seed)
+                        part.ref = part.call(engine)
                         part.submitted, part.lost = time.monotonic(), None
 
     def _fail_all(self, err: BaseException) -> None:

