@@ -75,3 +75,69 @@ def test_dedicated_vlm_trains_as_in_process(kind, ray_cluster, tmp_path, caplog)
     assert set(before) - moved == UNUSED[kind]
     assert any("vision" in name for name in moved) and any("connector" in name or "projector" in name
                                                            for name in moved)
+
+
+def test_remote_generator_gives_each_engine_its_prompts_media(ray_cluster, tmp_path):
+    """`RemoteGenerator` splits a vision-language batch across the engine pool's actors with each
+    prompt's media (Ray carries the images and pixel tensors), and merges the parts back: the
+    result is what each engine's sampler gives its own share. The engines here are transformers
+    samplers in Ray actors (the vLLM ones need torchvision here); the pool and the generator are
+    the run's own."""
+    import ray
+
+    from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
+    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+    from odpo_vllm.sampling.remote_generator import RemoteGenerator
+
+    class SamplerActor(TransformersGenerator):
+        """A transformers sampler that answers the pool's ping and says which media it got."""
+
+        def __init__(self, path, *args):
+            from transformers import AutoModelForImageTextToText
+
+            # from a folder: a pickled transformers 5 model lost its vision tower's hidden states
+            super().__init__(AutoModelForImageTextToText.from_pretrained(path).eval(), *args)
+            self.media_seen = []
+            self.set_policy_version(0)
+
+        def ping(self):
+            return True
+
+        def generate(self, prompt_ids, num_samples, seed, media=None):
+            self.media_seen.append(media)
+            return super().generate(prompt_ids, num_samples, seed, media)
+
+        def seen(self):
+            return self.media_seen
+
+    model, processor = BUILDERS["llava"]()
+    trainer = OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=make_args(tmp_path),
+                               train_dataset=image_dataset("llava", 5), processing_class=processor)
+    rows = trainer._rows([trainer.train_dataset[i] for i in range(5)])
+    prompts, media = [row["prompt_ids"] for row in rows], [row["prompt_media"] for row in rows]
+    tokenizer = processor.tokenizer
+    sampling = {"max_new_tokens": 5, "temperature": 1.0}
+    model.save_pretrained(tmp_path / "policy")
+    recipe = ({tokenizer.eos_token_id}, tokenizer.pad_token_id, sampling)
+    Actor = ray.remote(**ENGINE_CONCURRENCY)(SamplerActor)
+    pool = EnginePool(lambda name, index, attempt, files_dir: Actor.options(name=name, num_cpus=0.25).remote(
+        str(tmp_path / "policy"), *recipe),
+                      2, timeout_s=120, max_restarts=0)
+    try:
+        pool.wait_started()
+        rollouts = RemoteGenerator(pool, None, 120).generate(prompts, 2, 11, media)
+        seen = [ray.get(pool.engines[name].seen.remote()) for name in pool.names]
+    finally:
+        pool.close()
+    local = TransformersGenerator(model.eval(), *recipe)
+    local.set_policy_version(0)
+    for index, (start, stop) in enumerate([(0, 3), (3, 5)]):  # 5 prompts over 2 engines: 3 and 2
+        (got,) = seen[index]
+        assert [m.images for m in got] == [m.images for m in media[start:stop]]
+        assert all(torch.equal(g.pixel_inputs["pixel_values"], m.pixel_inputs["pixel_values"])
+                   for g, m in zip(got, media[start:stop]))
+        part = local.generate(prompts[start:stop], 2, 11 + index * 1_000_003, media[start:stop])
+        for j in range(2):  # block layout: sample j of prompt i at row j * B + i
+            for i in range(stop - start):
+                assert rollouts.completion_ids[j * 5 + start + i] == part.completion_ids[j * (stop - start) + i]
+    assert len(rollouts.completion_ids) == 10 and rollouts.policy_version == 0
