@@ -324,6 +324,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         Engine = ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
+        processing_class = spec.tokenizer if spec.processor is None else spec.processor  # a VLM's engine: images
 
         def start_engine(name: str, index: int, attempt: int, files_dir: str):
             """Engine `name` in place `index`; a replacement (`attempt` > 0) gets the same resources
@@ -334,7 +335,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     roles.learner.placement, placement_group_bundle_index=index)
             return Engine.options(**options).remote(
-                config, spec.processor or spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
+                config, processing_class, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
                 name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences,
                 files_dir=files_dir, suppress_token_ids=sorted(multimodal.image_token_ids(spec.processor)))
 
