@@ -140,7 +140,7 @@ def _driver_sampling(spec: RunSpec, learner_group, reason: str):
     weights replace at every publish; one logged line says why."""
     from odpo_vllm.learning.models import load_causal_lm
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
-    from odpo_vllm.weights.publisher import DriverWeightPublisher
+    from odpo_vllm.weights.driver_publisher import DriverWeightPublisher
 
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
