@@ -69,6 +69,16 @@ def check_placement(processing_class: Any, args) -> None:
         )
 
 
+def vision_engine_unavailable() -> str | None:
+    """Why vLLM engines cannot sample a vision-language model here (vLLM's multi-modal models
+    import torchvision), or None: they can."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return "vLLM's vision-language models need torchvision, which is not installed"
+    return None
+
+
 def image_token_ids(processing_class: Any) -> set[int]:
     """The ids the processor expands image placeholders into (empty for a tokenizer)."""
     if not is_processor(processing_class):

