@@ -98,7 +98,8 @@ class OnlineDPOConfig(TrainingArguments):
     vllm_mode: str = field(
         default="colocate",
         metadata={"help": "colocate: the engine runs beside the learner (in process, or the Ray placements); "
-                          "server: a separate vLLM server (not available yet: use placement=dedicated)."},
+                          "server: a vLLM server started apart (`python -m odpo_vllm.serve --model ...`), "
+                          "the learner in this process."},
     )
     vllm_server_base_url: str | None = field(default=None, metadata={"help": "vllm_mode=server: the server's URL."})
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode=server: the server's host."})
@@ -107,7 +108,8 @@ class OnlineDPOConfig(TrainingArguments):
         default=240.0, metadata={"help": "vllm_mode=server: seconds to wait for the server."}
     )
     vllm_group_port: int = field(
-        default=51216, metadata={"help": "vllm_mode=server: port of the weight-update group."}
+        default=51216, metadata={"help": "vllm_mode=server: port of the weight-update group's rendezvous, on the "
+                                     "trainer's host (the server connects to it)."}
     )
     vllm_model_impl: str = field(
         default="vllm",
@@ -319,10 +321,19 @@ class OnlineDPOConfig(TrainingArguments):
             fail("generation_batch_size", f"must be >= 1, got {self.generation_batch_size}")
         if self.vllm_mode not in ("colocate", "server"):
             fail("vllm_mode", f"must be 'colocate' or 'server', got {self.vllm_mode!r}")
-        if self.vllm_mode == "server":
-            fail("vllm_mode", "'server' (a separate vLLM server) is not available yet; placement='dedicated' runs the "
-                 "engines in Ray actors apart from the learners, which is what server mode is for, or use "
-                 "vllm_mode='colocate'")
+        if self.vllm_mode == "server" and self.use_vllm is not False and self.placement != "in_process":
+            fail("vllm_mode", f"'server' trains in this process and samples on the server; placement="
+                 f"{self.placement!r} starts engines of its own: use placement='in_process' with a server, or "
+                 "vllm_mode='colocate' with a Ray placement")
+        if self.vllm_server_base_url is not None:
+            from odpo_vllm.sampling.server_client import check_url
+
+            problem = check_url(self.vllm_server_base_url)
+            if problem:
+                fail("vllm_server_base_url", f"{problem} (e.g. http://10.0.0.5:8000)")
+        for name in ("vllm_server_port", "vllm_group_port"):
+            if not 0 < getattr(self, name) < 65536:
+                fail(name, f"must be a port in 1-65535, got {getattr(self, name)}")
         if self.vllm_model_impl not in ("vllm", "transformers"):
             fail("vllm_model_impl", f"must be 'vllm' or 'transformers', got {self.vllm_model_impl!r}")
         if self.vllm_structured_outputs_regex is not None:

@@ -1,0 +1,138 @@
+"""vllm_mode="server": training against `python -m odpo_vllm.serve`, started here as a subprocess
+on the tiny policy (the reference's `test_training_with_vllm`, which needs `trl vllm-serve`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from odpo_vllm import OnlineDPOTrainer, toy
+from odpo_vllm.sampling.server_client import ServerClient
+from conftest import ROOT, free_port, make_args, model_logprobs, train_rows
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+SERVER_START_S = 300  # a vLLM start on two loaded cores: ~30-60 s
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    """`python -m odpo_vllm.serve` on the tiny policy, in a session of its own; at the end the
+    whole process group is killed and found gone."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    for key in [k for k in env if k.startswith(("VLLM_LOGGING", "ODPO_VLLM_LOG"))]:
+        env.pop(key)  # as from a user's shell (this process set them for its own engines): the server decides
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: nobody reads a pipe once it serves
+        process = subprocess.Popen([sys.executable, "-m", "odpo_vllm.serve", "--model", str(model_path), "--host",
+                                    "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_START_S
+        while f"ready at {url}" not in log_path.read_text():  # the one line it prints when it serves
+            assert process.poll() is None, f"the server exited: {log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no server within {SERVER_START_S}s: {log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield ServerClient(url, 60.0)
+        assert log_path.read_text().strip().splitlines() == [f"odpo_vllm.serve: {model_path} ready at {url} "
+                                                             "(weights over odpo_gloo)"]  # a quiet console
+    finally:
+        if _process_group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _process_group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _process_group_alive(process.pid), "processes of the server's group outlived it"
+
+
+def server_args(tmp_path, client: ServerClient, **overrides):
+    settings = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=client.url, vllm_server_timeout=30,
+                    max_steps=3, learning_rate=5e-2)
+    settings.update(overrides)
+    return make_args(tmp_path, **settings)
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+def test_training_with_vllm_server(server, model_path, tmp_path, probe_ids, conversational):
+    from transformers import AutoModelForCausalLM
+
+    initial = model_logprobs(AutoModelForCausalLM.from_pretrained(model_path), probe_ids)
+    trainer = OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=server_args(tmp_path, server),
+                               train_dataset=toy.prompt_dataset(8, conversational=conversational))
+    try:
+        assert trainer.vllm_mode == "server" and trainer.vllm_client.url == server.url
+        trainer.train()
+        rows = train_rows(trainer)
+        assert [row["step"] for row in rows] == [1, 2, 3]
+        assert all(row["loss"] > 0 and row["sync/bytes"] > 0 for row in rows)
+        assert max(row["sync/logprob_gap"] for row in rows) < 1e-4
+        assert server.health()["policy_version"] == 3
+        # the server serves the trained weights: its logprobs are the learner's, not the initial model's
+        served = server.call("logprobs", {"token_ids": probe_ids})["logprobs"]
+        import torch
+
+        learned = model_logprobs(trainer.model, probe_ids)
+        assert torch.allclose(torch.tensor(served), learned, atol=1e-4)
+        assert (learned - initial).abs().max() > 1e-2  # training moved them, so the check above can fail
+    finally:
+        trainer.close()
+    assert server.health()["status"] == "ok"  # closing the trainer leaves the server running
+
+
+def test_second_trainer_attaches_after_the_first_closed(server, model_path, tmp_path, probe_ids):
+    """Two runs in turn, on the same group port: the second gets its own weights to the server
+    (a gap of zero at its first sync, while the server still held the first run's trained weights)."""
+    port = free_port()
+    with OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward,
+                          args=server_args(tmp_path / "a", server, vllm_group_port=port, max_steps=2),
+                          train_dataset=toy.prompt_dataset(8)) as first:
+        first.train()
+    attached = server.health()["attached"]
+    with OnlineDPOTrainer(model_path, reward_funcs=toy.short_reward,
+                          args=server_args(tmp_path / "b", server, vllm_group_port=port, max_steps=2, seed=1),
+                          train_dataset=toy.prompt_dataset(8, seed=1)) as second:
+        assert server.health()["attached"] == attached + 1
+        second.train()
+        rows = train_rows(second)
+        assert [row["step"] for row in rows] == [1, 2]
+        assert max(row["sync/logprob_gap"] for row in rows) < 1e-4
+        served = server.call("logprobs", {"token_ids": probe_ids})["logprobs"]
+        first_logprobs = model_logprobs(first.model, probe_ids)
+        import torch
+
+        assert torch.allclose(torch.tensor(served), model_logprobs(second.model, probe_ids), atol=1e-4)
+        assert not torch.allclose(torch.tensor(served), first_logprobs, atol=1e-3)
+
+
+def test_server_refuses_another_architecture(server, models_dir, tmp_path):
+    other = toy.build_model(models_dir / "three_layers", layers=3)
+    with pytest.raises(ValueError, match=r"does not match the served model .*(missing|unknown) names"):
+        OnlineDPOTrainer(other, reward_funcs=toy.sentiment_reward, args=server_args(tmp_path, server),
+                         train_dataset=toy.prompt_dataset(4))
+    assert server.health()["status"] == "ok"
+
+
+def test_no_server_fails_with_a_named_error_within_the_timeout(model_path, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = make_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=3)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"no vLLM server answered at {url} within 3s.*python -m odpo_vllm.serve"):
+        OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=args, train_dataset=toy.prompt_dataset(4))
+    assert time.monotonic() - start < 15
