@@ -29,7 +29,7 @@ def _process_group_alive(pgid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def server_process(model_path, tmp_path_factory):
     """`python -m odpo_vllm.serve` on the tiny policy, in a session of its own; at the end the
     whole process group is killed and found gone."""
     port = free_port()
@@ -49,10 +49,10 @@ def server(model_path, tmp_path_factory):
             assert process.poll() is None, f"the server exited: {log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no server within {SERVER_START_S}s: {log_path.read_text()[-3000:]}"
             time.sleep(0.5)
-        yield ServerClient(url, 60.0)
+        yield ServerClient(url, 60.0), process
         assert log_path.read_text().strip().splitlines() == [f"odpo_vllm.serve: {model_path} ready at {url} "
                                                              "(weights over odpo_gloo)"]  # a quiet console
-    finally:
+    finally:  # (the last test may have killed it already)
         if _process_group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
@@ -60,6 +60,11 @@ def server(model_path, tmp_path_factory):
         while _process_group_alive(process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _process_group_alive(process.pid), "processes of the server's group outlived it"
+
+
+@pytest.fixture
+def server(server_process):
+    return server_process[0]
 
 
 def server_args(tmp_path, client: ServerClient, **overrides):
@@ -136,3 +141,23 @@ def test_no_server_fails_with_a_named_error_within_the_timeout(model_path, tmp_p
     with pytest.raises(TimeoutError, match=rf"no vLLM server answered at {url} within 3s.*python -m odpo_vllm.serve"):
         OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=args, train_dataset=toy.prompt_dataset(4))
     assert time.monotonic() - start < 15
+
+
+def test_a_server_that_dies_fails_the_run_with_an_error_naming_it(server_process, model_path, tmp_path):
+    """(Last: it kills the module's server.) Server mode does not replace a server: the call that
+    finds it gone fails the run, naming the server and how to go on."""
+    from odpo_vllm.sampling.server_client import ServerGone
+
+    client, process = server_process
+    trainer = OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=server_args(tmp_path, client),
+                               train_dataset=toy.prompt_dataset(8))
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        start = time.monotonic()
+        with pytest.raises(ServerGone, match=rf"vLLM server at {client.url} did not answer /generate .*does not "
+                                             r"restart a server: start it with `python -m odpo_vllm.serve"):
+            trainer.train()
+        assert time.monotonic() - start < 30
+    finally:
+        trainer.close()  # closing its side of the transport fails quietly: the server is gone
