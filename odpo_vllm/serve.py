@@ -12,6 +12,9 @@ next trainer. HTTP carries control only: the weight bytes go over our gloo backe
 NCCL (GPUs), as under the Ray placements (`weights/wire.py`).
 
 Requests run one at a time on the engine (a lock), apart from `/health`, which answers at once.
+One trainer at a time: each attach starts a session, and a call from an earlier session (a
+trainer another one took the server from) is refused, except its `/close_communicator`, which
+then has nothing left to close, and `/logprobs`, which changes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 logger = logging.getLogger("odpo_vllm.serve")
+
+
+class SessionEnded(RuntimeError):
+    """A call from a trainer that another trainer took the server from."""
 
 
 @dataclass
@@ -82,7 +89,7 @@ class EngineService:
         self.engine = VLLMGenerator(config, tokenizer, self.settings, set(), self.max_model_len,
                                     name=f"vLLM server ({options.model})", weight_transfer_backend=self.transport)
         self.transport_open = False
-        self.attached = 0  # trainers attached so far
+        self.attached = 0  # trainers attached so far; the latest one's session is this number
 
     # ---------------------------------------------------------------- calls
     def health(self, _: dict) -> dict:
@@ -117,7 +124,17 @@ class EngineService:
         self.engine.policy_version = -1  # nothing is sampled before this trainer's weights arrive
         self.engine.restart_idle_clock()
         self.attached += 1
-        return self.health({})
+        return dict(self.health({}), session=self.attached)
+
+    def check_session(self, path: str, request: dict) -> bool:
+        """Whether the call comes from the attached trainer; False for a `/close_communicator` of
+        an earlier one (nothing of it is left), a `SessionEnded` error for any other call of it."""
+        if request.get("session") == self.attached or path == "logprobs":  # (read-only: anyone may probe)
+            return True
+        if path == "close_communicator":
+            return False
+        raise SessionEnded(f"/{path}: another trainer attached to this server since (session {self.attached}, this "
+                           f"call's {request.get('session')}); one trainer at a time")
 
     def init_weight_transfer_engine(self, request: dict) -> dict:
         self._close_transport()
@@ -192,9 +209,12 @@ def make_handler(service: EngineService):
                     self._answer(404, {"error": f"no endpoint /{path}"})
                     return
                 with service.lock:
-                    self._answer(200, getattr(service, path)(request))
+                    live = path == "attach" or service.check_session(path, request)
+                    self._answer(200, getattr(service, path)(request) if live else {})
             except ValueError as err:  # the trainer's request is refused: it says why
                 self._answer(400, {"error": str(err)})
+            except SessionEnded as err:
+                self._answer(409, {"error": str(err)})
             except Exception as err:
                 logger.debug("/%s failed", path, exc_info=True)
                 self._answer(500, {"error": f"{type(err).__name__}: {err}"})

@@ -126,6 +126,34 @@ def test_second_trainer_attaches_after_the_first_closed(server, model_path, tmp_
         assert not torch.allclose(torch.tensor(served), first_logprobs, atol=1e-3)
 
 
+def test_a_trainer_that_never_closed_does_not_hold_the_server(server, model_path, tmp_path, probe_ids):
+    """A run that ended without closing (a crash) leaves its side of the transport open on the
+    server: the next trainer takes the server over, and the old one can neither sample nor, when
+    it closes late, close the new one's transport."""
+    import torch
+
+    from odpo_vllm.sampling.server_client import ServerError
+
+    stale = OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward,
+                             args=server_args(tmp_path / "a", server, vllm_group_port=free_port(), max_steps=1),
+                             train_dataset=toy.prompt_dataset(8))
+    try:
+        stale.train()
+        with OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward,
+                              args=server_args(tmp_path / "b", server, vllm_group_port=free_port(), max_steps=2,
+                                               seed=1),
+                              train_dataset=toy.prompt_dataset(8, seed=1)) as current:
+            with pytest.raises(ServerError, match="another trainer attached to this server since"):
+                stale.generator.generate([[1, 2, 3]], 2, seed=0)
+            stale.close()  # late: must leave the current trainer's transport open
+            current.train()
+            assert max(row["sync/logprob_gap"] for row in train_rows(current)) < 1e-4
+            served = server.call("logprobs", {"token_ids": probe_ids})["logprobs"]
+            assert torch.allclose(torch.tensor(served), model_logprobs(current.model, probe_ids), atol=1e-4)
+    finally:
+        stale.close()
+
+
 def test_server_refuses_another_architecture(server, models_dir, tmp_path):
     other = toy.build_model(models_dir / "three_layers", layers=3)
     with pytest.raises(ValueError, match=r"does not match the served model .*(missing|unknown) names"):

@@ -68,14 +68,23 @@ class ServerClient:
 
     def __init__(self, url: str, timeout_s: float):
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        # straight to the server: an HTTP(S)_PROXY set for downloads must not route the run's control calls
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.session: int | None = None  # given by /attach, sent with every later call
+
+    def attach(self, request: dict) -> dict:
+        """Attach this trainer (the server checks its model); the server's answer."""
+        answer = self.call("attach", request)
+        self.session = answer["session"]
+        return answer
 
     def call(self, path: str, payload: dict | None = None, timeout_s: float | None = None) -> dict:
         timeout_s = timeout_s or self.timeout_s
-        data = json.dumps(payload or {}).encode()
+        data = json.dumps(dict(payload or {}, session=self.session)).encode()
         request = urllib.request.Request(f"{self.url}/{path}", data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with self.opener.open(request, timeout=timeout_s) as response:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as err:  # the server answered with an error
             try:

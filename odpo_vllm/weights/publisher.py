@@ -272,7 +272,7 @@ class ServerWeightPublisher:
         metas = [[m.name, str(m.dtype).split(".")[-1], list(m.shape)] for m in self.weights.tensor_meta()]
         architectures = list(getattr(getattr(learner.model, "get_base_model", lambda: learner.model)().config,
                                      "architectures", None) or [])
-        self.client.call("attach", dict(attach, weights=metas, architectures=architectures))
+        self.client.attach(dict(attach, weights=metas, architectures=architectures))
         self.transfer = None
         self.version = -1
 
