@@ -154,6 +154,30 @@ def test_a_trainer_that_never_closed_does_not_hold_the_server(server, model_path
         stale.close()
 
 
+def test_resume_pushes_the_checkpoint_to_the_server(server, model_path, tmp_path, probe_ids):
+    """A run resumed from a checkpoint gives the server the checkpoint's weights before it samples,
+    and ends where an uninterrupted run ends."""
+    import torch
+
+    from conftest import StopAt
+
+    def run(output_dir, callbacks=(), resume=None):
+        args = server_args(tmp_path, server, output_dir=output_dir, save_strategy="steps", save_steps=1)
+        with OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=args, callbacks=list(callbacks),
+                              train_dataset=toy.prompt_dataset(8)) as trainer:
+            trainer.train(resume_from_checkpoint=resume)
+            served = torch.tensor(server.call("logprobs", {"token_ids": probe_ids})["logprobs"])
+            return train_rows(trainer), served, model_logprobs(trainer.model, probe_ids)
+
+    whole, whole_served, whole_learned = run(tmp_path / "whole")
+    run(tmp_path / "cut", [StopAt(2)])
+    resumed, served, learned = run(tmp_path / "cut", resume=True)
+    assert [row["step"] for row in resumed] == [1, 2, 3]  # the checkpoint's rows, then the step trained now
+    assert resumed[-1]["sync/logprob_gap"] < 1e-4
+    assert resumed[-1]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-5)
+    assert torch.allclose(served, learned, atol=1e-4) and torch.allclose(learned, whole_learned, atol=1e-5)
+
+
 def test_server_refuses_another_architecture(server, models_dir, tmp_path):
     other = toy.build_model(models_dir / "three_layers", layers=3)
     with pytest.raises(ValueError, match=r"does not match the served model .*(missing|unknown) names"):
