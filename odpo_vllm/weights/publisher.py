@@ -265,7 +265,8 @@ class ServerWeightPublisher:
         self.client, self.learner, self.probe_ids, self.timeout_s = client, learner, probe_ids, timeout_s
         self.group_port, self.backend, self.workers = group_port, served["weight_transport"], int(served["workers"])
         self.dtype = getattr(torch, served["dtype"])
-        self.tolerance = default_tolerance(tolerance, self.dtype)
+        # the gap is as coarse as the coarser side: a bf16 learner against a float32 server too
+        self.tolerance = default_tolerance(tolerance, getattr(learner, "autocast_dtype", None) or self.dtype)
         self.name = f"the vLLM server at {client.url}"
         self.weights = LearnerWeights(learner.model, self.dtype)
         self.bytes = sum(m.nbytes for m in self.weights.tensor_meta())
