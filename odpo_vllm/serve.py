@@ -101,9 +101,9 @@ class EngineService:
     def attach(self, request: dict) -> dict:
         """A trainer attaches: refused (ValueError, which the trainer raises) unless its policy is
         the served architecture with the same weight names and shapes, and its context fits."""
-        from odpo_vllm.weights.names import TensorMeta, validate_weights
-
         import torch
+
+        from odpo_vllm.weights.names import TensorMeta, validate_weights
 
         architectures = request.get("architectures") or []
         if architectures and self.architectures and architectures != self.architectures:

@@ -1,5 +1,6 @@
 """vllm_mode="server": training against `python -m odpo_vllm.serve`, started here as a subprocess
-on the tiny policy (the reference's `test_training_with_vllm`, which needs `trl vllm-serve`)."""
+on the tiny policy (the reference's `test_training_with_vllm`, which needs `trl vllm-serve`), and
+the trainer's named errors when no such server answers (fast: no engine)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from odpo_vllm import OnlineDPOTrainer, toy
 from odpo_vllm.sampling.server_client import ServerClient
 from conftest import ROOT, free_port, make_args, model_logprobs, train_rows
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def needs_server(test):
+    """Marks a test that uses the server subprocess (a vLLM engine, fresh imports)."""
+    return pytest.mark.vllm(pytest.mark.slow(test))
+
 
 SERVER_START_S = 300  # a vLLM start on two loaded cores: ~30-60 s
 
@@ -30,8 +36,8 @@ def _process_group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server_process(model_path, tmp_path_factory):
-    """`python -m odpo_vllm.serve` on the tiny policy, in a session of its own; at the end the
-    whole process group is killed and found gone."""
+    """`python -m odpo_vllm.serve` on the tiny policy, in a session of its own; at the end it is
+    stopped (SIGTERM, SIGKILL if that fails) and its whole process group found gone."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
@@ -52,9 +58,14 @@ def server_process(model_path, tmp_path_factory):
         yield ServerClient(url, 60.0), process
         assert log_path.read_text().strip().splitlines() == [f"odpo_vllm.serve: {model_path} ready at {url} "
                                                              "(weights over odpo_gloo)"]  # a quiet console
-    finally:  # (the last test may have killed it already)
+    finally:  # (the last server test may have killed it already)
         if _process_group_alive(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGTERM)  # what stops a server: it closes its engine and exits
+            try:
+                assert process.wait(timeout=60) == 0
+            finally:
+                if _process_group_alive(process.pid):
+                    os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
         deadline = time.monotonic() + 30
         while _process_group_alive(process.pid) and time.monotonic() < deadline:
@@ -74,6 +85,7 @@ def server_args(tmp_path, client: ServerClient, **overrides):
     return make_args(tmp_path, **settings)
 
 
+@needs_server
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
 def test_training_with_vllm_server(server, model_path, tmp_path, probe_ids, conversational):
     from transformers import AutoModelForCausalLM
@@ -101,6 +113,7 @@ def test_training_with_vllm_server(server, model_path, tmp_path, probe_ids, conv
     assert server.health()["status"] == "ok"  # closing the trainer leaves the server running
 
 
+@needs_server
 def test_second_trainer_attaches_after_the_first_closed(server, model_path, tmp_path, probe_ids):
     """Two runs in turn, on the same group port: the second gets its own weights to the server
     (a gap of zero at its first sync, while the server still held the first run's trained weights)."""
@@ -126,6 +139,7 @@ def test_second_trainer_attaches_after_the_first_closed(server, model_path, tmp_
         assert not torch.allclose(torch.tensor(served), first_logprobs, atol=1e-3)
 
 
+@needs_server
 def test_a_trainer_that_never_closed_does_not_hold_the_server(server, model_path, tmp_path, probe_ids):
     """A run that ended without closing (a crash) leaves its side of the transport open on the
     server: the next trainer takes the server over, and the old one can neither sample nor, when
@@ -154,6 +168,7 @@ def test_a_trainer_that_never_closed_does_not_hold_the_server(server, model_path
         stale.close()
 
 
+@needs_server
 def test_resume_pushes_the_checkpoint_to_the_server(server, model_path, tmp_path, probe_ids):
     """A run resumed from a checkpoint gives the server the checkpoint's weights before it samples,
     and ends where an uninterrupted run ends."""
@@ -178,6 +193,7 @@ def test_resume_pushes_the_checkpoint_to_the_server(server, model_path, tmp_path
     assert torch.allclose(served, learned, atol=1e-4) and torch.allclose(learned, whole_learned, atol=1e-5)
 
 
+@needs_server
 def test_server_refuses_another_architecture(server, models_dir, tmp_path):
     other = toy.build_model(models_dir / "three_layers", layers=3)
     with pytest.raises(ValueError, match=r"does not match the served model .*(missing|unknown) names"):
@@ -195,6 +211,7 @@ def test_no_server_fails_with_a_named_error_within_the_timeout(model_path, tmp_p
     assert time.monotonic() - start < 15
 
 
+@needs_server
 def test_a_server_that_dies_fails_the_run_with_an_error_naming_it(server_process, model_path, tmp_path):
     """(Last: it kills the module's server.) Server mode does not replace a server: the call that
     finds it gone fails the run, naming the server and how to go on."""
@@ -213,3 +230,38 @@ def test_a_server_that_dies_fails_the_run_with_an_error_naming_it(server_process
         assert time.monotonic() - start < 30
     finally:
         trainer.close()  # closing its side of the transport fails quietly: the server is gone
+
+
+def test_a_server_that_is_not_odpo_vllm_serve_is_named(model_path, tmp_path):
+    """Something else answers at the URL (a `trl vllm-serve`, whose /health says only "ok"): a
+    named error at once, not a KeyError or a wait."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from odpo_vllm.sampling.server_client import ServerError
+
+    class TrlLikeHealth(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = HTTPServer(("127.0.0.1", 0), TrlLikeHealth)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        args = make_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=30)
+        start = time.monotonic()
+        with pytest.raises(ServerError, match=rf"the server at {url} is not odpo_vllm.serve .*python -m odpo_vllm.serve"):
+            OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=args,
+                             train_dataset=toy.prompt_dataset(4))
+        assert time.monotonic() - start < 10
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -78,14 +78,23 @@ class ServerClient:
         self.session = answer["session"]
         return answer
 
-    def call(self, path: str, payload: dict | None = None, timeout_s: float | None = None) -> dict:
+    def call(self, path: str, payload: dict | None = None, timeout_s: float | None = None,
+             method: str = "POST") -> dict:
         timeout_s = timeout_s or self.timeout_s
-        data = json.dumps(dict(payload or {}, session=self.session)).encode()
-        request = urllib.request.Request(f"{self.url}/{path}", data=data, method="POST",
+        data = json.dumps(dict(payload or {}, session=self.session)).encode() if method == "POST" else None
+        request = urllib.request.Request(f"{self.url}/{path}", data=data, method=method,
                                          headers={"Content-Type": "application/json"})
         try:
             with self.opener.open(request, timeout=timeout_s) as response:
-                return json.loads(response.read() or b"{}")
+                body = response.read()
+            try:
+                answer = json.loads(body or b"{}")
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise ServerError(f"the server at {self.url} answered /{path} with something other than "
+                                  f"odpo_vllm.serve's JSON ({body[:100]!r}): {START_HINT}")
+            return answer
         except urllib.error.HTTPError as err:  # the server answered with an error
             try:
                 message = json.loads(err.read()).get("error", "")
@@ -101,7 +110,13 @@ class ServerClient:
                              f"restart a server: {START_HINT}, and resume from the last checkpoint") from err
 
     def health(self, timeout_s: float = 5.0) -> dict:
-        return self.call("health", timeout_s=timeout_s)
+        """The server's state; a `ServerError` if the server is not `odpo_vllm.serve` (a `trl
+        vllm-serve`, say, which moves weights its own way)."""
+        answer = self.call("health", timeout_s=timeout_s, method="GET")
+        if "weight_transport" not in answer:
+            raise ServerError(f"the server at {self.url} is not odpo_vllm.serve (its /health says {answer}): "
+                              f"{START_HINT}")
+        return answer
 
     def wait_for_health(self, timeout_s: float) -> dict:
         """The server's /health answer, waiting up to `timeout_s` for it to come up."""
