@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from odpo_vllm.multimodal import process_prompt, row_images, with_image_placeholders
+
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -96,18 +98,21 @@ class PromptEncoder:
     max_new_tokens: int
     dataset_name: str = "train_dataset"
     vocab_size: int | None = None  # the policy's embedding rows: a prompt id at or past it is refused
+    processor: Any = None  # a vision-language model's processor (`multimodal.py`); None for a tokenizer
 
-    def text(self, prompt: Any, row_index: int) -> str:
+    def text(self, prompt: Any, row_index: int, template=None) -> str:
+        """The prompt as text; a conversation through `template`'s chat template (default: the tokenizer's)."""
+        template = template or self.tokenizer
         if isinstance(prompt, str):
             return prompt
         if is_conversational(prompt):
             check_messages(prompt, f"{self.dataset_name} row {row_index}")
-            if self.tokenizer.chat_template is None:
+            if template.chat_template is None:
                 raise ValueError(
                     f"{self.dataset_name} row {row_index}: the prompt is a conversation but the tokenizer has no "
                     "chat_template; set processing_class.chat_template or use plain-text prompts"
                 )
-            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return template.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         raise ValueError(
             f"{self.dataset_name} row {row_index}: 'prompt' must be a string or a list of "
             f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
@@ -119,12 +124,15 @@ class PromptEncoder:
                 f"{self.dataset_name} row {row_index}: no 'prompt' column (columns: {sorted(row)}); "
                 "rename your prompt column to 'prompt'"
             )
-        text = self.text(row["prompt"], row_index)
-        if not text.strip():
-            raise ValueError(f"{self.dataset_name} row {row_index}: the prompt is empty; drop or fill that row")
-        # Chat templates carry their own special tokens; plain text gets the tokenizer's defaults.
-        add_special = not is_conversational(row["prompt"])
-        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if row_images(row) is not None:
+            ids = self.encode_with_images(row, row_index)[0]
+        else:
+            text = self.text(row["prompt"], row_index)
+            if not text.strip():
+                raise ValueError(f"{self.dataset_name} row {row_index}: the prompt is empty; drop or fill that row")
+            # Chat templates carry their own special tokens; plain text gets the tokenizer's defaults.
+            add_special = not is_conversational(row["prompt"])
+            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         if not ids:
             raise ValueError(f"{self.dataset_name} row {row_index}: the prompt tokenizes to nothing")
         if self.vocab_size is not None and max(ids) >= self.vocab_size:
@@ -142,6 +150,28 @@ class PromptEncoder:
                 "or lower max_new_tokens"
             )
         return ids
+
+    def encode_with_images(self, row: dict, row_index: int) -> tuple[list[int], dict]:
+        """(prompt ids with the image tokens expanded, pixel inputs) of a row with images, through the
+        processor (a conversation gets one image part per image in its first user message)."""
+        where = f"{self.dataset_name} row {row_index}" if row_index >= 0 else f"{self.dataset_name} row"
+        images = row_images(row)
+        if self.processor is None:
+            column = "images" if row.get("images") is not None else "image"
+            raise ValueError(f"{where}: the prompt has an {column!r} column but processing_class is a "
+                             f"{type(self.tokenizer).__name__}, which cannot read images; pass the model's processor "
+                             "(AutoProcessor.from_pretrained(model_id)) as processing_class, or drop the column")
+        prompt = row["prompt"]
+        if is_conversational(prompt):
+            check_messages(prompt, where)
+            prompt = with_image_placeholders(prompt, len(images))
+        text = self.text(prompt, row_index, self.processor)
+        try:
+            return process_prompt(self.processor, text, [image.convert("RGB") if hasattr(image, "convert") else image for image in images],
+                                  add_special_tokens=not is_conversational(prompt))
+        except ValueError as err:
+            raise ValueError(f"{where}: the processor refused the prompt and its {len(images)} image(s) ({err}); "
+                             "give one image placeholder per image in the prompt") from err
 
 
 def encode_dataset(dataset, encoder: PromptEncoder):

@@ -29,7 +29,7 @@ from transformers.trainer_callback import (
 from transformers.trainer_utils import EvalPrediction, TrainOutput
 
 from odpo_vllm.run import checkpoint, log_files
-from odpo_vllm import validation
+from odpo_vllm import multimodal, validation
 from odpo_vllm.config import OnlineDPOConfig
 from odpo_vllm.run.console import configure_logging
 from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
@@ -38,7 +38,7 @@ from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline, step_seed
 from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
-from odpo_vllm.sampling.pairing import pair_rollouts
+from odpo_vllm.sampling.pairing import media_argument, pair_rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class OnlineDPOTrainer:
         torch.manual_seed(args.seed)
 
         # ---- what the policy is (its config and tokenizer); the placement loads the weights
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         if isinstance(model, str):
             config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
@@ -83,22 +83,25 @@ class OnlineDPOTrainer:
             config = model
         else:
             raise ValueError(f"model: expected a hub id, a path or a PreTrainedModel, got {type(model).__name__}")
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(
-                model if isinstance(model, str) else model.config._name_or_path, trust_remote_code=args.trust_remote_code)
-        validation.check_tokenizer(processing_class)  # pad = EOS where there is no pad token
+        if processing_class is None:  # a vision-language model's processor, else its tokenizer
+            processing_class = multimodal.load_processing_class(
+                model if isinstance(model, str) else model.config._name_or_path, config, args.trust_remote_code)
+        multimodal.check_placement(processing_class, args)
+        # ids, padding, EOS and decoding: the tokenizer (a processor's own tokenizer, `multimodal.py`)
+        tokenizer = self.tokenizer = multimodal.text_tokenizer(processing_class)
+        validation.check_tokenizer(tokenizer)  # pad = EOS where there is no pad token
         self.processing_class = processing_class
         validation.check_models(model if isinstance(model, torch.nn.Module) else None,
-                                ref_model if isinstance(ref_model, torch.nn.Module) else None, processing_class,
-                                config)
+                                ref_model if isinstance(ref_model, torch.nn.Module) else None, tokenizer, config)
         self.eos_token_ids = self._eos_token_ids(config)
         if reward_funcs is None and not args.reward_model_path:
             raise ValueError("reward_funcs: give a reward model, a callable or a judge (or set reward_model_path)")
 
         # ---- data
         context = context_length(config)
-        self.encoder = PromptEncoder(processing_class, context - args.max_new_tokens, args.max_new_tokens,
-                                     vocab_size=validation.vocab_size(config))
+        self.encoder = PromptEncoder(tokenizer, context - args.max_new_tokens, args.max_new_tokens,
+                                     vocab_size=validation.vocab_size(config),
+                                     processor=processing_class if multimodal.is_processor(processing_class) else None)
         self.train_dataset = encode_dataset(train_dataset, self.encoder)
         self.eval_dataset = eval_dataset  # as passed, as in transformers.Trainer; encoded copy below
         self._eval_encoded = self._encode_eval(eval_dataset)
@@ -117,10 +120,10 @@ class OnlineDPOTrainer:
 
         # ---- roles: who samples, scores, learns and moves the weights (built by the placement)
         max_model_len, probe = self._engine_context(context)
-        spec = RunSpec(model, ref_model, peft_config, processing_class, args, self.eos_token_ids, max_model_len,
+        spec = RunSpec(model, ref_model, peft_config, tokenizer, args, self.eos_token_ids, max_model_len,
                        probe, self.max_steps, self.prompts_per_step,
                        reward_funcs if reward_funcs is not None else args.reward_model_path,
-                       reward_processing_classes, optimizers)
+                       reward_processing_classes, optimizers, self.encoder.processor)
         self.roles = build_roles(spec)
         self.training_epoch = 0  # the epoch of the batch trained last (beta follows it)
         try:
@@ -129,7 +132,7 @@ class OnlineDPOTrainer:
             self.model, self.ref_model = getattr(self.learner, "model", None), getattr(self.learner, "ref_model", None)
             self.vllm_client = getattr(self.generator, "client", None)  # vllm_mode="server": the server's client
             self.publisher.publish(0)  # engines start with dummy weights
-            self.pipeline = RolloutPipeline(self.batches, self.roles, processing_class, args, self._rows)
+            self.pipeline = RolloutPipeline(self.batches, self.roles, tokenizer, args, self._rows)
         except BaseException:
             self.roles.close()
             raise
@@ -162,7 +165,10 @@ class OnlineDPOTrainer:
             longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
             first_prompt = self.train_dataset[0]["prompt_ids"]
         max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
-        probe = (first_prompt or [self.processing_class.eos_token_id]) * 2
+        # text tokens only: the probe is scored without pixel inputs
+        image_ids = multimodal.image_token_ids(self.processing_class)
+        first_prompt = [token for token in first_prompt or [] if token not in image_ids]
+        probe = (first_prompt or [self.tokenizer.eos_token_id]) * 2
         return max_model_len, probe[: max_model_len - 1]
 
     # ------------------------------------------------------------------------------ helpers
@@ -192,7 +198,7 @@ class OnlineDPOTrainer:
             return sampling_params(self.args, self.eos_token_ids, self.args.num_samples, None)
         from odpo_vllm.sampling.hf_sampler import generation_config
 
-        return generation_config(self.args.sampling_settings(), self.eos_token_ids, self.processing_class.pad_token_id)
+        return generation_config(self.args.sampling_settings(), self.eos_token_ids, self.tokenizer.pad_token_id)
 
     @property
     def llm(self):
@@ -211,7 +217,7 @@ class OnlineDPOTrainer:
         return getattr(self.learner, "scheduler", None)
 
     def _eos_token_ids(self, model_or_config) -> set[int]:
-        ids = {self.processing_class.eos_token_id}
+        ids = {self.tokenizer.eos_token_id}
         source = getattr(model_or_config, "generation_config", model_or_config)
         config_eos = getattr(source, "eos_token_id", None)
         if config_eos is not None:
@@ -227,13 +233,14 @@ class OnlineDPOTrainer:
         return encode_dataset(eval_dataset, replace(self.encoder, dataset_name="eval_dataset"))
 
     def _rows(self, rows: list[dict]) -> list[dict]:
-        """Apply a user data_collator if given: it may rewrite rows (e.g. add columns)."""
+        """Apply a user data_collator if given: it may rewrite rows (e.g. add columns); rows with
+        images get their pixel inputs (`multimodal.attach_media`)."""
         if self.data_collator is None:
-            return rows
+            return multimodal.attach_media(rows, self.encoder)
         out = self.data_collator(rows)
         if not isinstance(out, list) or not all("prompt_ids" in r for r in out):
             raise ValueError("data_collator: must return a list of row dicts that keep 'prompt' and 'prompt_ids'")
-        return out
+        return multimodal.attach_media(out, self.encoder)
 
     def add_callback(self, callback):
         self.callback_handler.add_callback(callback)
@@ -440,8 +447,8 @@ class OnlineDPOTrainer:
             _, rows = batches.next()
             rows = self._rows(rows)
             rollouts = self.generator.generate([row["prompt_ids"] for row in rows], args.num_samples,
-                                               step_seed(args.seed, index, EVAL_SEED_SALT))
-            pairs = pair_rollouts(rows, rollouts, self.rewards, self.processing_class, args.num_samples)
+                                               step_seed(args.seed, index, EVAL_SEED_SALT), **media_argument(rows))
+            pairs = pair_rollouts(rows, rollouts, self.rewards, self.tokenizer, args.num_samples)
             metrics = self.learner.evaluate(pairs.batch, beta)
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])

@@ -54,12 +54,16 @@ class PairBatch:
     prompt_ids: list[list[int]]
     chosen_ids: list[list[int]]
     rejected_ids: list[list[int]]
+    # a vision-language batch: each prompt's pixel inputs (the processor's, batch dimension 1)
+    pixel_inputs: list[dict[str, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     def slice(self, start: int, stop: int) -> "PairBatch":
-        return PairBatch(self.prompt_ids[start:stop], self.chosen_ids[start:stop], self.rejected_ids[start:stop])
+        pixels = self.pixel_inputs[start:stop] if self.pixel_inputs is not None else None
+        return PairBatch(self.prompt_ids[start:stop], self.chosen_ids[start:stop], self.rejected_ids[start:stop],
+                         pixels)
 
 
 @dataclass

@@ -143,10 +143,15 @@ class SeparateSequences(SequenceLayout):
     """One right-padded row per sequence, row s = sequence s."""
 
     attention_mask: torch.Tensor  # (R, L) long: 1 on real tokens
+    # a vision-language batch: the pixel inputs of row s's prompt, stacked in row order (`stack_pixel_inputs`)
+    pixel_inputs: dict[str, torch.Tensor] | None = None
 
     def model_inputs(self, mask_dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
-        """input_ids and the 2D padding mask (`mask_dtype` concerns 4D masks only)."""
-        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device)}
+        """input_ids, the 2D padding mask (`mask_dtype` concerns 4D masks only) and any pixel inputs."""
+        inputs = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device)}
+        for key, value in (self.pixel_inputs or {}).items():
+            inputs[key] = value.to(device)
+        return inputs
 
 
 @dataclass
@@ -219,15 +224,39 @@ def _place(row_groups: list[list[Group]], pad_token_id: int) -> dict:
 
 
 def separate_sequences(prompts: list[list[int]], completions: list[list[list[int]]], max_length: int,
-                       pad_token_id: int) -> SeparateSequences:
-    """Completion j of prompt g after its (truncated) prompt, alone in row j * G + g."""
+                       pad_token_id: int, pixel_inputs: list[dict[str, torch.Tensor]] | None = None
+                       ) -> SeparateSequences:
+    """Completion j of prompt g after its (truncated) prompt, alone in row j * G + g. `pixel_inputs`
+    (a vision-language batch, one dict per prompt): row j * G + g gets prompt g's."""
     groups, truncated = build_groups(prompts, completions, max_length)
     singles = sorted((Group(g.prompt, [c], [s]) for g in groups for c, s in zip(g.completions, g.sequences)),
                      key=lambda single: single.sequences[0])
     placed = _place([[single] for single in singles], pad_token_id)
     del placed["position_ids"], placed["segment_ids"]  # the model counts positions itself in a row of its own
+    rows_pixels = None
+    if pixel_inputs is not None:
+        rows_pixels = stack_pixel_inputs(pixel_inputs, [s % len(prompts) for s in range(placed["num_sequences"])])
     return SeparateSequences(attention_mask=(placed.pop("group_ids") >= 0).long(), num_truncated_prompts=truncated,
-                             **placed)
+                             pixel_inputs=rows_pixels, **placed)
+
+
+def stack_pixel_inputs(per_prompt: list[dict[str, torch.Tensor]], order: list[int]) -> dict[str, torch.Tensor]:
+    """The pixel inputs of the prompts `order` names (one entry per model row, in row order; prompt p's
+    inputs have batch dimension 1 per image group), concatenated along dimension 0. Tensors that
+    differ past dimension 0 (images of other sizes, other image counts) are zero-padded to the
+    largest: zero pixels under a zero `pixel_attention_mask`, the processors' own padding."""
+    stacked = {}
+    for key in per_prompt[order[0]] if order else ():
+        parts = [per_prompt[p][key] for p in order]
+        shape = [max(sizes) for sizes in zip(*(part.shape[1:] for part in parts))]
+        padded = []
+        for part in parts:
+            missing = [size - have for size, have in zip(shape, part.shape[1:])]
+            if any(missing):  # F.pad takes (last dim left, right, second-to-last left, right, ...)
+                part = torch.nn.functional.pad(part, [x for gap in reversed(missing) for x in (0, gap)])
+            padded.append(part)
+        stacked[key] = torch.cat(padded)
+    return stacked
 
 
 def shared_prompt_rows(prompts: list[list[int]], completions: list[list[list[int]]], max_length: int,

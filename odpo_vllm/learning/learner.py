@@ -101,6 +101,9 @@ class Learner:
         computed and the fp32 log-softmax runs on chunks of completion positions.
         """
         inputs = {**layout.model_inputs(_mask_dtype(model), self.device), "use_cache": False}
+        for key, value in (getattr(layout, "pixel_inputs", None) or {}).items():
+            if value.is_floating_point():  # pixels in the weights' precision (bf16 weights take no fp32 pixels)
+                inputs[key] = inputs[key].to(next(model.parameters()).dtype)
         found = self._final_hidden_states(model, inputs)
         if found is not None:
             hidden, project, vocab = found
@@ -179,6 +182,12 @@ class Learner:
         """The micro-batch's pairs as shared-prompt rows where `_shares_prompts` allows, else as
         separate sequences (`core/sequences.py`); chosen sequences first, then rejected."""
         completions = [[c, r] for c, r in zip(batch.chosen_ids, batch.rejected_ids)]
+        if batch.pixel_inputs is not None:
+            # Images: separate sequences, each row with its prompt's pixel inputs, and prompts never cut
+            # (a cut would drop image tokens that the pixel inputs fill), as in the reference.
+            longest = longest_sequence(batch.prompt_ids, completions, 1 << 30)
+            return separate_sequences(batch.prompt_ids, completions, max(self.args.max_length, longest),
+                                      self.pad_token_id, batch.pixel_inputs)
         build = shared_prompt_rows if self._shares_prompts(batch, completions) else separate_sequences
         return build(batch.prompt_ids, completions, self.args.max_length, self.pad_token_id)
 
@@ -378,6 +387,11 @@ def load_model_weights(model, directory: str) -> None:
     else:
         raise FileNotFoundError(f"no model weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}) in checkpoint "
                                 f"{directory}")
+    if unexpected and hasattr(type(model), "from_pretrained"):
+        # save_pretrained wrote the checkpoint's own names (e.g. Llava's "language_model.model.*" in
+        # transformers 5): transformers' loader maps them back to this model's parameters
+        reloaded = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+        missing, unexpected = model.load_state_dict(reloaded.state_dict(), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -15,15 +15,19 @@ import torch
 def load_causal_lm(name_or_path: str, args):
     """`AutoModelForCausalLM.from_pretrained` with the config's `model_init_kwargs` (dtype names
     accepted as strings) and `trust_remote_code`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from odpo_vllm.multimodal import is_vision_config
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code)
+    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
     kwargs = dict(args.model_init_kwargs or {})
     dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code, **kwargs)
+    return auto.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code, **kwargs)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -34,6 +38,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def context_length(model_or_config) -> int:
     config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's text model
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 

@@ -9,12 +9,29 @@ from typing import Any, Callable
 import torch
 
 from odpo_vllm.data import is_conversational
+from odpo_vllm.multimodal import IMAGE_COLUMNS, text_only_messages
 from odpo_vllm.core.objective import apply_missing_eos_penalty
 from odpo_vllm.validation import check_reward_model, reward_values
 
 logger = logging.getLogger(__name__)
 
 REWARD_BATCH_ROWS = 64  # completions per reward-model forward
+
+
+def accepted_columns(func, columns: dict[str, list]) -> dict[str, list]:
+    """The dataset columns a reward callable receives as keywords: all of them (as the reference
+    passes them), except an image column the callable takes neither by name nor through **kwargs."""
+    import inspect
+
+    if not any(name in columns for name in IMAGE_COLUMNS):
+        return columns
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass everything
+        return columns
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return columns
+    return {key: value for key, value in columns.items() if key not in IMAGE_COLUMNS or key in parameters}
 
 
 def _is_judge(obj) -> bool:
@@ -163,7 +180,8 @@ class Rewards:
                 if j in self.model_indices:
                     continue
                 else:
-                    values = func(prompts=prompts, completions=shown, completion_ids=completion_ids, **columns)
+                    values = func(prompts=prompts, completions=shown, completion_ids=completion_ids,
+                                  **accepted_columns(func, columns))
                     table[:, j] = torch.tensor(reward_values(values, self.names[j], len(completions)))
             check_step_scores(table, self.names)
             scores = torch.nansum(table * self.weights, dim=1)
@@ -173,6 +191,7 @@ class Rewards:
     @torch.no_grad()
     def _model_scores(self, model, tokenizer, prompts, completions) -> torch.Tensor:
         if is_conversational(prompts[0]):
+            prompts = [text_only_messages(p) for p in prompts]  # a text reward model reads no images
             texts = [
                 tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
                 for p, c in zip(prompts, completions)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from odpo_vllm.run import console
-from odpo_vllm import validation
+from odpo_vllm import multimodal, validation
 from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.rewards.scorer import Rewards
@@ -54,6 +54,7 @@ class RunSpec:
     reward_funcs: Any
     reward_processing_classes: Any = None
     optimizers: tuple = (None, None)
+    processor: Any = None  # a vision-language model's processor (in process only; `multimodal.py`)
 
 
 def _engine_dtype(args) -> torch.dtype:
@@ -90,7 +91,9 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     model = learner.model
     use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
     generator = None
-    if use_vllm:
+    if use_vllm and spec.processor is not None:
+        generator = vision_engine_or_none(model, spec)
+    elif use_vllm:
         impl = engine_model_impl(model.config, args.vllm_model_impl, log=False)  # the engine says which
         try:
             generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
@@ -102,11 +105,39 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
             # entry): sample with transformers, as the reference does
             logger.warning("vLLM cannot run %s (%s); sampling with transformers' generate instead (use_vllm=False)",
                            ", ".join(model.config.architectures or []), str(err).splitlines()[0][:300])
+    sampling = args.sampling_settings()
+    if spec.processor is not None:  # an image token in a completion would ask for image features that do not exist
+        sampling["suppress_tokens"] = sorted(multimodal.image_token_ids(spec.processor))
     if generator is None:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
-                                          args.sampling_settings(), args.generation_batch_size, learner.autocast_dtype)
+                                          sampling, args.generation_batch_size, learner.autocast_dtype)
     publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance)
     return Roles(generator, learner, rewards, publisher, background_sampling=False)
+
+
+def vision_engine_or_none(model, spec: RunSpec):
+    """The vLLM engine for a vision-language policy, or None (the transformers sampler) with one
+    logged line saying why: vLLM's multi-modal models import torchvision, and an architecture or
+    build the engine cannot run must not stop a run that transformers can sample."""
+    import importlib.util
+
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
+
+    architecture = ", ".join(model.config.architectures or [type(model).__name__])
+    if importlib.util.find_spec("torchvision") is None:
+        reason = "vLLM's vision-language models need torchvision, which is not installed"
+    else:
+        try:
+            engine = VLLMGenerator(model, spec.processor, spec.args, spec.eos_token_ids, spec.max_model_len,
+                                   probe_ids=spec.probe_ids,
+                                   max_sequences=spec.prompts_per_step * spec.args.num_samples)
+            engine.suppress_token_ids = sorted(multimodal.image_token_ids(spec.processor))
+            return engine
+        except Exception as err:  # noqa: BLE001 (any engine failure: the transformers sampler samples)
+            reason = f"the engine failed to start: {str(err).splitlines()[0][:300]}"
+    logger.warning("use_vllm: vLLM cannot sample the vision-language model %s here (%s); sampling with "
+                   "transformers' generate instead", architecture, reason)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

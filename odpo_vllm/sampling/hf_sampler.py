@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from odpo_vllm.core.batches import ReadyRollouts, Rollouts, finish_rollouts
+from odpo_vllm.core.sequences import stack_pixel_inputs
 
 
 class TransformersGenerator:
@@ -32,9 +33,9 @@ class TransformersGenerator:
     def _generation_config(self):
         return generation_config(self.sampling, self.eos_token_ids, self.pad_token_id)
 
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
-        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed))
+        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed, media))
 
     def drain(self, stop: list | None = None) -> None:
         """Nothing is in flight: sampling happens at submit."""
@@ -43,7 +44,9 @@ class TransformersGenerator:
         """Nothing to replace in process."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> Rollouts:
+        """`media`: a vision-language batch's `multimodal.PromptMedia`, one per prompt (their pixel
+        inputs go to `generate` beside the ids), else None."""
         device = next(self.model.parameters()).device
         block = [ids for _ in range(num_samples) for ids in prompt_ids]  # block layout
         config = self._generation_config()
@@ -55,14 +58,19 @@ class TransformersGenerator:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 for start in range(0, len(block), chunk):
-                    raw += self._sample(block[start : start + chunk], config, device)
+                    pixels = None
+                    if media is not None:  # block row r holds prompt r % B
+                        pixels = stack_pixel_inputs([m.pixel_inputs for m in media],
+                                                    [r % len(prompt_ids) for r in range(start, start + chunk)
+                                                     if r < len(block)])
+                    raw += self._sample(block[start : start + chunk], config, device, pixels)
         finally:
             self.model.train(was_training)
         rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
         rollouts.sample_s = time.perf_counter() - started
         return rollouts
 
-    def _sample(self, prompts: list[list[int]], config, device) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], config, device, pixel_inputs=None) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -71,9 +79,14 @@ class TransformersGenerator:
             attention_mask[i, width - len(ids):] = 1
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
+        extra = {}
+        for key, value in (pixel_inputs or {}).items():
+            dtype = next(self.model.parameters()).dtype if value.is_floating_point() else value.dtype
+            extra[key] = value.to(device, dtype)
         with autocast:
             out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                **extra
             )
         return [row.tolist() for row in out[:, width:].cpu()]
 

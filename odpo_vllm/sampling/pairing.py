@@ -12,6 +12,14 @@ import torch
 
 from odpo_vllm.core.batches import PairBatch, ScoredPairs, Rollouts
 from odpo_vllm.core.objective import score_metrics, select_pairs
+from odpo_vllm.multimodal import MEDIA_KEY, batch_media
+
+
+def media_argument(rows: list[dict]) -> dict:
+    """The samplers' `media` keyword for a batch with images; nothing for a text batch (so the
+    samplers, the remote one included, are called as before)."""
+    media = batch_media(rows)
+    return {} if media is None else {"media": media}
 
 
 def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_samples: int) -> ScoredPairs:
@@ -21,7 +29,7 @@ def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_
     completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     repeated = [row for _ in range(num_samples) for row in rows]  # block layout
     columns = {
-        key: [row[key] for row in repeated] for key in rows[0] if key not in ("prompt", "prompt_ids")
+        key: [row[key] for row in repeated] for key in rows[0] if key not in ("prompt", "prompt_ids", MEDIA_KEY)
     }
     prompts = [row["prompt"] for row in repeated]
     scores, per_function = rewards.score(  # score
@@ -30,10 +38,12 @@ def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_
     timings["time/reward"] = time.perf_counter() - start
 
     chosen, rejected = select_pairs(scores, len(rows), num_samples)  # pair
+    media = batch_media(rows)
     batch = PairBatch(
         prompt_ids=rollouts.prompt_ids,
         chosen_ids=[rollouts.completion_ids[i] for i in chosen.tolist()],
         rejected_ids=[rollouts.completion_ids[i] for i in rejected.tolist()],
+        pixel_inputs=[m.pixel_inputs for m in media] if media is not None else None,
     )
     metrics = score_metrics(scores, chosen, rejected, rollouts.contains_eos)
     metrics.update(per_function)

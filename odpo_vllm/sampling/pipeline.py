@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from odpo_vllm.core.batches import ScoredPairs
-from odpo_vllm.sampling.pairing import pair_rollouts
+from odpo_vllm.sampling.pairing import media_argument, pair_rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class RolloutPipeline:
         # submitted now, in this thread: the engines see sampling requests and weight updates in
         # the order of the schedule
         handle = self.roles.generator.submit([row["prompt_ids"] for row in rows], args.num_samples,
-                                             step_seed(args.seed, step))
+                                             step_seed(args.seed, step), **media_argument(rows))
 
         def finish() -> ScoredPairs:
             rollouts = handle.result()

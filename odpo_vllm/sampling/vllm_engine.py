@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from odpo_vllm.multimodal import vllm_prompt
 from odpo_vllm.core.batches import ReadyRollouts, finish_rollouts
 from odpo_vllm.sampling.custom_code import copy_custom_code, engine_model_impl, transformers_classes_kept
 from odpo_vllm.weights.wire import SyncStats
@@ -149,6 +150,7 @@ class VLLMGenerator:
         self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         self._asleep: set[str] = set()
         self.probe_ids = probe_ids
+        self.suppress_token_ids: list[int] = []  # never sampled: a vision-language model's image tokens
         # The engine loads no checkpoint: config and tokenizer only, weights come from the learner.
         self._temporary_dir = None if files_dir else tempfile.TemporaryDirectory(prefix="odpo_vllm_engine_")
         self.files_dir = files_dir or self._temporary_dir.name
@@ -221,10 +223,13 @@ class VLLMGenerator:
     @staticmethod
     def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
         """The checkpoint names and shapes the engine's architecture loads (from a meta-device model)."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+        auto = (AutoModelForImageTextToText if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+                else AutoModelForCausalLM)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = auto.from_config(config)
         return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
     # ------------------------------------------------------------------------------ sleep mode
@@ -243,11 +248,11 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------------------ sampling
     def _sampling_params(self, num_samples: int, seed: int):
-        return sampling_params(self.args, self.eos_token_ids, num_samples, seed)
+        return sampling_params(self.args, self.eos_token_ids, num_samples, seed, self.suppress_token_ids)
 
-    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> ReadyRollouts:
+    def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
-        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed))
+        return ReadyRollouts(self.generate(prompt_ids, num_samples, seed, media))
 
     def drain(self, stop: list | None = None) -> None:
         """Nothing is in flight: sampling happens at submit."""
@@ -255,7 +260,9 @@ class VLLMGenerator:
     def recover(self) -> None:
         """Nothing to replace in process."""
 
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int):
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None):
+        """`media`: a vision-language batch's `multimodal.PromptMedia`, one per prompt (their images
+        go to the engine as multi-modal data), else None."""
         if self.policy_version < 0:
             raise RuntimeError(f"{self.name}: generate() before the first weight update")
         started = time.perf_counter()
@@ -265,7 +272,8 @@ class VLLMGenerator:
         # seed s, vLLM seeds sample j with s + j: per-prompt seeds s + i then gave prompt i's second
         # sample the stream of prompt i+1's first, i.e. duplicate completions for equal prompts.
         # The prefix cache still computes each prompt once.
-        requests = [{"prompt_token_ids": ids} for _ in range(num_samples) for ids in prompt_ids]
+        requests = [vllm_prompt(ids, media[i] if media is not None else None)
+                    for _ in range(num_samples) for i, ids in enumerate(prompt_ids)]
         params = [self._sampling_params(1, seed + row) for row in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         raw = []
@@ -376,8 +384,9 @@ class VLLMGenerator:
             shutil.rmtree(self.files_dir, ignore_errors=True)
 
 
-def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
-    """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win)."""
+def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, suppress_token_ids=()):
+    """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win);
+    `suppress_token_ids` are never sampled (a vision-language model's image tokens)."""
     from vllm import SamplingParams
 
     settings = dict(args.sampling_settings())
@@ -388,4 +397,6 @@ def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None):
         from vllm.sampling_params import StructuredOutputsParams
 
         settings["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
+    if suppress_token_ids:
+        settings["logit_bias"] = {**(settings.get("logit_bias") or {}), **{i: -100.0 for i in suppress_token_ids}}
     return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(eos_token_ids), **settings)
