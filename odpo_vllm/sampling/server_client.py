@@ -103,7 +103,8 @@ class ServerClient:
             kind = ValueError if err.code == 400 else ServerError
             raise kind(f"vLLM server at {self.url}: /{path} failed: {message}") from None
         except (TimeoutError, socket.timeout) as err:
-            raise TimeoutError(f"vLLM server at {self.url} did not answer /{path} within {timeout_s:.0f}s") from err
+            raise TimeoutError(f"vLLM server at {self.url} did not answer /{path} within {timeout_s:.0f}s "
+                               "(ray_timeout_s bounds sampling and weight pushes, vllm_server_timeout the rest)") from err
         except (urllib.error.URLError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise ServerGone(f"vLLM server at {self.url} did not answer /{path} ({reason}); server mode does not "
