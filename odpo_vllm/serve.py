@@ -254,7 +254,10 @@ def main(argv: list[str] | None = None) -> None:
 
     options = parse_args(argv)
     configure_logging(options.log_level)  # before vLLM is imported: its INFO chatter only when asked
-    httpd = ThreadingHTTPServer((options.host, options.port), None)  # the port is taken before the engine starts
+    try:  # the port is taken before the engine starts: a busy one fails in a second, not after the start
+        httpd = ThreadingHTTPServer((options.host, options.port), None)
+    except OSError as err:
+        sys.exit(f"odpo_vllm.serve: cannot listen on {options.host}:{options.port} ({err}); pick another --port")
     httpd.daemon_threads = True
     service = EngineService(options)
     httpd.RequestHandlerClass = make_handler(service)
