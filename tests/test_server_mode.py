@@ -114,6 +114,32 @@ def test_training_with_vllm_server(server, model_path, tmp_path, probe_ids, conv
 
 
 @needs_server
+def test_the_trainers_sampling_settings_reach_the_server(server, model_path, tmp_path):
+    """The server samples with the attached trainer's settings (here a regex every completion
+    must match, and max_new_tokens), not its own."""
+    import re
+
+    pattern = "(good|great|fun)( (good|great|fun)){0,3}"
+    args = server_args(tmp_path, server, vllm_structured_outputs_regex=pattern, max_new_tokens=16, max_steps=1)
+    with OnlineDPOTrainer(model_path, reward_funcs=toy.sentiment_reward, args=args,
+                          train_dataset=toy.prompt_dataset(8)) as trainer:
+        trainer.train()
+        rows = [trainer.encoder.encode(row, i) for i, row in enumerate(toy.prompts(4, seed=5))]
+        rollouts = trainer.generator.generate(rows, 2, seed=7)
+    texts = trainer.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    assert all(len(ids) <= 16 for ids in rollouts.completion_ids)
+    words = {"good", "great", "fun"}
+
+    def matches_or_was_cut(text: str, ids: list[int]) -> bool:  # max_new_tokens may end a match part-way
+        if re.fullmatch(pattern, text.strip()):
+            return True
+        *first, last = text.split() or [""]
+        return len(ids) == 16 and set(first) <= words and any(word.startswith(last) for word in words)
+
+    assert texts and all(matches_or_was_cut(t, ids) for t, ids in zip(texts, rollouts.completion_ids)), texts
+
+
+@needs_server
 def test_second_trainer_attaches_after_the_first_closed(server, model_path, tmp_path, probe_ids):
     """Two runs in turn, on the same group port: the second gets its own weights to the server
     (a gap of zero at its first sync, while the server still held the first run's trained weights)."""
