@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
-from odpo_vllm.core.objective import LOSS_TYPES
+from odpo_vllm.config_checks import check_config
 
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("in_process", "dedicated", "colocated")
-WEIGHT_TRANSPORTS = ("auto", "nccl", "ipc", "odpo_gloo")
 
 
 def _gpu_supports_bf16() -> bool:
@@ -98,7 +95,8 @@ class OnlineDPOConfig(TrainingArguments):
     vllm_mode: str = field(
         default="colocate",
         metadata={"help": "colocate: the engine runs beside the learner (in process, or the Ray placements); "
-                          "server: a separate vLLM server (not available yet: use placement=dedicated)."},
+                          "server: a vLLM server started apart (`python -m odpo_vllm.serve --model ...`), "
+                          "the learner in this process."},
     )
     vllm_server_base_url: str | None = field(default=None, metadata={"help": "vllm_mode=server: the server's URL."})
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode=server: the server's host."})
@@ -107,7 +105,8 @@ class OnlineDPOConfig(TrainingArguments):
         default=240.0, metadata={"help": "vllm_mode=server: seconds to wait for the server."}
     )
     vllm_group_port: int = field(
-        default=51216, metadata={"help": "vllm_mode=server: port of the weight-update group."}
+        default=51216, metadata={"help": "vllm_mode=server: port of the weight-update group's rendezvous, on the "
+                                     "trainer's host (the server connects to it)."}
     )
     vllm_model_impl: str = field(
         default="vllm",
@@ -271,116 +270,8 @@ class OnlineDPOConfig(TrainingArguments):
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{name}: not valid JSON ({err}); pass a dict or a JSON object string") from err
-        self._validate()
+        check_config(self)
         super().__post_init__()
-
-    def _validate(self):
-        def fail(name, message):
-            raise ValueError(f"OnlineDPOConfig.{name}: {message}")
-
-        if self.loss_type not in LOSS_TYPES:
-            fail("loss_type", f"{self.loss_type!r} is not supported; use one of {', '.join(LOSS_TYPES)}")
-        if isinstance(self.beta, float):
-            if not (self.beta > 0 and math.isfinite(self.beta)):
-                fail("beta", f"must be > 0, got {self.beta}")
-        elif not isinstance(self.beta, list):
-            fail("beta", f"must be a number or a list of numbers, got {type(self.beta).__name__}")
-        elif not self.beta:
-            fail("beta", "the list is empty; give at least one value, e.g. beta=0.1")
-        for value in self.beta if isinstance(self.beta, list) else []:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-                fail("beta", f"every value must be a number > 0, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0
-                and math.isfinite(self.learning_rate)):
-            fail("learning_rate", f"must be a finite number >= 0, got {self.learning_rate!r}; e.g. learning_rate=5e-7")
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            fail("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
-        if self.max_new_tokens < 1:
-            fail("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if self.max_new_tokens >= self.max_length:
-            fail(
-                "max_new_tokens",
-                f"{self.max_new_tokens} leaves no room for the prompt in max_length={self.max_length}; "
-                "raise max_length or lower max_new_tokens",
-            )
-        if not self.temperature > 0:
-            fail("temperature", f"must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            fail("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            fail("top_k", f"must be >= 0 or None, got {self.top_k}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            fail("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if self.num_samples < 2:
-            fail("num_samples", f"Online DPO needs at least 2 completions per prompt, got {self.num_samples}")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            fail("generation_batch_size", f"must be >= 1, got {self.generation_batch_size}")
-        if self.vllm_mode not in ("colocate", "server"):
-            fail("vllm_mode", f"must be 'colocate' or 'server', got {self.vllm_mode!r}")
-        if self.vllm_mode == "server":
-            fail("vllm_mode", "'server' (a separate vLLM server) is not available yet; placement='dedicated' runs the "
-                 "engines in Ray actors apart from the learners, which is what server mode is for, or use "
-                 "vllm_mode='colocate'")
-        if self.vllm_model_impl not in ("vllm", "transformers"):
-            fail("vllm_model_impl", f"must be 'vllm' or 'transformers', got {self.vllm_model_impl!r}")
-        if self.vllm_structured_outputs_regex is not None:
-            import re
-
-            try:
-                re.compile(self.vllm_structured_outputs_regex)
-            except re.error as err:
-                fail("vllm_structured_outputs_regex", f"is not a regular expression ({err})")
-        if self.vllm_server_timeout <= 0:
-            fail("vllm_server_timeout", f"must be > 0 seconds, got {self.vllm_server_timeout}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            fail("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_tensor_parallel_size < 1:
-            fail("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
-        if self.vllm_kv_cache_memory_bytes is not None and self.vllm_kv_cache_memory_bytes < 1 << 20:
-            fail("vllm_kv_cache_memory_bytes", f"{self.vllm_kv_cache_memory_bytes} is below 1 MiB; give bytes, e.g. 67108864")
-        if self.vllm_max_model_len is not None and self.vllm_max_model_len <= self.max_new_tokens:
-            fail("vllm_max_model_len", f"must exceed max_new_tokens={self.max_new_tokens}")
-        if self.placement not in PLACEMENTS:
-            fail("placement", f"{self.placement!r} is not supported; use one of {', '.join(PLACEMENTS)}")
-        if self.ray_zero_stage not in (2, 3):
-            fail("ray_zero_stage", f"must be 2 or 3, got {self.ray_zero_stage}")
-        for name in ("ray_learner_ranks", "ray_num_engines"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be >= 1, got {getattr(self, name)}")
-        if not self.ray_cpus_per_actor > 0:
-            fail("ray_cpus_per_actor", f"must be > 0, got {self.ray_cpus_per_actor}")
-        if self.ray_threads_per_actor is not None and self.ray_threads_per_actor < 1:
-            fail("ray_threads_per_actor", f"must be >= 1, got {self.ray_threads_per_actor}")
-        if not self.ray_timeout_s > 0:
-            fail("ray_timeout_s", f"must be > 0, got {self.ray_timeout_s}")
-        if self.ray_max_engine_restarts < 0:
-            fail("ray_max_engine_restarts", f"must be >= 0 (0: a dead engine stops the run), got "
-                                            f"{self.ray_max_engine_restarts}")
-        if self.weight_transport not in WEIGHT_TRANSPORTS:
-            fail("weight_transport", f"{self.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
-        if self.async_steps < 0:
-            fail("async_steps", f"must be >= 0 (0: synchronous), got {self.async_steps}")
-        if self.ray_num_reward_workers is not None and self.ray_num_reward_workers < 1:
-            fail("ray_num_reward_workers", f"must be >= 1, got {self.ray_num_reward_workers}")
-        if self.ray_cpus_per_reward_worker is not None and not self.ray_cpus_per_reward_worker >= 0:
-            fail("ray_cpus_per_reward_worker", f"must be >= 0 (0: it shares the cores of the others), got "
-                                               f"{self.ray_cpus_per_reward_worker}")
-        if not self.preemption_grace_s > 0:
-            fail("preemption_grace_s", f"must be > 0 seconds (the scheduler's grace period), got "
-                                       f"{self.preemption_grace_s}")
-        if not self.ray_start_timeout_s > 0:
-            fail("ray_start_timeout_s", f"must be > 0 seconds, got {self.ray_start_timeout_s}")
-        if not self.ray_wait_for_resources_s >= 0:
-            fail("ray_wait_for_resources_s", f"must be >= 0 (0: fail at once when the cluster is too small), got "
-                                             f"{self.ray_wait_for_resources_s}")
-        if self.reward_gpus < 0:
-            fail("reward_gpus", f"must be >= 0, got {self.reward_gpus}")
-        if self.reward_weights is not None and any(not isinstance(w, (int, float)) for w in self.reward_weights):
-            fail("reward_weights", "must be a list of numbers")
-        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
-            fail("generation_kwargs", "must be a dict")
 
     @property
     def data_parallel_ranks(self) -> int:

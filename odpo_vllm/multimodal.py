@@ -67,6 +67,12 @@ def check_placement(processing_class: Any, args) -> None:
             f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor) does not "
             "train on placement='colocated' yet: use placement=\"dedicated\" or placement=\"in_process\""
         )
+    if is_processor(processing_class) and args.vllm_mode == "server" and args.use_vllm is not False:
+        raise ValueError(
+            f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor) samples "
+            "in process only; vllm_mode=\"server\" does not carry images to the server yet: use "
+            "vllm_mode=\"colocate\" (or use_vllm=False)"
+        )
 
 
 def vision_engine_unavailable() -> str | None:

@@ -3,7 +3,8 @@
     for each step:  sample -> score -> pair -> learn -> sync -> log -> save (-> evaluate)
 
 Who does each step is decided at construction by the placement's builder (`runtime/placement.py`:
-in process, or Ray actors dedicated or colocated); the loop is the same for every placement.
+in process, Ray actors dedicated or colocated, or a vLLM server the user started); the loop is
+the same for every placement.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, 
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline, step_seed
-from odpo_vllm.runtime.placement import BUILDERS, RunSpec
+from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
 from odpo_vllm.sampling.pairing import media_argument, pair_rollouts
 
@@ -123,12 +124,13 @@ class OnlineDPOTrainer:
                        probe, self.max_steps, self.prompts_per_step,
                        reward_funcs if reward_funcs is not None else args.reward_model_path,
                        reward_processing_classes, optimizers, self.encoder.processor)
-        self.roles = BUILDERS[args.placement](spec)
+        self.roles = build_roles(spec)
         self.training_epoch = 0  # the epoch of the batch trained last (beta follows it)
         try:
             self.learner, self.generator = self.roles.learner, self.roles.generator
             self.rewards, self.publisher = self.roles.rewards, self.roles.publisher
             self.model, self.ref_model = getattr(self.learner, "model", None), getattr(self.learner, "ref_model", None)
+            self.vllm_client = getattr(self.generator, "client", None)  # vllm_mode="server": the server's client
             self.publisher.publish(0)  # engines start with dummy weights
             self.pipeline = RolloutPipeline(self.batches, self.roles, tokenizer, args, self._rows)
         except BaseException:
@@ -179,7 +181,7 @@ class OnlineDPOTrainer:
         self.use_vllm = args.placement != "in_process" or (
             args.use_vllm if args.use_vllm is not None else vllm_available())
         self.vllm_mode = args.vllm_mode if self.use_vllm else None  # colocate: the engine beside the learner
-        self.vllm_client = None  # the reference's server-mode client; no server mode here (see README)
+        self.vllm_client = None  # vllm_mode="server": the server's client, set once the roles are built
         self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k
         self.repetition_penalty = args.repetition_penalty
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]

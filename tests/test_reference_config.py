@@ -32,7 +32,9 @@ def test_reference_fields_and_defaults(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("vllm_mode", "remote", "must be 'colocate' or 'server'"),
-    ("vllm_mode", "server", "placement='dedicated'"),
+    ("vllm_server_base_url", "10.0.0.1:8000", "must start with http:// or https://"),
+    ("vllm_server_base_url", "http://:8000", "names no host"),
+    ("vllm_group_port", 0, "must be a port in 1-65535"),
     ("vllm_model_impl", "jax", "must be 'vllm' or 'transformers'"),
     ("vllm_structured_outputs_regex", "(ab", "is not a regular expression"),
     ("vllm_server_timeout", 0, "must be > 0 seconds"),
@@ -40,6 +42,14 @@ def test_reference_fields_and_defaults(tmp_path):
 def test_reference_fields_bad_values_name_the_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=rf"OnlineDPOConfig.{field}: .*{re.escape(message)}"):
         OnlineDPOConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_server_mode_trains_in_process(tmp_path):
+    """vllm_mode="server" samples on a server the user started and trains here: a Ray placement,
+    which starts engines of its own, is refused with what to use instead."""
+    OnlineDPOConfig(output_dir=str(tmp_path), vllm_mode="server")  # placement="in_process": accepted
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.vllm_mode: .*placement='in_process'"):
+        OnlineDPOConfig(output_dir=str(tmp_path), vllm_mode="server", placement="dedicated")
 
 
 def test_cache_implementation_reaches_the_transformers_sampler(model, tmp_path):

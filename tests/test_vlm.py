@@ -153,6 +153,17 @@ def test_colocated_placement_refuses_a_processor(tmp_path):
                          train_dataset=image_dataset("llava"), processing_class=processor)
 
 
+def test_server_mode_refuses_a_processor(tmp_path):
+    """vllm_mode="server" sends token ids to the server: a processor fails at once, before any
+    server is asked for, naming the fix."""
+    model, processor = llava()
+    args = make_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_timeout=1)
+    with pytest.raises(ValueError, match=r"processing_class: a LlavaProcessor .* vllm_mode=\"server\".*"
+                                         r"vllm_mode=\"colocate\""):
+        OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=args, train_dataset=image_dataset("llava"),
+                         processing_class=processor)
+
+
 def test_text_prompts_with_a_processor(tmp_path):
     """A processor with a text-only dataset trains as a tokenizer would (no pixel inputs anywhere)."""
     model, processor = llava()

@@ -5,6 +5,10 @@
   in a placement group, reward models in reward-worker actors.
 - `build_colocated_roles`: one engine inside each learner rank's bundle (same node, same GPU
   share; on a GPU the engine sleeps while the rank trains).
+- `build_server_roles` (`vllm_mode="server"`): the learner in this process, a vLLM server the
+  user started (`python -m odpo_vllm.serve`) as the generator; no Ray.
+
+`build_roles` picks the builder from the config.
 
 The training loop receives the roles and never asks which placement built them.
 """
@@ -60,12 +64,10 @@ def _engine_dtype(args) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # In process
 # --------------------------------------------------------------------------------------------
-def build_in_process_roles(spec: RunSpec) -> Roles:
-    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+def _local_learner_and_rewards(spec: RunSpec):
+    """The learner (policy, reference, optimizer) and the rewards in this process."""
     from odpo_vllm.learning.learner import Learner
     from odpo_vllm.learning.models import prepare_policy_and_reference
-    from odpo_vllm.sampling.custom_code import engine_model_impl
-    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
 
     args = spec.args
     device = torch.device("cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu")
@@ -76,6 +78,17 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
                       scheduler)
     rewards = Rewards(spec.reward_funcs, spec.reward_processing_classes, args.reward_weights,
                       args.missing_eos_penalty, args.model_init_kwargs, args.trust_remote_code, device)
+    return learner, rewards
+
+
+def build_in_process_roles(spec: RunSpec) -> Roles:
+    from odpo_vllm.sampling.hf_sampler import TransformersGenerator
+    from odpo_vllm.sampling.custom_code import engine_model_impl
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
+
+    args = spec.args
+    learner, rewards = _local_learner_and_rewards(spec)
+    model = learner.model
     use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
     generator = None
     if use_vllm and spec.processor is not None:
@@ -335,5 +348,46 @@ def build_colocated_roles(spec: RunSpec) -> Roles:
     return _build_ray_roles(spec, colocated=True)
 
 
+# --------------------------------------------------------------------------------------------
+# A vLLM server
+# --------------------------------------------------------------------------------------------
+def build_server_roles(spec: RunSpec) -> Roles:
+    """The learner and the rewards in this process; the generator is a vLLM server the user
+    started (`python -m odpo_vllm.serve`), fed over the weight transport the server names. The
+    server must answer /health within `vllm_server_timeout` (checked before the policy loads),
+    and must serve this policy's architecture. Not replaced if it dies: the call that finds it
+    gone fails with an error naming it."""
+    from odpo_vllm.sampling.server_client import ServerClient, ServerGenerator, server_url
+    from odpo_vllm.weights.publisher import ServerWeightPublisher
+
+    args = spec.args
+    client = ServerClient(server_url(args), args.vllm_server_timeout)
+    served = client.wait_for_health(args.vllm_server_timeout)
+    learner, rewards = _local_learner_and_rewards(spec)
+    roles = Roles(None, learner, rewards, None, background_sampling=True)
+    try:
+        attach = {"max_model_len": spec.max_model_len, "sampling": args.sampling_settings(),
+                  "structured_outputs_regex": args.vllm_structured_outputs_regex,
+                  "eos_token_ids": sorted(spec.eos_token_ids)}
+        roles.publisher = ServerWeightPublisher(client, learner, served, spec.probe_ids, args.vllm_sync_tolerance,
+                                                args.ray_timeout_s, args.vllm_group_port, attach)
+        roles.generator = ServerGenerator(client, args.ray_timeout_s, roles.publisher.dtype, roles.publisher.name)
+    except BaseException:
+        roles.close()
+        raise
+    logger.info("server mode: sampling on %s (%s), weights over %s", client.url, served["model"],
+                served["weight_transport"])
+    return roles
+
+
 BUILDERS = {"in_process": build_in_process_roles, "dedicated": build_dedicated_roles,
             "colocated": build_colocated_roles}
+
+
+def build_roles(spec: RunSpec) -> Roles:
+    """The roles of the run the config asks for: a vLLM server (`vllm_mode="server"` with vLLM
+    sampling), else the placement's builder."""
+    args = spec.args
+    if args.vllm_mode == "server" and args.use_vllm is not False:
+        return build_server_roles(spec)
+    return BUILDERS[args.placement](spec)

@@ -322,6 +322,11 @@ class VLLMGenerator:
         """Called by the weight publisher once this engine serves the weights of `version`."""
         self.policy_version = version
 
+    def restart_idle_clock(self) -> None:
+        """Engine idle time counts from now (a server's engine, when a trainer attaches: the wait
+        for the user to start a run is no idle time of that run)."""
+        self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
+
     def ping(self) -> int:
         """A cheap call: answered once the engine is up; the version it serves."""
         return self.policy_version

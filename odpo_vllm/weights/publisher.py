@@ -247,3 +247,76 @@ class RayWeightPublisher:
             self._close_transport(timeout_s=min(self.timeout_s, 5.0))
         except Exception as err:  # closing after a failure must not hide the failure
             logger.debug("weight publisher: closing the transport failed: %s", err)
+
+
+class ServerWeightPublisher:
+    """A vLLM server the user started (`python -m odpo_vllm.serve`), fed by the learner in this
+    process over the same wire as the Ray placements (the server's `weight_transport`: our gloo
+    backend on CPU, vLLM's NCCL between GPUs); HTTP carries the control calls only. Attaching
+    checks that the server serves this policy's architecture, names and shapes. `close` closes
+    the transport and leaves the server running, for the next run to attach."""
+
+    def __init__(self, client, learner, served: dict, probe_ids: list[int] | None, tolerance: float | None,
+                 timeout_s: float, group_port: int, attach: dict):
+        """`served`: the server's /health answer; `attach`: what the trainer tells the server
+        (context, sampling settings, EOS ids), sent with the policy's weight names and shapes."""
+        from odpo_vllm.weights.names import LearnerWeights
+
+        self.client, self.learner, self.probe_ids, self.timeout_s = client, learner, probe_ids, timeout_s
+        self.group_port, self.backend, self.workers = group_port, served["weight_transport"], int(served["workers"])
+        self.dtype = getattr(torch, served["dtype"])
+        # the gap is as coarse as the coarser side: a bf16 learner against a float32 server too
+        self.tolerance = default_tolerance(tolerance, getattr(learner, "autocast_dtype", None) or self.dtype)
+        self.name = f"the vLLM server at {client.url}"
+        self.weights = LearnerWeights(learner.model, self.dtype)
+        self.bytes = sum(m.nbytes for m in self.weights.tensor_meta())
+        metas = [[m.name, str(m.dtype).split(".")[-1], list(m.shape)] for m in self.weights.tensor_meta()]
+        architectures = list(getattr(getattr(learner.model, "get_base_model", lambda: learner.model)().config,
+                                     "architectures", None) or [])
+        self.client.attach(dict(attach, weights=metas, architectures=architectures))
+        self.transfer = None
+        self.version = -1
+
+    def _open_transport(self) -> None:
+        from odpo_vllm.sampling.server_client import ServerWeightSyncClient
+        from odpo_vllm.weights.vllm_backend import open_trainer_transport
+        from odpo_vllm.weights.wire import DEFAULT_BUCKET_BYTES
+
+        wire = {"master_address": self.client.local_address(), "master_port": self.group_port,
+                "world_size": 1 + self.workers, "bucket_bytes": DEFAULT_BUCKET_BYTES, "timeout_s": self.timeout_s,
+                "engine_name": self.name}
+        self.sync_client = ServerWeightSyncClient(self.client, self.timeout_s)
+        self.transfer = open_trainer_transport(self.backend, wire, rank=0, client=self.sync_client,
+                                               source=self.weights)
+
+    def publish(self, version: int, stop: list | None = None) -> dict[str, float]:
+        """(The generator has drained.) The server serves the learner's weights after `version`
+        optimizer steps, proved by the sync probe."""
+        from odpo_vllm.weights.wire import call_with_timeout
+
+        start = time.perf_counter()
+        if self.transfer is None:
+            self._open_transport()
+        call_with_timeout(self.transfer.send_weights, self.timeout_s,
+                          f"{self.name} did not finish the {self.backend} weight update")
+        self.client.call("set_version", {"version": version})
+        metrics = {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
+        if self.probe_ids is not None:
+            served = torch.tensor(self.client.call("logprobs", {"token_ids": self.probe_ids})["logprobs"])
+            metrics["sync/logprob_gap"] = probe_gap(served, self.learner.sequence_logprobs(self.probe_ids),
+                                                    self.tolerance, self.name, version)
+        self.version = version
+        return metrics
+
+    def close(self) -> None:
+        """Both sides of the transport closed; the server keeps running."""
+        transfer, self.transfer = self.transfer, None
+        if transfer is None:
+            return
+        try:  # briefly: a server that died must not hold up the run's end
+            self.sync_client.shutdown_weight_transfer_engine(timeout_s=min(self.timeout_s, 10.0))
+        except Exception as err:  # closing after a failure must not hide the failure
+            logger.warning("%s: closing its side of the weight transport failed: %s", self.name, err)
+        shutdown = getattr(transfer, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
