@@ -33,38 +33,42 @@ def settings(tmp_path, name, **overrides):
 
 def train(kind, args, tmp_path):
     """(initial weights, final weights as `save_model` writes them, the driver's sampler's weights
-    (a Ray run) or None, training loss, the trainer's log history)."""
+    (a Ray run) or None, training loss, the trainer's log history, evaluation's metrics)."""
     from transformers import AutoModelForImageTextToText
 
     model, processor = BUILDERS[kind]()
     before = snapshot(model)
     with OnlineDPOTrainer(model, reward_funcs=sentiment_reward, args=args, train_dataset=image_dataset(kind),
-                          processing_class=processor) as trainer:
+                          eval_dataset=image_dataset(kind, 2), processing_class=processor) as trainer:
         output = trainer.train()
+        evaluation = trainer.evaluate()
         folder = tempfile.mkdtemp(prefix="saved-", dir=tmp_path)
         trainer.save_model(folder)
         sampler = snapshot(trainer.generator.model) if trainer.model is None else None
         history = list(trainer.state.log_history)
     after = snapshot(AutoModelForImageTextToText.from_pretrained(folder))
-    return before, after, sampler, output.training_loss, history
+    return before, after, sampler, output.training_loss, history, evaluation
 
 
 @pytest.mark.parametrize("kind", ["llava", "idefics2"])
 def test_dedicated_vlm_trains_as_in_process(kind, ray_cluster, tmp_path, caplog):
     """One ZeRO-2 learner rank trains on the pixel inputs and the driver samples with the ranks'
-    weights: the same seed gives the in-process run's final weights, every parameter a loss reaches
+    weights: the same seed gives the in-process run's loss, evaluation loss and final weights, every parameter a loss reaches
     moved (the vision tower and projector included: the rank's logprobs read the images), the
     weights reached the driver's sampler every step, and one line says why no engine samples."""
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: the engines would sample (not covered on this machine)")
-    _, local, _, local_loss, _ = train(kind, settings(tmp_path, "local"), tmp_path)
+    _, local, _, local_loss, _, local_eval = train(kind, settings(tmp_path, "local"), tmp_path)
     with caplog.at_level(logging.WARNING, logger="odpo_vllm"):
-        before, after, sampler, loss, history = train(
+        before, after, sampler, loss, history, evaluation = train(
             kind, settings(tmp_path, "ray", placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
                            ray_timeout_s=300), tmp_path)
     lines = [r.getMessage() for r in caplog.records if FALLBACK in r.getMessage()]
     assert len(lines) == 1 and "torchvision" in lines[0], lines
     assert math.isfinite(loss) and loss == pytest.approx(local_loss, abs=1e-4)
+    # evaluation samples in the driver too and the rank's logprob pass reads the eval images
+    assert math.isfinite(evaluation["eval_loss"]) and evaluation["eval_loss"] == pytest.approx(
+        local_eval["eval_loss"], abs=1e-4)
     rows = [r for r in history if "loss" in r]
     assert len(rows) == 2 and all(r["sync/logprob_gap"] < 1e-4 and r["sync/bytes"] > 0 for r in rows)
     assert set(after) == set(local) == set(before) == set(sampler)
