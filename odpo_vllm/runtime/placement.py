@@ -276,6 +276,9 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         # Before any actor or placement group: one Ray cannot hold would wait in silence.
         demand = resources.resource_demand(args, colocated, on_gpu, num_reward_workers(args, local_rewards),
                                            cluster.get("CPU", 0.0))
+        no_engine = multimodal.vision_engine_unavailable() if spec.processor is not None else None
+        if no_engine is not None:  # no engine starts: the driver samples on a copy of the policy
+            demand = [share for share in demand if share.role != "vLLM engines"]
         joined = not roles.closers  # a cluster this run did not start: shared, perhaps autoscaling
         resources.ensure_resources(args.placement, demand, joined, args.ray_wait_for_resources_s, args.ray_timeout_s)
         logger.info("%s placement needs %s", args.placement, resources.describe(demand))
@@ -294,8 +297,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         # Before the engines start, and whatever save_strategy says: a stop signal saves a checkpoint,
         # the command line saves the final model from rank 0, and a resume is only known at train().
         roles.learner.check_shared_storage(args.output_dir)
-        no_engine = multimodal.vision_engine_unavailable() if spec.processor is not None else None
-        if no_engine is not None:  # the driver samples on a copy of the policy that the ranks update
+        if no_engine is not None:
             from odpo_vllm.weights.driver_publisher import driver_sampling
 
             roles.generator, roles.publisher = driver_sampling(spec, roles.learner, no_engine)
