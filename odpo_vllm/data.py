@@ -271,3 +271,23 @@ class IterablePromptBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.rows_taken, self._iterator = state["epoch"], state["rows_taken"], None
+
+
+def engine_context(train_dataset, eval_encoded, context: int, args, image_ids: set[int],
+                   eos_token_id: int) -> tuple[int, list[int]]:
+    """The engines' max_model_len (the longest encoded prompt + max_new_tokens, capped by the
+    model's `context`) and the probe: a fixed sequence that engine and learner both score after
+    every sync (the first prompt twice, text tokens only: it is scored without pixel inputs)."""
+    from datasets import Dataset
+
+    longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
+    first_prompt = None
+    if isinstance(train_dataset, Dataset):
+        evals = eval_encoded.values() if isinstance(eval_encoded, dict) else [eval_encoded]
+        parts = [train_dataset] + [part for part in evals if isinstance(part, Dataset)]
+        longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
+        first_prompt = train_dataset[0]["prompt_ids"]
+    max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
+    first_prompt = [token for token in first_prompt or [] if token not in image_ids]
+    probe = (first_prompt or [eos_token_id]) * 2
+    return max_model_len, probe[: max_model_len - 1]

@@ -26,24 +26,21 @@ from transformers.trainer_callback import (
     TrainerControl,
     TrainerState,
 )
-from transformers.trainer_utils import EvalPrediction, TrainOutput
+from transformers.trainer_utils import TrainOutput
 
 from odpo_vllm.run import checkpoint, log_files
 from odpo_vllm import multimodal, validation
 from odpo_vllm.config import OnlineDPOConfig
 from odpo_vllm.run.console import configure_logging
-from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset
+from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset, engine_context
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
-from odpo_vllm.sampling.pipeline import RolloutPipeline, step_seed
+from odpo_vllm.sampling.pipeline import RolloutPipeline
 from odpo_vllm.runtime.placement import RunSpec, build_roles
+from odpo_vllm.run.evaluation import evaluate_prompts
 from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
-from odpo_vllm.sampling.pairing import media_argument, pair_rollouts
 
 logger = logging.getLogger(__name__)
-
-EVAL_SEED_SALT = 1
-
 
 class OnlineDPOTrainer:
     """Online DPO (Guo et al. 2024): sample two completions per prompt from the current policy,
@@ -119,7 +116,8 @@ class OnlineDPOTrainer:
         self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 
         # ---- roles: who samples, scores, learns and moves the weights (built by the placement)
-        max_model_len, probe = self._engine_context(context)
+        max_model_len, probe = engine_context(self.train_dataset, self._eval_encoded, context, args,
+                                              multimodal.image_token_ids(processing_class), tokenizer.eos_token_id)
         spec = RunSpec(model, ref_model, peft_config, tokenizer, args, self.eos_token_ids, max_model_len,
                        probe, self.max_steps, self.prompts_per_step,
                        reward_funcs if reward_funcs is not None else args.reward_model_path,
@@ -150,26 +148,6 @@ class OnlineDPOTrainer:
         self.control = TrainerControl()
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
         os.makedirs(args.output_dir, exist_ok=True)
-
-    def _engine_context(self, context: int) -> tuple[int, list[int]]:
-        """The engines' max_model_len (longest prompt + max_new_tokens, capped by the model) and the
-        probe: a fixed sequence scored by engine and learner after every sync."""
-        from datasets import Dataset
-
-        args = self.args
-        longest = context - args.max_new_tokens  # streaming data: any prompt the model can take
-        first_prompt = None
-        if isinstance(self.train_dataset, Dataset):
-            evals = self._eval_encoded.values() if isinstance(self._eval_encoded, dict) else [self._eval_encoded]
-            parts = [self.train_dataset] + [part for part in evals if isinstance(part, Dataset)]
-            longest = max(len(ids) for part in parts for ids in part["prompt_ids"])
-            first_prompt = self.train_dataset[0]["prompt_ids"]
-        max_model_len = args.vllm_max_model_len or min(context, longest + args.max_new_tokens)
-        # text tokens only: the probe is scored without pixel inputs
-        image_ids = multimodal.image_token_ids(self.processing_class)
-        first_prompt = [token for token in first_prompt or [] if token not in image_ids]
-        probe = (first_prompt or [self.tokenizer.eos_token_id]) * 2
-        return max_model_len, probe[: max_model_len - 1]
 
     # ------------------------------------------------------------------------------ helpers
     def _set_reference_attributes(self, reward_funcs) -> None:
@@ -425,7 +403,6 @@ class OnlineDPOTrainer:
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     # ------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Sample pairs for every eval prompt with the current policy and report the training
         metrics (and loss) on them, without updating the model."""
@@ -437,31 +414,9 @@ class OnlineDPOTrainer:
             for name, part in dataset.items():
                 results.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return results
-        args = self.args
-        beta = args.beta_at(self.training_epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
-        batches = PromptBatches(dataset, args.per_device_eval_batch_size * args.gradient_accumulation_steps,
-                                args.seed, shuffle=False)
-        sums, total = defaultdict(float), 0
-        start = time.perf_counter()
-        for index in range(len(batches)):
-            _, rows = batches.next()
-            rows = self._rows(rows)
-            rollouts = self.generator.generate([row["prompt_ids"] for row in rows], args.num_samples,
-                                               step_seed(args.seed, index, EVAL_SEED_SALT), **media_argument(rows))
-            pairs = pair_rollouts(rows, rollouts, self.rewards, self.tokenizer, args.num_samples)
-            metrics = self.learner.evaluate(pairs.batch, beta)
-            metrics.update(pairs.metrics)
-            metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
-            if self.compute_metrics is not None:
-                prediction = EvalPrediction(predictions=pairs.pair_scores.numpy(), label_ids=None)
-                metrics.update(self.compute_metrics(prediction))
-            for key, value in metrics.items():
-                sums[key] += value * len(rows)
-            total += len(rows)
-        results = {f"{metric_key_prefix}_{k}": v / total for k, v in sums.items() if not k.startswith("time/")}
-        results[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
-        results[f"{metric_key_prefix}_samples_per_second"] = total * args.num_samples / results[
-            f"{metric_key_prefix}_runtime"]
+        beta = self.args.beta_at(self.training_epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
+        results = evaluate_prompts(dataset, self.roles, self.tokenizer, self.args, beta, self._rows,
+                                   self.compute_metrics, metric_key_prefix)
         self.log(results)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=results)
         self.control.should_evaluate = False
