@@ -69,9 +69,9 @@ def check_placement(processing_class: Any, args) -> None:
         )
     if is_processor(processing_class) and args.vllm_mode == "server" and args.use_vllm is not False:
         raise ValueError(
-            f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor) samples "
-            "in process only; vllm_mode=\"server\" does not carry images to the server yet: use "
-            "vllm_mode=\"colocate\" (or use_vllm=False)"
+            f"processing_class: a {type(processing_class).__name__} (a vision-language model's processor): "
+            "vllm_mode=\"server\" does not carry images to the server yet; use vllm_mode=\"colocate\" (in process "
+            "or placement=\"dedicated\") or use_vllm=False"
         )
 
 

@@ -114,6 +114,19 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
     return killed
 
 
+# Six steps, and a stopped engine found within 30 s
+SHORT = dict(max_steps=6, ray_timeout_s=30)
+CLEAN: dict = {}  # the fault-free runs by setting, shared by the tests of this module
+
+
+def clean_run(model_path, tmp_path, common: dict):
+    """The fault-free run of the setting `common` (run once per module)."""
+    key = tuple(sorted(common.items()))
+    if key not in CLEAN:
+        CLEAN[key] = run(model_path, settings(tmp_path, "clean", **common))
+    return CLEAN[key]
+
+
 def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
     """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
     at the end. Checks that a replaced engine's folder went when it was replaced, and the folder of
@@ -138,15 +151,17 @@ def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
                          ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async-in-flight"])
 def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_cluster, model_path, tmp_path, engines,
                                                                           async_steps, when):
-    common = dict(ray_num_engines=engines, async_steps=async_steps)
-    expected, clean_rows, _, _ = run(model_path, settings(tmp_path, "clean", **common))
+    # the fault-free run of each setting is shared with the other tests of this module (`CLEAN`)
+    common = {**SHORT, **({} if engines == 1 else dict(ray_num_engines=engines)),
+              **({} if async_steps == 0 else dict(async_steps=async_steps))}
+    expected, clean_rows, _, _ = clean_run(model_path, tmp_path, common)
     victim = f"vllm-engine-{engines - 1}"
 
     def fault(trainer):
         if when == "idle":
             return kill_engine_while_learning(trainer, victim, step=3)
         if when == "in flight":
-            return kill_engine_with_batch_in_flight(trainer, victim, step=5)
+            return kill_engine_with_batch_in_flight(trainer, victim, step=4)
         callback = KillEngineAfterStep(trainer, victim, step=3)
         trainer.add_callback(callback)
         return callback.killed
@@ -154,7 +169,7 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault)
 
     assert len(killed) == 1 and pids[victim] != killed[0]  # a new process serves in its place
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, SHORT["max_steps"] + 1))
     assert "faults/engine_restarts" not in rows[2] and rows[-1]["faults/engine_restarts"] == 1
     assert rows[-1]["faults/seconds_lost"] > 0
     assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
@@ -172,7 +187,6 @@ def assert_as_without_the_fault(rows, weights, clean_rows, expected):
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
 
 
-CLEAN: dict = {}  # the fault-free runs, shared by the moments below
 
 
 @pytest.mark.vllm
@@ -184,11 +198,8 @@ def test_engine_lost_inside_the_publishers_work_is_replaced(ray_cluster, model_p
     """A fault does not choose its moment: an engine killed (or stopped: alive, silent) during a
     weight push, during the sync probe, or a replacement killed during its own sync, is replaced
     within its restart budget and the run ends with the weights of a run without the fault."""
-    common = dict(max_steps=6, ray_timeout_s=30)  # one clean run for every case (a stopped engine is found in 30 s)
-    key = tuple(sorted(common.items()))
-    if key not in CLEAN:
-        CLEAN[key] = run(model_path, settings(tmp_path, "clean", **common))
-    expected, clean_rows, _, _ = CLEAN[key]
+    common = SHORT  # one clean run for every case, and the single-engine case above
+    expected, clean_rows, _, _ = clean_run(model_path, tmp_path, common)
     weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common),
                                       lambda trainer: kill_engine_at(trainer, "vllm-engine-0", moment, push=3, sig=sig))
     assert len(killed) == (2 if moment == "replacement sync" else 1)
