@@ -107,10 +107,6 @@ def row_images(row: dict) -> list | None:
     return [image] if image is not None else None
 
 
-def dataset_has_images(column_names) -> bool:
-    return any(name in column_names for name in IMAGE_COLUMNS)
-
-
 def with_image_placeholders(prompt: list[dict], count: int) -> list[dict]:
     """A conversation whose messages hold plain strings, rewritten in the processors' content-part
     form: the first user message gets `count` image parts before its text (as the reference puts
