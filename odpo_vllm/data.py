@@ -130,9 +130,7 @@ class PromptEncoder:
             text = self.text(row["prompt"], row_index)
             if not text.strip():
                 raise ValueError(f"{self.dataset_name} row {row_index}: the prompt is empty; drop or fill that row")
-            # Chat templates carry their own special tokens; plain text gets the tokenizer's defaults.
-            add_special = not is_conversational(row["prompt"])
-            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            ids = with_bos(self.tokenizer, self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise ValueError(f"{self.dataset_name} row {row_index}: the prompt tokenizes to nothing")
         if self.vocab_size is not None and max(ids) >= self.vocab_size:
@@ -167,11 +165,25 @@ class PromptEncoder:
             prompt = with_image_placeholders(prompt, len(images))
         text = self.text(prompt, row_index, self.processor)
         try:
-            return process_prompt(self.processor, text, [image.convert("RGB") if hasattr(image, "convert") else image for image in images],
-                                  add_special_tokens=not is_conversational(prompt))
+            ids, pixel_inputs = process_prompt(
+                self.processor, text, [image.convert("RGB") if hasattr(image, "convert") else image for image in images],
+                add_special_tokens=False)
+            return with_bos(self.tokenizer, ids), pixel_inputs
         except ValueError as err:
             raise ValueError(f"{where}: the processor refused the prompt and its {len(images)} image(s) ({err}); "
                              "give one image placeholder per image in the prompt") from err
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """The reference's prompt rule (TRL's `tokenize_row`): prompts are tokenized without the
+    tokenizer's automatic special tokens (a chat template writes its own; some tokenizers would
+    append an EOS), then the tokenizer's BOS goes in front unless the prompt already starts with
+    it. Without that BOS a model trained with one sees prompts it never saw (issue 28: on a small
+    `<bos>` task the missing BOS alone cut the reward reached on some seeds from ~0.97 to ~0.5)."""
+    bos = tokenizer.bos_token_id
+    if bos is None or (ids and ids[0] == bos):
+        return list(ids)
+    return [bos, *ids]
 
 
 def encode_dataset(dataset, encoder: PromptEncoder):

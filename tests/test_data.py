@@ -152,3 +152,43 @@ def test_prompt_batches_resume_from_state_dict(stop_after):
     resumed.load_state_dict(state)
     tail = _take(resumed, 8 - stop_after)
     assert head + tail == uninterrupted
+
+
+@pytest.fixture
+def bos_tokenizer(fresh_tokenizer):
+    """The toy tokenizer with a `<bos>` token (as Llama- or Gemma-style tokenizers have) whose
+    automatic special tokens would append EOS, the case `add_special_tokens=False` guards against."""
+    from tokenizers import processors
+
+    fresh_tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    eos = fresh_tokenizer.eos_token
+    fresh_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, fresh_tokenizer.eos_token_id)])
+    return fresh_tokenizer
+
+
+def test_prompts_start_with_one_bos_and_get_no_automatic_tokens(bos_tokenizer):
+    """The reference's tokenize_row rule: no automatic special tokens, the BOS in front once, also
+    when a chat template already wrote it."""
+    from odpo_vllm.data import PromptEncoder
+
+    encoder = PromptEncoder(bos_tokenizer, max_prompt_tokens=64, max_new_tokens=8)
+    bos, eos = bos_tokenizer.bos_token_id, bos_tokenizer.eos_token_id
+    text = "Review the film:"
+    assert bos_tokenizer(text)["input_ids"][-1] == eos  # what add_special_tokens=True would give
+    plain = encoder.encode({"prompt": text}, 0)
+    assert plain == [bos] + bos_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert encoder.encode({"prompt": "<bos>" + text}, 0) == plain  # already there: not doubled
+
+    messages = [{"role": "user", "content": text}]
+    bos_tokenizer.chat_template = "<bos>" + toy.CHAT_TEMPLATE
+    templated = encoder.encode({"prompt": messages}, 0)
+    assert templated[0] == bos and templated[1] != bos and eos not in templated
+
+
+def test_tokenizer_without_bos_keeps_prompts_as_tokenized(fresh_tokenizer):
+    from odpo_vllm.data import PromptEncoder
+
+    encoder = PromptEncoder(fresh_tokenizer, max_prompt_tokens=64, max_new_tokens=8)
+    assert fresh_tokenizer.bos_token_id is None
+    assert encoder.encode({"prompt": "Review the film:"}, 0) == fresh_tokenizer("Review the film:")["input_ids"]
