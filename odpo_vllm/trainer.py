@@ -31,14 +31,14 @@ from transformers.trainer_utils import TrainOutput
 from odpo_vllm.run import checkpoint, log_files
 from odpo_vllm import multimodal, validation
 from odpo_vllm.config import OnlineDPOConfig
-from odpo_vllm.run.console import configure_logging
+from odpo_vllm.primitives.console import configure_logging
 from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset, engine_context
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline
 from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.evaluation import evaluate_prompts
-from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
+from odpo_vllm.primitives.preemption import Preempted, StopRequest, StopWaiting, stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class OnlineDPOTrainer:
         error every role is closed (engines, ranks, reward workers, the run's own Ray cluster).
         SIGTERM or SIGINT: a checkpoint of the step reached is written, then `Preempted` (a wait
         for rollouts or a weight push is cut short, a learner step is finished; see
-        `run/preemption.py`)."""
+        `primitives/preemption.py`)."""
         try:
             with stop_signals() as stop:
                 return self._train(resume_from_checkpoint, stop)

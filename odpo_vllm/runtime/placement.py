@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from odpo_vllm.run import console
+from odpo_vllm.primitives import console
 from odpo_vllm import multimodal, validation
 from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.sampling.remote_generator import RemoteGenerator

@@ -28,6 +28,7 @@ from concurrent.futures import Future, wait
 import torch
 
 from odpo_vllm.core.batches import Rollouts
+from odpo_vllm.primitives.preemption import StopWaiting
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,6 @@ class ServerGenerator:
     def drain(self, stop: list | None = None) -> None:
         """Before a weight push: every /generate call answered (an update must not overtake one).
         A stop signal in `stop` ends the wait (`StopWaiting`)."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         with self.lock:
             pending = list(self.in_flight)
         while pending:
