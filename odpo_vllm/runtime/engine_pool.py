@@ -7,7 +7,7 @@ calls the other for it:
 
 - the generator (`sampling/remote_generator.py`) samples from `pool.engines` and asks for a
   replacement when a part it waits for is lost;
-- the weight publisher (`weights/publisher.py`) pushes to `pool.engines`, replaces engines that
+- the weight publisher (`runtime/publisher.py`) pushes to `pool.engines`, replaces engines that
   died while idle (found before a push) or during a push, its probe or a replacement's sync, and
   gives a replacement the published weights before it serves (`pool.stale` says which engines
   still need them).

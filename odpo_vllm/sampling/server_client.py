@@ -4,7 +4,7 @@
 HTTP carries control only (JSON: prompt ids in, completion ids out, the weight-update handshake,
 the sync probe); the weights travel over the same wire as under the Ray placements (our gloo
 backend on CPU, vLLM's NCCL between GPUs), opened by the weight publisher
-(`weights/publisher.py`, `ServerWeightPublisher`).
+(`runtime/publisher.py`, `ServerWeightPublisher`).
 
 - `ServerClient`: one JSON call per endpoint, each bounded by a timeout and failing with an error
   that names the server, the call and what to do.

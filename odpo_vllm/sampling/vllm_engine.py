@@ -6,7 +6,7 @@ owned by the engine pool and driven by `RemoteGenerator` and the weight publishe
 
 The engine starts from the model's config with dummy weights and receives the learner's weights
 before it samples anything: one code path for the first load, every step's update and a resume.
-The weight publisher (`weights/publisher.py`) drives every update and tells the engine which policy
+The weight publisher (`runtime/publisher.py`) drives every update and tells the engine which policy
 version it now serves; the engine never counts versions itself.
 """
 
