@@ -154,10 +154,8 @@ class OnlineDPOTrainer:
         """The reference trainer's public attributes, read from the config (the placement holds
         the working objects): which sampler, its settings, the reward functions and weights."""
         args = self.args
-        from odpo_vllm.sampling.vllm_engine import vllm_available
-
         self.use_vllm = args.placement != "in_process" or (
-            args.use_vllm if args.use_vllm is not None else vllm_available())
+            args.use_vllm if args.use_vllm is not None else validation.vllm_available())
         self.vllm_mode = args.vllm_mode if self.use_vllm else None  # colocate: the engine beside the learner
         self.vllm_client = None  # vllm_mode="server": the server's client, set once the roles are built
         self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k

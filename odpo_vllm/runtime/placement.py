@@ -84,12 +84,12 @@ def _local_learner_and_rewards(spec: RunSpec):
 def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.sampling.custom_code import engine_model_impl
-    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     args = spec.args
     learner, rewards = _local_learner_and_rewards(spec)
     model = learner.model
-    use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+    use_vllm = args.use_vllm if args.use_vllm is not None else validation.vllm_available()
     generator = None
     if use_vllm and spec.processor is not None:
         generator = vision_engine_or_none(model, spec)
