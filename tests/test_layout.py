@@ -152,7 +152,8 @@ def _unit_imports(package: Path = PACKAGE):
 
 
 def _upward(imports) -> list[str]:
-    """The imports that reach a higher floor, as `file:line imports module (unit, floor n, above ...)`."""
+    """The imports that reach a higher floor, each as `file:line imports module: unit (floor n) may
+    not import other (floor m, above it)`."""
     return [f"{path}:{line} imports {target}: {unit} (floor {FLOOR[unit]}) may not import {other} (floor "
             f"{FLOOR[other]}, above it)" for path, line, target, unit, other in imports
             if FLOOR.get(other, -1) > FLOOR.get(unit, len(LAYERS))]
