@@ -7,7 +7,7 @@ import os as _os
 # It only takes effect if set before the OpenMP runtime starts, i.e. before torch is imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from odpo_vllm.run.console import apply_env_log_level as _apply_env_log_level
+from odpo_vllm.primitives.console import apply_env_log_level as _apply_env_log_level
 
 _apply_env_log_level()  # before vLLM and DeepSpeed are imported: a quiet console unless log_level asks
 

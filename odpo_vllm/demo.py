@@ -15,7 +15,7 @@ import os
 import shutil
 
 from odpo_vllm import toy
-from odpo_vllm.run.console import configure_logging
+from odpo_vllm.primitives.console import configure_logging
 
 
 def main(argv: list[str] | None = None):

@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from odpo_vllm.run.console import configure_logging
+    from odpo_vllm.primitives.console import configure_logging
 
     options = parse_args(argv)
     configure_logging(options.log_level)  # before vLLM is imported: its INFO chatter only when asked

@@ -16,8 +16,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from odpo_vllm.config import OnlineDPOConfig
-from odpo_vllm.run.preemption import Preempted
-from odpo_vllm.run.console import configure_logging
+from odpo_vllm.primitives.preemption import Preempted
+from odpo_vllm.primitives.console import configure_logging
 
 logger = logging.getLogger("odpo_vllm")
 

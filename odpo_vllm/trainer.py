@@ -31,14 +31,14 @@ from transformers.trainer_utils import TrainOutput
 from odpo_vllm.run import checkpoint, log_files
 from odpo_vllm import multimodal, validation
 from odpo_vllm.config import OnlineDPOConfig
-from odpo_vllm.run.console import configure_logging
+from odpo_vllm.primitives.console import configure_logging
 from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset, engine_context
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline
 from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.evaluation import evaluate_prompts
-from odpo_vllm.run.preemption import Preempted, StopRequest, StopWaiting, stop_signals
+from odpo_vllm.primitives.preemption import Preempted, StopRequest, StopWaiting, stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +154,8 @@ class OnlineDPOTrainer:
         """The reference trainer's public attributes, read from the config (the placement holds
         the working objects): which sampler, its settings, the reward functions and weights."""
         args = self.args
-        from odpo_vllm.sampling.vllm_engine import vllm_available
-
         self.use_vllm = args.placement != "in_process" or (
-            args.use_vllm if args.use_vllm is not None else vllm_available())
+            args.use_vllm if args.use_vllm is not None else validation.vllm_available())
         self.vllm_mode = args.vllm_mode if self.use_vllm else None  # colocate: the engine beside the learner
         self.vllm_client = None  # vllm_mode="server": the server's client, set once the roles are built
         self.temperature, self.top_p, self.top_k = args.temperature, args.top_p, args.top_k
@@ -237,7 +235,7 @@ class OnlineDPOTrainer:
         error every role is closed (engines, ranks, reward workers, the run's own Ray cluster).
         SIGTERM or SIGINT: a checkpoint of the step reached is written, then `Preempted` (a wait
         for rollouts or a weight push is cut short, a learner step is finished; see
-        `run/preemption.py`)."""
+        `primitives/preemption.py`)."""
         try:
             with stop_signals() as stop:
                 return self._train(resume_from_checkpoint, stop)

@@ -217,15 +217,24 @@ RESERVED_KEYS = {"n": "num_samples", "num_return_sequences": "num_samples", "see
                  "logprobs": None, "stop_token_ids": None, "output_kind": None}
 
 
+# vLLM's sampling arguments under the names `generation_kwargs` may use (`vllm_engine.sampling_params`)
+SAMPLING_ALIASES = {"max_new_tokens": "max_tokens"}
+HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams", "cache_implementation"}  # dropped for vLLM
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def generation_kwargs_keys(use_vllm: bool) -> set[str]:
     """The keys `generation_kwargs` may hold for the backend that will sample."""
     if use_vllm:
         from vllm import SamplingParams
 
-        from odpo_vllm.sampling.vllm_engine import _HF_ONLY_KEYS, _SAMPLING_ALIASES
-
         fields = {f for f in SamplingParams.__struct_fields__ if not f.startswith("_")}
-        return fields | set(_SAMPLING_ALIASES) | set(_HF_ONLY_KEYS) | OUR_SAMPLING_KEYS
+        return fields | set(SAMPLING_ALIASES) | set(HF_ONLY_KEYS) | OUR_SAMPLING_KEYS
     from transformers import GenerationConfig
 
     return set(GenerationConfig().to_dict()) | OUR_SAMPLING_KEYS
@@ -257,8 +266,6 @@ def check_generation_kwargs(generation_kwargs: dict | None, use_vllm: bool) -> N
 
 def check_inputs(model, ref_model, reward_funcs, args) -> None:
     """What can be checked before anything is loaded: paths and the sampling settings."""
-    from odpo_vllm.sampling.vllm_engine import vllm_available
-
     check_paths(model, ref_model, reward_funcs, args)
     use_vllm = args.placement != "in_process" or (args.use_vllm if args.use_vllm is not None else vllm_available())
     check_generation_kwargs(args.generation_kwargs, use_vllm)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from odpo_vllm.run import console
+from odpo_vllm.primitives import console
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,7 +69,7 @@ def test_losing_an_engine_s_node_counts_as_losing_the_engine():
     to report (the exception classes are Ray's own)."""
     import ray.exceptions as errors
 
-    from odpo_vllm.runtime.engine_pool import engine_lost
+    from odpo_vllm.primitives.waits import engine_lost
 
     object_id = "0" * 56
     assert engine_lost(errors.ActorDiedError())

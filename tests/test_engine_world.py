@@ -9,7 +9,7 @@ import torch
 
 from odpo_vllm.learning.learner import Learner
 from odpo_vllm.sampling.vllm_engine import VLLMGenerator
-from odpo_vllm.weights.publisher import LocalWeightPublisher
+from odpo_vllm.runtime.publisher import LocalWeightPublisher
 
 from conftest import free_port, make_args
 

@@ -110,7 +110,7 @@ def test_publisher_pushes_zero3_buckets_and_replaces_an_engine_with_the_publishe
     from transformers import AutoConfig
 
     from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
-    from odpo_vllm.weights.publisher import RayWeightPublisher
+    from odpo_vllm.runtime.publisher import RayWeightPublisher
     from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     ray = ray_cluster

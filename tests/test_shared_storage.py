@@ -1,4 +1,4 @@
-"""`output_dir` shared by the driver and every learner rank (`run/shared_storage.py`):
+"""`output_dir` shared by the driver and every learner rank (`primitives/shared_storage.py`):
 - fast: DeepSpeed's per-rank checkpoint files, the missing ones listed, the errors' words (rank,
   node, files, the shared-storage hint), the marker read back or not, and `checkpoint.save`
   refusing to rename a save whose rank files the driver cannot see (a stand-in trainer);
@@ -25,8 +25,9 @@ from transformers.trainer_callback import TrainerState
 from conftest import free_port, ray_env
 from odpo_vllm import toy
 from odpo_vllm.learning.deepspeed_rank import checkpoint_files
-from odpo_vllm.run import checkpoint, shared_storage
-from odpo_vllm.run.shared_storage import SharedStorageError
+from odpo_vllm.primitives import shared_storage
+from odpo_vllm.run import checkpoint
+from odpo_vllm.primitives.shared_storage import SharedStorageError
 
 HINT = "output_dir must be shared storage mounted at the same path on every node"
 

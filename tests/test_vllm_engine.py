@@ -8,7 +8,7 @@ import torch
 
 from odpo_vllm import OnlineDPOTrainer, toy
 from odpo_vllm.sampling.hf_sampler import TransformersGenerator
-from odpo_vllm.weights.publisher import LocalWeightPublisher
+from odpo_vllm.runtime.publisher import LocalWeightPublisher
 from odpo_vllm.learning.learner import Learner
 from odpo_vllm.core.sequences import separate_sequences
 from odpo_vllm.weights.names import LearnerWeights

@@ -16,7 +16,9 @@ import torch
 
 from odpo_vllm.core.batches import PairBatch
 from odpo_vllm.learning.rank_actor import RankActor
-from odpo_vllm.runtime.waits import Notice, wait_all
+from odpo_vllm.primitives import shared_storage
+from odpo_vllm.primitives.preemption import StopWaiting
+from odpo_vllm.primitives.waits import Notice, wait_all
 
 
 def free_port() -> int:
@@ -120,8 +122,6 @@ class LearnerGroup:
             left = max(deadline - time.monotonic(), 0)
             if stop is not None:
                 if stop:
-                    from odpo_vllm.run.preemption import StopWaiting
-
                     raise StopWaiting()
                 left = min(left, 0.2)  # look at `stop` again soon
             ready, pending = self.ray.wait(pending, num_returns=1, timeout=notice.slice(left) if notice else left)
@@ -220,9 +220,7 @@ class LearnerGroup:
 
     def check_shared_storage(self, output_dir: str) -> None:
         """Fail before training unless every rank reads a file the driver writes in `output_dir`
-        (see `run/shared_storage.py`); remembers each rank's node for later errors."""
-        from odpo_vllm.run import shared_storage
-
+        (see `primitives/shared_storage.py`); remembers each rank's node for later errors."""
         path, token = shared_storage.write_marker(output_dir)
         try:
             answers = self.call("sees_file", path, token)

@@ -11,6 +11,7 @@ import os
 import torch
 
 from odpo_vllm.core.batches import PairBatch
+from odpo_vllm.primitives import shared_storage
 
 
 class RankActor:
@@ -77,8 +78,6 @@ class RankActor:
 
     def sees_file(self, path: str, token: str) -> tuple[bool, str]:
         """Whether this rank reads `token` in `path` (the driver's shared-storage marker), and its node."""
-        from odpo_vllm.run import shared_storage
-
         return shared_storage.sees_marker(path, token), shared_storage.this_node()
 
     def save_pretrained(self, directory: str) -> None:

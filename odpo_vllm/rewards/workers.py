@@ -10,7 +10,7 @@ import time
 import torch
 
 from odpo_vllm.rewards.scorer import Rewards
-from odpo_vllm.runtime.waits import ActorDied, wait_for
+from odpo_vllm.primitives.waits import ActorDied, wait_for
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""What outlives the process or talks to people: checkpoints, preemption, the console, plots."""
+"""What outlives the process or reports on it: checkpoints, evaluation, the log files, plots. The
+top floor with the trainer; stop signals and log levels are `primitives/`."""

@@ -19,7 +19,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from odpo_vllm.learning.deepspeed_rank import checkpoint_files
-from odpo_vllm.run import shared_storage
+from odpo_vllm.primitives import shared_storage
 
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "odpo_state.json"

@@ -7,7 +7,7 @@ calls the other for it:
 
 - the generator (`sampling/remote_generator.py`) samples from `pool.engines` and asks for a
   replacement when a part it waits for is lost;
-- the weight publisher (`weights/publisher.py`) pushes to `pool.engines`, replaces engines that
+- the weight publisher (`runtime/publisher.py`) pushes to `pool.engines`, replaces engines that
   died while idle (found before a push) or during a push, its probe or a replacement's sync, and
   gives a replacement the published weights before it serves (`pool.stale` says which engines
   still need them).
@@ -37,26 +37,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from odpo_vllm.primitives.preemption import StopWaiting
+from odpo_vllm.primitives.waits import Notice, engine_lost, wait_all
+
 logger = logging.getLogger(__name__)
 
 # `ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)`: sampling and weight updates run one at a time in
 # the default group; `ping` and `pid` in a thread of their own (they only read attributes).
 ENGINE_CONCURRENCY = {"concurrency_groups": {"control": 1}}
 DIAGNOSE_S = 60.0  # a ping to the control thread answers in milliseconds unless the process is stopped or gone
-
-
-def engine_lost(err: BaseException) -> bool:
-    """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
-    engine core inside a live actor did, or its node: the call's result was lost with it, or the
-    node was reported dead), rather than a bug in the call."""
-    import ray
-
-    exceptions = ray.exceptions
-    if isinstance(err, (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.NodeDiedError)):
-        return True  # ObjectLostError covers OwnerDiedError and ObjectReconstructionFailedError
-    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
-
-
 ENGINE_FILES_PREFIX = "odpo_vllm_engines_"
 
 
@@ -94,8 +83,6 @@ class EnginePool:
         """Until every engine answers a ping (vLLM is up), with a log line saying so; an engine
         still silent after `start_timeout_s` fails the start naming it. An engine whose start failed is
         left to the first weight push, which replaces it (`replace`)."""
-        from odpo_vllm.runtime.waits import Notice, wait_all
-
         names = self.names
         refs = [self.ping(name) for name in names]
         pending = wait_all(refs, self.start_timeout_s, Notice(
@@ -128,8 +115,6 @@ class EnginePool:
         """Each engine of `names` (default: all) that does not answer a ping within `timeout_s`
         (default `ray_timeout_s`), or whose process is gone: name -> why. A stop signal in `stop`
         ends the wait (`StopWaiting`)."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         names = self.names if names is None else names
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         refs = [self.ping(name) for name in names]

@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from odpo_vllm.run import console
 from odpo_vllm import multimodal, validation
-from odpo_vllm.weights.publisher import LocalWeightPublisher, RayWeightPublisher
-from odpo_vllm.sampling.remote_generator import RemoteGenerator
+from odpo_vllm.primitives import console
 from odpo_vllm.rewards.scorer import Rewards
 from odpo_vllm.runtime import resources
 from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
+from odpo_vllm.runtime.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
+from odpo_vllm.sampling.remote_generator import RemoteGenerator
 from odpo_vllm.weights.wire import GLOO_BACKEND
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,12 @@ def _local_learner_and_rewards(spec: RunSpec):
 def build_in_process_roles(spec: RunSpec) -> Roles:
     from odpo_vllm.sampling.hf_sampler import TransformersGenerator
     from odpo_vllm.sampling.custom_code import engine_model_impl
-    from odpo_vllm.sampling.vllm_engine import VLLMGenerator, vllm_available
+    from odpo_vllm.sampling.vllm_engine import VLLMGenerator
 
     args = spec.args
     learner, rewards = _local_learner_and_rewards(spec)
     model = learner.model
-    use_vllm = args.use_vllm if args.use_vllm is not None else vllm_available()
+    use_vllm = args.use_vllm if args.use_vllm is not None else validation.vllm_available()
     generator = None
     if use_vllm and spec.processor is not None:
         generator = vision_engine_or_none(model, spec)
@@ -298,7 +298,7 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         # the command line saves the final model from rank 0, and a resume is only known at train().
         roles.learner.check_shared_storage(args.output_dir)
         if no_engine is not None:
-            from odpo_vllm.weights.driver_publisher import driver_sampling
+            from odpo_vllm.runtime.driver_publisher import driver_sampling
 
             roles.generator, roles.publisher = driver_sampling(spec, roles.learner, no_engine)
             logger.info("%s placement: %d learner ranks (ZeRO-%d), sampling in the driver", args.placement,
@@ -360,7 +360,7 @@ def build_server_roles(spec: RunSpec) -> Roles:
     and must serve this policy's architecture. Not replaced if it dies: the call that finds it
     gone fails with an error naming it."""
     from odpo_vllm.sampling.server_client import ServerClient, ServerGenerator, server_url
-    from odpo_vllm.weights.publisher import ServerWeightPublisher
+    from odpo_vllm.runtime.publisher import ServerWeightPublisher
 
     args = spec.args
     client = ServerClient(server_url(args), args.vllm_server_timeout)

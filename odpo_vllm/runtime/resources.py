@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from odpo_vllm.runtime.waits import REPEAT_S, Notice
+from odpo_vllm.primitives.waits import REPEAT_S, Notice
 
 logger = logging.getLogger(__name__)
 

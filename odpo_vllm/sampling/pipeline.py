@@ -18,6 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from odpo_vllm.core.batches import ScoredPairs
+from odpo_vllm.primitives.preemption import StopWaiting
 from odpo_vllm.sampling.pairing import media_argument, pair_rollouts
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ class RolloutPipeline:
         """The future's pairs; meanwhile, replace engines that die (the background thread waits
         for their lost parts to be re-issued, which only this thread does). A stop signal in
         `stop` ends the wait (`StopWaiting`)."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         while True:
             try:
                 return future.result(timeout=0.1)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from odpo_vllm.core.batches import Rollouts
-from odpo_vllm.runtime.engine_pool import engine_lost
+from odpo_vllm.primitives.preemption import StopWaiting
+from odpo_vllm.primitives.waits import engine_lost
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class RemoteGenerator:
         """Before a weight push: wait until every submitted part is sampled (an update must not
         overtake one), replacing engines that die on the way. A stop signal in `stop` ends the
         wait (`StopWaiting`): a preemption's checkpoint does not wait for a hung engine."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         while True:
             if stop:
                 raise StopWaiting()

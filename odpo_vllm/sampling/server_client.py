@@ -4,7 +4,7 @@
 HTTP carries control only (JSON: prompt ids in, completion ids out, the weight-update handshake,
 the sync probe); the weights travel over the same wire as under the Ray placements (our gloo
 backend on CPU, vLLM's NCCL between GPUs), opened by the weight publisher
-(`weights/publisher.py`, `ServerWeightPublisher`).
+(`runtime/publisher.py`, `ServerWeightPublisher`).
 
 - `ServerClient`: one JSON call per endpoint, each bounded by a timeout and failing with an error
   that names the server, the call and what to do.
@@ -28,6 +28,7 @@ from concurrent.futures import Future, wait
 import torch
 
 from odpo_vllm.core.batches import Rollouts
+from odpo_vllm.primitives.preemption import StopWaiting
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,6 @@ class ServerGenerator:
     def drain(self, stop: list | None = None) -> None:
         """Before a weight push: every /generate call answered (an update must not overtake one).
         A stop signal in `stop` ends the wait (`StopWaiting`)."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         with self.lock:
             pending = list(self.in_flight)
         while pending:

@@ -6,7 +6,7 @@ owned by the engine pool and driven by `RemoteGenerator` and the weight publishe
 
 The engine starts from the model's config with dummy weights and receives the learner's weights
 before it samples anything: one code path for the first load, every step's update and a resume.
-The weight publisher (`weights/publisher.py`) drives every update and tells the engine which policy
+The weight publisher (`runtime/publisher.py`) drives every update and tells the engine which policy
 version it now serves; the engine never counts versions itself.
 """
 
@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from odpo_vllm.multimodal import vllm_prompt
 from odpo_vllm.core.batches import ReadyRollouts, finish_rollouts
+from odpo_vllm.multimodal import vllm_prompt
 from odpo_vllm.sampling.custom_code import copy_custom_code, engine_model_impl, transformers_classes_kept
-from odpo_vllm.weights.wire import SyncStats
+from odpo_vllm.validation import HF_ONLY_KEYS, SAMPLING_ALIASES, vllm_available
 from odpo_vllm.weights.names import LearnerWeights, TensorMeta, validate_weights
+from odpo_vllm.weights.wire import SyncStats
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +54,6 @@ def _release_failed_start(world_before: bool) -> None:
             parallel_state._WORLD = None
     except Exception as err:  # teardown of a broken start: nothing left to protect
         logger.debug("vLLM process groups not torn down cleanly: %s", err)
-
-
-# vLLM's sampling arguments under the names `generation_kwargs` may use
-_SAMPLING_ALIASES = {"max_new_tokens": "max_tokens"}
-_HF_ONLY_KEYS = {"do_sample", "use_cache", "num_beams", "cache_implementation"}
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 class _RotaryReloadNoise(logging.Filter):
@@ -391,7 +381,7 @@ def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, sup
     from vllm import SamplingParams
 
     settings = dict(args.sampling_settings())
-    settings = {_SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in _HF_ONLY_KEYS}
+    settings = {SAMPLING_ALIASES.get(k, k): v for k, v in settings.items() if k not in HF_ONLY_KEYS}
     settings["top_k"] = settings.get("top_k") or -1
     settings["min_p"] = settings.get("min_p") or 0.0
     if args.vllm_structured_outputs_regex is not None:

@@ -21,6 +21,18 @@ class ActorDied(RuntimeError):
     """An actor's process is gone (the error names it)."""
 
 
+def engine_lost(err: BaseException) -> bool:
+    """Whether a failed engine call means the engine is gone (its actor process died, or vLLM's
+    engine core inside a live actor did, or its node: the call's result was lost with it, or the
+    node was reported dead), rather than a bug in the call."""
+    import ray
+
+    exceptions = ray.exceptions
+    if isinstance(err, (exceptions.RayActorError, exceptions.ObjectLostError, exceptions.NodeDiedError)):
+        return True  # ObjectLostError covers OwnerDiedError and ObjectReconstructionFailedError
+    return isinstance(err, ray.exceptions.RayTaskError) and "EngineDeadError" in str(err)
+
+
 class Notice:
     """The log lines of one wait for `what`, which gives up after `timeout_s` (set by `flag`): one
     at `level` now, a WARNING once it lasted `notice_s`, then every `REPEAT_S`. A wait loop calls

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from odpo_vllm.weights.publisher import default_tolerance, probe_gap
+from odpo_vllm.runtime.publisher import default_tolerance, probe_gap
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from odpo_vllm.runtime.waits import wait_for
+from odpo_vllm.primitives.preemption import StopWaiting
+from odpo_vllm.primitives.waits import wait_for
 from odpo_vllm.weights.names import LearnerWeights
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ class RayWeightPublisher:
         signal in `stop` during the push ends it (`StopWaiting`): engines that do not answer a
         ping within a few seconds are killed, so that rank 0, which sends to them, is free for the
         checkpoint."""
-        from odpo_vllm.run.preemption import StopWaiting
-
         for name, reason in self.pool.find_dead(stop=stop).items():
             self.pool.replace(name, reason)
         while True:
