@@ -88,6 +88,10 @@ def ray_head_process(cwd=None):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         # Ray's fixed defaults (52365, 10001) collide with any other cluster on the machine: the second
+         # head's job agent then runs without its HTTP server and `ray job submit` answers "No available
+         # agent to submit job" for as long as the first cluster lives.
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--num-cpus=2", f"--object-store-memory={256 << 20}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         cwd=cwd, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     head_info = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir)

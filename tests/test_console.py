@@ -40,6 +40,38 @@ def test_variables_the_user_set_win(monkeypatch):
     assert env["TRANSFORMERS_VERBOSITY"] == "error"
 
 
+def test_values_inherited_from_the_starting_process_are_not_the_users(monkeypatch):
+    """A process started from one that imported odpo_vllm (a subprocess, a pytest-xdist worker)
+    inherits the variables we set there; they must not count as the user's choice in it."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")
+    monkeypatch.setenv(console.SET_BY_US_VAR, "VLLM_LOGGING_LEVEL=ERROR;TORCH_CPP_LOG_LEVEL=ERROR")
+    monkeypatch.setattr(console, "_SET_BY_US", console.inherited_settings())
+    assert console.library_log_env("info")["VLLM_LOGGING_LEVEL"] == "INFO"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")  # changed since: the user's
+    assert console.library_log_env("info")["VLLM_LOGGING_LEVEL"] == "WARNING"
+
+
+def test_our_lines_reach_the_stderr_of_the_moment():
+    """The console handler made while stderr was one stream writes to the one in place later."""
+    import contextlib
+    import io
+
+    ours = logging.getLogger("odpo_vllm")
+    saved = (list(ours.handlers), ours.level)
+    before, after = io.StringIO(), io.StringIO()
+    try:
+        ours.handlers[:] = []
+        with contextlib.redirect_stderr(before):
+            console.configure_logging("passive")
+        with contextlib.redirect_stderr(after):
+            logging.getLogger("odpo_vllm.runtime.placement").warning("a line for now")
+        assert "a line for now" in after.getvalue() and before.getvalue() == ""
+    finally:
+        console.configure_logging("passive", own_handler=False)
+        ours.handlers[:] = saved[0]
+        ours.setLevel(saved[1])
+
+
 def test_unknown_log_level_names_the_field():
     with pytest.raises(ValueError, match="log_level: 'loud'"):
         console.normalize("loud")

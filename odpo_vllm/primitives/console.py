@@ -35,7 +35,18 @@ LIBRARY_MODULES = r"(vllm|ray|deepspeed|transformers|datasets|accelerate|peft|to
                   r"pydantic|pkg_resources|setuptools|google|multiprocessing|numpy|matplotlib|odpo_vllm)(\.|$)"
 
 
-_SET_BY_US: dict[str, str] = {}  # environment variables this module set, and their values
+# The environment variables this module set, and their values, also written to SET_BY_US_VAR: a
+# process started from this one (a subprocess, a pytest-xdist worker) inherits our values and must
+# not take them for the user's.
+SET_BY_US_VAR = "ODPO_VLLM_ENV_SET_BY_US"
+
+
+def inherited_settings() -> dict[str, str]:
+    """What the process that started this one recorded in SET_BY_US_VAR."""
+    return dict(item.split("=", 1) for item in os.environ.get(SET_BY_US_VAR, "").split(";") if "=" in item)
+
+
+_SET_BY_US: dict[str, str] = inherited_settings()
 
 
 def _user_set(key: str) -> bool:
@@ -46,6 +57,23 @@ def _user_set(key: str) -> bool:
 def _set_env(key: str, value: str) -> None:
     if not _user_set(key):
         os.environ[key] = _SET_BY_US[key] = value
+        os.environ[SET_BY_US_VAR] = ";".join(f"{k}={v}" for k, v in _SET_BY_US.items())
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not to the stream of the moment
+    it was made (a notebook or a test harness that swaps stderr later still sees our lines)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def normalize(log_level: str | None) -> str:
@@ -136,7 +164,7 @@ def configure_logging(log_level: str | None = "passive", own_handler: bool = Tru
     ours = logging.getLogger("odpo_vllm")
     ours.setLevel(own_level(level))
     if own_handler and not any(getattr(h, "_odpo_console", False) for h in ours.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._odpo_console = True
         ours.addHandler(handler)  # still propagates: a root handler of the user's (or pytest's) sees it too
