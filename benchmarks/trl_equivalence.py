@@ -89,6 +89,7 @@ ID_KINDS = {"sampling", "prompt", "prompt_ids", "model_in", "completion", "text"
 FLOOR_FACTOR = 10  # a float diverges beyond 10x the rounding error of ours against itself (see `compare`)
 BOS_NOTE = "BOS: ours follows tokenize_row, TRL 1.16 skips it"
 RF_PAD_NOTE = "TRL passes reward functions the rows padded to the batch's width, ours the ids that count"
+TRUNC_NOTE = "max_length: TRL cuts the batch's overflow from every row, ours each row's own (README differences)"
 
 
 def letter_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
@@ -600,7 +601,7 @@ class Divergence:
                 return "="
             return f"= ({self.max_error:.0e}" + (f"; floor {self.floor:.0e})" if self.floor > 0 else ")")
         text = f"s{self.step}: {self.size}"
-        return text + {BOS_NOTE: " (BOS)", RF_PAD_NOTE: " (pads)"}.get(self.note, "")
+        return text + {BOS_NOTE: " (BOS)", TRUNC_NOTE: " (truncation)", RF_PAD_NOTE: " (pads)"}.get(self.note, "")
 
 
 def _vector(value) -> torch.Tensor | None:
@@ -660,6 +661,12 @@ def is_bos_difference(trl_ids: list, our_ids: list, bos: int | None) -> bool:
         b == a or b == [bos] + list(a) for a, b in zip(trl_ids, our_ids))
 
 
+def is_truncation_difference(trl_rows: list, our_rows: list) -> bool:
+    """Each of TRL's rows is the tail of ours (TRL cut more from the left) and at least one is shorter."""
+    return len(trl_rows) == len(our_rows) and any(len(a) < len(b) for a, b in zip(trl_rows, our_rows)) and all(
+        len(a) <= len(b) and list(b[len(b) - len(a):]) == list(a) for a, b in zip(trl_rows, our_rows))
+
+
 def float_errors(a: Trace, b: Trace) -> dict[str, list[float]]:
     """Per float kind, the relative error of each step both traces hold."""
     steps = min(len(a.steps), len(b.steps))
@@ -698,6 +705,8 @@ def compare(trl: Trace, ours: Trace, rtol: float = 1e-5, bos_token_id: int | Non
                                   and len(a) == len(b) else "differ")
                     if kind in ("prompt_ids", "model_in") and is_bos_difference(a, b, bos_token_id):
                         found.note = BOS_NOTE
+                    elif kind == "model_in" and is_truncation_difference(a, b):
+                        found.note = TRUNC_NOTE
                     if kind == "rf_ids" and all(x[: len(y)] == y and len(set(x[len(y):])) <= 1
                                                 for x, y in zip(a, b)):
                         found.note = RF_PAD_NOTE
@@ -721,11 +730,12 @@ def compare(trl: Trace, ours: Trace, rtol: float = 1e-5, bos_token_id: int | Non
 
 
 def unexplained(divergences: dict[str, Divergence]) -> list[str]:
-    """The kinds that diverge for no known reason. Known: the BOS difference (with it, everything the
-    model computes from the prompt: model_in and every float), and TRL's padded reward-function ids."""
-    bos = any(d.note == BOS_NOTE for d in divergences.values() if not d.ok)
+    """The kinds that diverge for no known reason. Known: the BOS difference and the truncation rule
+    (with either, everything the model computes from the prompt: model_in and every float), and TRL's
+    padded reward-function ids."""
+    upstream = any(d.note in (BOS_NOTE, TRUNC_NOTE) for d in divergences.values() if not d.ok)
     return [d.kind for d in divergences.values() if not d.ok and not d.note
-            and not (bos and d.kind not in ID_KINDS)]
+            and not (upstream and d.kind not in ID_KINDS)]
 
 
 def explain(divergences: dict[str, Divergence]) -> str:
@@ -733,7 +743,7 @@ def explain(divergences: dict[str, Divergence]) -> str:
     bad = [d for d in divergences.values() if not d.ok]
     if not bad:
         return "aligned"
-    labels = [label for note, label in ((BOS_NOTE, "BOS"), (RF_PAD_NOTE, "rf_ids pads"))
+    labels = [label for note, label in ((BOS_NOTE, "BOS"), (TRUNC_NOTE, "truncation rule"), (RF_PAD_NOTE, "rf_ids pads"))
               if any(d.note == note for d in bad)]
     rest = unexplained(divergences)
     if rest:

@@ -160,8 +160,15 @@ def test_truncation_rule_difference_is_reported(folder):
     task = te.Task(name="truncation", steps=1, max_length=10, folder=folder)
     rows = te.synthetic_rows(task)
     found = te.compare(te.run_trl(task, replay=rows), te.run_ours(task, replay=rows), RTOL)
-    assert found["model_in"].step == 0 and "model_in" in te.unexplained(found)
+    assert found["model_in"].step == 0 and found["model_in"].note == te.TRUNC_NOTE
+    assert te.unexplained(found) == [] and "truncation rule" in te.explain(found)
     assert found["prompt_ids"].ok and found["completion"].ok
+
+
+def test_truncation_rule_is_recognised_only_as_a_left_cut():
+    assert te.is_truncation_difference([[7, 8], [5]], [[6, 7, 8], [5]])
+    assert not te.is_truncation_difference([[7, 9]], [[6, 7, 8]])  # not a tail: unexplained
+    assert not te.is_truncation_difference([[7, 8]], [[7, 8]])
 
 
 def test_relative_error_and_bos_rule():
