@@ -1,29 +1,47 @@
-"""Learning per sample across seeds: TRL's OnlineDPOTrainer and odpo_vllm side by side on one task.
+"""Learning per sample across seeds and tasks: TRL's OnlineDPOTrainer and odpo_vllm side by side.
 
-The task (our own, built here, no download): a random-init Qwen2-shaped model (hidden 64, 2 layers)
-with the toy byte-level BPE tokenizer (320 tokens) and an embedding padded to 384 rows, so that 64
-ids exist that the tokenizer cannot decode (as in most real checkpoints, whose embedding is padded
-past the tokenizer); plain "Review the film:" prompts; the reward is `odpo_vllm.toy.sentiment_reward`
-on the decoded completion. Every system gets the same model folder, the same prompts in the same
-order (TRL reads them sequentially in odpo_vllm's order), the same reward and the same settings:
-8 prompts x 2 completions per step, learning rate 5e-3 (linear decay, TRL's default schedule),
-temperature 1.0, beta 0.1, up to 24 new tokens, gradient checkpointing off. Only the seed changes
-between the runs of one system.
+Two tasks of our own, built here (no download); `--tasks` picks them:
+
+- `sentiment`: a random-init Qwen2-shaped model (hidden 64, 2 layers) with the toy byte-level BPE
+  tokenizer (320 tokens, no BOS) and an embedding padded to 384 rows, so that 64 ids exist that the
+  tokenizer cannot decode (as in most real checkpoints, whose embedding is padded past the
+  tokenizer); the reward is `odpo_vllm.toy.sentiment_reward` on the decoded completion; up to 24
+  new tokens.
+- `bos-char`: issue 28's task as close as it can be built locally. A byte-level BPE of 400 tokens
+  trained like `odpo_vllm.toy.build_tokenizer` (same corpus) with the specials `<bos>`, `<eos>`,
+  `<pad>`, wrapped in transformers' `Qwen2Tokenizer` class, which adds its `<|endoftext|>` (401
+  entries; bos/eos/pad tokens set); a random-init Qwen2 (hidden 64, 2 layers, `toy.model_config`)
+  whose embedding is padded to 416 rows, with the BOS, EOS and PAD ids in its config. The reward
+  (`vowel_reward`) is character-level on the decoded completion: the share of its ASCII letters that
+  are vowels (a, e, i, o, u, either case), in [0, 1]; a completion without letters (an empty one
+  included) scores 0, and one of vowels only ("a e a ...", or a single "a") scores 1, so a 16-token
+  completion can max it out. Up to 16 new tokens.
+
+Both tasks use the toy review prompts ("Review the film:", ...), and every system gets the same
+model folder, the same prompts in the same order (TRL reads them sequentially in odpo_vllm's order),
+the same reward and the same settings: 8 prompts x 2 completions per step, learning rate 5e-3
+(linear decay, TRL's default schedule), temperature 1.0, beta 0.1, gradient checkpointing off,
+each trainer's defaults otherwise (so TRL 1.16's prompts carry no BOS, while ours follow
+tokenize_row's rule and carry the tokenizer's BOS on `bos-char`). Only the seed changes between
+the runs of one system.
 
 The figure per run is the mean of `objective/scores` (the reward of the sampled completions) over
-the last fifth of the steps; the table gives its mean and worst over the seeds for each system,
-and the share of completions that ended with EOS over the same steps (the drift seen in issue 19
-was towards ending early). Every run is a fresh process (`worker_launch.run_worker`); every number
+the last fifth of the steps; per task and system the tables give its mean, worst and best seed,
+the spread (sample standard deviation over seeds), the share of completions that ended with EOS
+over the same steps, and a paired comparison against TRL: ours - TRL per seed, the mean of those
+differences with its standard error, and on how many seeds ours >= TRL. Every run is a fresh
+process (`worker_launch.run_worker`); a finished run found in `--run_dir` is reused; every number
 is in the .json beside the markdown.
 
-    python benchmarks/bench_seeds.py                       # 5 seeds x (TRL, ours K=0/1/2), 120 steps
-    python benchmarks/bench_seeds.py --seeds 0,1 --steps 30 --systems trl,ours-k0
+    python benchmarks/bench_seeds.py --seeds 0,1,2,3,4,5,6,7 --systems trl,ours-k0,ours-k1   # both tasks, 120 steps
+    python benchmarks/bench_seeds.py --seeds 0 --steps 5 --tasks sentiment,bos-char --systems trl,ours-k0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -35,9 +53,8 @@ from worker_launch import WORKER_ENV, run_worker, write_worker_result  # this fo
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ENV = {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: without it vLLM asks for most of the RAM
-SETTINGS = dict(per_device_train_batch_size=8, learning_rate=5e-3, temperature=1.0, beta=0.1, max_new_tokens=24)
+COMMON = dict(per_device_train_batch_size=8, learning_rate=5e-3, temperature=1.0, beta=0.1)
 MAX_LENGTH = 256
-VOCAB_ROWS = 384  # embedding rows; the tokenizer has 320
 PROMPTS = 256
 SYSTEMS = {
     "trl": "TRL 1.16 OnlineDPOTrainer (transformers generate)",
@@ -47,6 +64,42 @@ SYSTEMS = {
     "ours-hf": "odpo_vllm in process, transformers sampler, async_steps=0",
 }
 LOGGED = ("objective/scores", "val/contain_eos_token", "objective/entropy", "objective/kl", "loss")
+BOS_CHAR_BPE = 400  # the BPE's entries, its 3 specials included; Qwen2Tokenizer's <|endoftext|> makes 401
+VOWELS = set("aeiouAEIOU")
+ASCII_LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def vowel_reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
+    """The share of the completion's ASCII letters that are vowels, in [0, 1]; 0 without letters."""
+    scores = []
+    for completion in completions:
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        letters = [c for c in text if c in ASCII_LETTERS]
+        scores.append(sum(c in VOWELS for c in letters) / len(letters) if letters else 0.0)
+    return scores
+
+
+def sentiment_reward(*args, **kwargs):
+    from odpo_vllm import toy
+
+    return toy.sentiment_reward(*args, **kwargs)
+
+
+TASKS = {
+    "sentiment": {
+        "settings": dict(COMMON, max_new_tokens=24), "vocab_rows": 384, "reward": sentiment_reward,
+        "what": "random-init 0.1M Qwen2, the toy 320-token BPE (no BOS) with 384 embedding rows, "
+                "`toy.sentiment_reward` (positive minus negative sentiment words per 8 characters; "
+                "about 2.0 at best)",
+    },
+    "bos-char": {
+        "settings": dict(COMMON, max_new_tokens=16), "vocab_rows": 416, "reward": vowel_reward,
+        "what": "issue 28's task as built here: random-init 0.1M Qwen2, `Qwen2Tokenizer` over a 400-token "
+                "byte-level BPE with `<bos>`, `<eos>`, `<pad>` (401 entries with the class's `<|endoftext|>`), "
+                "416 embedding rows, BOS/EOS/PAD ids in the config; reward = the share of the completion's "
+                "ASCII letters that are vowels (in [0, 1]; 0 without letters)",
+    },
+}
 
 
 # ============================================================================================
@@ -60,11 +113,12 @@ def run_ours(cfg: dict) -> dict:
     import odpo_vllm  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch, as for any user)
     from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer, toy
 
+    task = TASKS[cfg["task"]]
     args = OnlineDPOConfig(
-        **SETTINGS, seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"], max_length=MAX_LENGTH,
-        use_vllm=cfg["use_vllm"], async_steps=cfg["async_steps"], gradient_checkpointing=False,
+        **task["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
+        max_length=MAX_LENGTH, use_vllm=cfg["use_vllm"], async_steps=cfg["async_steps"], gradient_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, plot_at_end=False)
-    trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=toy.sentiment_reward, args=args,
+    trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=task["reward"], args=args,
                                train_dataset=toy.prompt_dataset(PROMPTS))
     with trainer:
         start = time.perf_counter()
@@ -83,16 +137,17 @@ def run_trl(cfg: dict) -> dict:
 
     from odpo_vllm import toy
 
+    task = TASKS[cfg["task"]]
     rows = toy.prompts(PROMPTS)
     ordered = [rows[i] for i in cfg["order"]]  # the batches odpo_vllm draws, flattened
     model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
     args = OnlineDPOConfig(
-        **SETTINGS, seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"], max_length=MAX_LENGTH,
-        gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, train_sampling_strategy="sequential",
-        dataloader_num_workers=0)
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=toy.sentiment_reward, args=args, processing_class=tokenizer,
+        **task["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
+        max_length=MAX_LENGTH, gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, gradient_checkpointing=False, bf16=False, use_cpu=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0)
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=task["reward"], args=args, processing_class=tokenizer,
                                train_dataset=Dataset.from_list(ordered))
     start = time.perf_counter()
     trainer.train()
@@ -106,30 +161,73 @@ def worker_main(cfg: dict) -> None:
 # ============================================================================================
 # Driver side
 # ============================================================================================
-def build_task(folder: str) -> str:
+def build_bos_char_tokenizer():
+    """`Qwen2Tokenizer` over a 400-token byte-level BPE trained on the toy corpus (as
+    `toy.build_tokenizer` trains its own) with `<bos>`, `<eos>`, `<pad>`; the class adds its
+    `<|endoftext|>` (as the unknown token), so the tokenizer has 401 entries."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
     from odpo_vllm import toy
 
-    return toy.build_model(os.path.join(folder, "model"), seed=0, vocab_size=VOCAB_ROWS)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BOS_CHAR_BPE, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(toy._corpus(random.Random(0)), trainer=trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
+                               bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    assert len(tokenizer) == BOS_CHAR_BPE + 1 and tokenizer.bos_token_id is not None, len(tokenizer)
+    return tokenizer
+
+
+def build_task(task: str, folder: str) -> str:
+    from odpo_vllm import toy
+
+    path = os.path.join(folder, f"model_{task}")
+    rows = TASKS[task]["vocab_rows"]
+    if task == "sentiment":
+        return toy.build_model(path, seed=0, vocab_size=rows)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_bos_char_tokenizer()
+    config = toy.model_config(tokenizer, vocab_size=rows, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def our_order(seed: int, steps: int) -> list[int]:
     """The prompt rows of every step, flattened, as odpo_vllm's trainer draws them with `seed`."""
     from odpo_vllm.data import PromptBatches
 
-    batches = PromptBatches(list(range(PROMPTS)), SETTINGS["per_device_train_batch_size"], seed)
+    batches = PromptBatches(list(range(PROMPTS)), COMMON["per_device_train_batch_size"], seed)
     return [row for _ in range(steps) for row in batches.next()[0]]
 
 
-def launch(system: str, seed: int, args, model_path: str, run_dir: str) -> dict:
-    name = f"{system}_s{seed}"
+def run_name(task: str, system: str, seed: int) -> str:
+    return f"{task}_{system}_s{seed}"
+
+
+def launch(task: str, system: str, seed: int, args, model_path: str, run_dir: str) -> dict:
+    name = run_name(task, system, seed)
     result_path = os.path.join(run_dir, name + ".json")
     if os.path.exists(result_path):  # a finished run is reused, so a stopped benchmark goes on where it was
         with open(result_path) as f:
             result = json.load(f)
         if result.get("ok") and result.get("steps") == args.steps:
             return dict(result, reused=True)
-    cfg = {"system": system, "seed": seed, "steps": args.steps, "model_path": model_path, "result": result_path,
-           "output_dir": os.path.join(run_dir, name), "use_vllm": system != "ours-hf",
+    cfg = {"task": task, "system": system, "seed": seed, "steps": args.steps, "model_path": model_path,
+           "result": result_path, "output_dir": os.path.join(run_dir, name), "use_vllm": system != "ours-hf",
            "async_steps": int(system[-1]) if system.startswith("ours-k") else 0}
     if system == "trl":
         cfg["order"] = our_order(seed, args.steps)
@@ -147,43 +245,112 @@ def last_fifth(values: list[float]) -> float:
     return statistics.fmean(tail) if tail else float("nan")
 
 
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def summarize(data: dict, task: str) -> dict:
+    """Per system: {seed: (reward, eos)} of its finished runs, and the summary figures."""
+    meta = data["meta"]
+    out = {}
+    for system in meta["systems"]:
+        per_seed = {}
+        for seed in meta["seeds"]:
+            run = data["runs"].get(run_name(task, system, seed))
+            if run and run.get("ok"):
+                per_seed[seed] = (last_fifth(run["logged"]["objective/scores"]),
+                                  last_fifth(run["logged"]["val/contain_eos_token"]), run["train_s"])
+        out[system] = per_seed
+    return out
+
+
+def paired(ours: dict, trl: dict) -> tuple[list[float], float, float, int]:
+    """(ours - TRL per common seed, their mean, its standard error, seeds where ours >= TRL)."""
+    seeds = sorted(set(ours) & set(trl))
+    diffs = [ours[s][0] - trl[s][0] for s in seeds]
+    if not diffs:
+        return [], float("nan"), float("nan"), 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return diffs, statistics.fmean(diffs), se, sum(d >= 0 for d in diffs)
+
+
+def task_section(data: dict, task: str) -> list[str]:
+    meta = data["meta"]
+    settings = TASKS[task]["settings"]
+    summary = summarize(data, task)
+    done_all = [s for s in meta["seeds"] if all(s in summary[system] for system in meta["systems"])]
+    lines = [
+        f"## Task `{task}`", "",
+        f"{TASKS[task]['what']}; {settings['per_device_train_batch_size']} prompts x 2 completions per step, lr "
+        f"{settings['learning_rate']}, temperature {settings['temperature']}, beta {settings['beta']}, up to "
+        f"{settings['max_new_tokens']} new tokens, {meta['steps']} steps. Seeds finished by every system: "
+        f"{len(done_all)} of {len(meta['seeds'])} ({', '.join(map(str, done_all)) or 'none'}).", "",
+        "| system | seeds | mean reward | worst seed | best seed | spread (stdev) | EOS share (mean) | "
+        "ours - TRL: mean ± s.e. | seeds ours >= TRL | train s per run (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    trl = summary.get("trl", {})
+    for system in meta["systems"]:
+        runs = summary[system]
+        if not runs:
+            errors = sorted({data["runs"][run_name(task, system, s)].get("error", "?") for s in meta["seeds"]
+                             if run_name(task, system, s) in data["runs"]}) or ["not run"]
+            lines.append(f"| {SYSTEMS[system]} | 0 | did not run: {'; '.join(errors)} | | | | | | | |")
+            continue
+        rewards = [r for r, _, _ in runs.values()]
+        eos = [e for _, e, _ in runs.values()]
+        spread = statistics.stdev(rewards) if len(rewards) > 1 else float("nan")
+        if system == "trl" or not trl:
+            pair, count = "-", "-"
+        else:
+            diffs, mean, se, wins = paired(runs, trl)
+            pair, count = f"{mean:+.3f} ± {_fmt(se)}", f"{wins} of {len(diffs)}"
+        lines.append(f"| {SYSTEMS[system]} | {len(runs)} | {statistics.fmean(rewards):.3f} | {min(rewards):.3f} | "
+                     f"{max(rewards):.3f} | {_fmt(spread)} | {statistics.fmean(eos):.2f} | {pair} | {count} | "
+                     f"{statistics.median(t for _, _, t in runs.values()):.0f} |")
+    seeds = meta["seeds"]
+    lines += ["", "Per seed: last-fifth reward (EOS share), and ours - TRL.", "",
+              "| system | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for system in meta["systems"]:
+        runs = summary[system]
+        lines.append(f"| {system} | " + " | ".join(
+            f"{runs[s][0]:.3f} ({runs[s][1]:.2f})" if s in runs else "-" for s in seeds) + " |")
+    for system in meta["systems"]:
+        if system != "trl" and trl:
+            runs = summary[system]
+            lines.append(f"| {system} - trl | " + " | ".join(
+                f"{runs[s][0] - trl[s][0]:+.3f}" if s in runs and s in trl else "-" for s in seeds) + " |")
+    return lines
+
+
 def report(data: dict) -> list[str]:
     meta = data["meta"]
     lines = [
-        f"# Learning across seeds: odpo_vllm vs TRL {meta['trl']} on one task ({meta['date']}, {meta['cpus']} CPUs)", "",
-        f"`{meta['command']}`: {len(meta['seeds'])} seeds x {meta['steps']} steps per system; "
-        f"total wall time {meta['total_s']:.0f} s. The task and settings are in the script's docstring: a "
-        f"random-init 0.1M Qwen2 with {VOCAB_ROWS} embedding rows for a 320-token BPE, the toy sentiment reward, "
-        f"{SETTINGS['per_device_train_batch_size']} prompts x 2 completions per step, lr {SETTINGS['learning_rate']}, "
-        f"temperature {SETTINGS['temperature']}, beta {SETTINGS['beta']}, up to {SETTINGS['max_new_tokens']} new tokens. "
+        f"# Learning across seeds: odpo_vllm vs TRL {meta['trl']} on {len(meta['tasks'])} task(s) "
+        f"({meta['date']}, {meta['cpus']} CPUs)", "",
+        f"`{meta['command']}`: seeds {', '.join(map(str, meta['seeds']))} x {meta['steps']} steps per task and "
+        f"system; total wall time {meta['total_s']:.0f} s. Tasks and settings are in the script's docstring. "
         "Reward = mean `objective/scores` over the last fifth of the steps; EOS = the share of completions that "
-        "ended with EOS over the same steps.", "",
-        "| system | mean reward | worst seed | best seed | per seed | EOS share (mean) | train s per run (median) |",
-        "|---|---|---|---|---|---|---|",
+        "ended with EOS over the same steps; spread = the sample standard deviation over seeds; ours - TRL = the "
+        "paired difference per seed (same seed, same model, same prompts in the same order), its mean and that "
+        "mean's standard error (stdev / sqrt(seeds)). Ours tokenizes prompts by TRL's `tokenize_row` rule "
+        "(the tokenizer's BOS in front); TRL 1.16's OnlineDPOTrainer never calls `tokenize_row`, so its prompts "
+        "carry no BOS.", "",
+        f"The previous run (2026-11-26, commit d436930) measured the `sentiment` task only, 5 seeds, systems trl, "
+        "ours K=0/1/2 and the transformers sampler, before ours followed the BOS rule (the sentiment tokenizer "
+        "has no BOS); its numbers are in git history (`git show d436930:benchmarks/results/seeds_cpu.md`).", "",
     ]
-    for system in meta["systems"]:
-        runs = [data["runs"].get(f"{system}_s{seed}") for seed in meta["seeds"]]
-        done = [r for r in runs if r and r.get("ok")]
-        if not done:
-            errors = "; ".join(sorted({r.get("error", "?") for r in runs if r})) or "not run"
-            lines.append(f"| {SYSTEMS[system]} | did not run: {errors} | | | | | |")
-            continue
-        rewards = [last_fifth(r["logged"]["objective/scores"]) for r in done]
-        eos = [last_fifth(r["logged"]["val/contain_eos_token"]) for r in done]
-        per_seed = " / ".join(f"{last_fifth(r['logged']['objective/scores']):.3f}" if r and r.get("ok") else "failed"
-                              for r in runs)
-        lines.append(f"| {SYSTEMS[system]} | {statistics.fmean(rewards):.3f} | {min(rewards):.3f} | "
-                     f"{max(rewards):.3f} | {per_seed} | {statistics.fmean(eos):.2f} | "
-                     f"{statistics.median(r['train_s'] for r in done):.0f} |")
-    lines += ["", f"Seeds: {', '.join(map(str, meta['seeds']))}."]
-    return lines
+    for task in meta["tasks"]:
+        lines += task_section(data, task) + [""]
+    return lines[:-1]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
+    parser.add_argument("--tasks", default="bos-char,sentiment", help=f"from: {', '.join(TASKS)}")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7", help="comma-separated training seeds")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--systems", default="trl,ours-k0,ours-k1,ours-k2", help=f"from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", default="trl,ours-k0,ours-k1", help=f"from: {', '.join(SYSTEMS)}")
     parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/seeds_cpu.md, "
                                                     "or one in the run folder for fewer than 120 steps or 5 seeds)")
     parser.add_argument("--run_dir", default=None, help="runs and logs (default: a new temp folder); "
@@ -192,9 +359,11 @@ def main():
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     systems = args.systems.split(",")
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        parser.error(f"--systems: unknown {unknown}; choose from {list(SYSTEMS)}")
+    tasks = args.tasks.split(",")
+    for flag, chosen, known in (("--systems", systems, SYSTEMS), ("--tasks", tasks, TASKS)):
+        unknown = [s for s in chosen if s not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="odpo_bench_seeds_")
     os.makedirs(run_dir, exist_ok=True)
     full = args.steps >= 120 and len(seeds) >= 5
@@ -203,26 +372,29 @@ def main():
     import trl
 
     started = time.perf_counter()
-    model_path = build_task(run_dir)
+    model_paths = {task: build_task(task, run_dir) for task in tasks}
     print(f"runs and logs under {run_dir}; results to {out} (+ .json)", flush=True)
-    data = {"meta": {"command": "python benchmarks/bench_seeds.py " + " ".join(sys.argv[1:]), "seeds": seeds,
-                     "steps": args.steps, "systems": systems, "settings": SETTINGS, "vocab_rows": VOCAB_ROWS,
+    data = {"meta": {"command": "python benchmarks/bench_seeds.py " + " ".join(sys.argv[1:]), "tasks": tasks,
+                     "seeds": seeds, "steps": args.steps, "systems": systems,
+                     "settings": {t: TASKS[t]["settings"] for t in tasks},
+                     "vocab_rows": {t: TASKS[t]["vocab_rows"] for t in tasks},
                      "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
                      "trl": trl.__version__}, "runs": {}}
     for seed in seeds:  # seeds outermost: a stopped run still compares the systems on the seeds it finished
-        for system in systems:
-            result = launch(system, seed, args, model_path, run_dir)
-            data["runs"][f"{system}_s{seed}"] = result
-            state = (f"last-fifth reward {last_fifth(result['logged']['objective/scores']):.3f}, EOS "
-                     f"{last_fifth(result['logged']['val/contain_eos_token']):.2f}" if result.get("ok")
-                     else f"failed: {result.get('error')}")
-            print(f"[{time.perf_counter() - started:6.0f}s] {system} seed {seed}: {state}"
-                  f"{' (reused)' if result.get('reused') else ''}", flush=True)
-            data["meta"]["total_s"] = time.perf_counter() - started
-            with open(os.path.splitext(out)[0] + ".json", "w") as f:
-                json.dump(data, f)
-            with open(out, "w") as f:
-                f.write("\n".join(report(data)) + "\n")
+        for task in tasks:
+            for system in systems:
+                result = launch(task, system, seed, args, model_paths[task], run_dir)
+                data["runs"][run_name(task, system, seed)] = result
+                state = (f"last-fifth reward {last_fifth(result['logged']['objective/scores']):.3f}, EOS "
+                         f"{last_fifth(result['logged']['val/contain_eos_token']):.2f}" if result.get("ok")
+                         else f"failed: {result.get('error')}")
+                print(f"[{time.perf_counter() - started:6.0f}s] {task} {system} seed {seed}: {state}"
+                      f"{' (reused)' if result.get('reused') else ''}", flush=True)
+                data["meta"]["total_s"] = time.perf_counter() - started
+                with open(os.path.splitext(out)[0] + ".json", "w") as f:
+                    json.dump(data, f)
+                with open(out, "w") as f:
+                    f.write("\n".join(report(data)) + "\n")
     print("\n".join(report(data)))
 
 
