@@ -24,15 +24,31 @@ from odpo_vllm import OnlineDPOConfig, toy
 
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray cluster the tests start (ray.init, `ray start`, ray.cluster_utils) runs its workers at
+# the tests' priority, as the trainer's own cluster does (runtime/placement.py, ensure_ray): at Ray's
+# default nice 15, a busy loop per core left the engines and ranks 3% of a core and every timeout fired.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 # Fixtures that start a slow tier's machinery, and the marker a test using them must carry.
 NEEDS_MARKER = {"ray_cluster": "ray", "engine_setup": "vllm"}
 
 
+# The longest test files first (seconds of one full run on 2 cores: test_faults 1116, test_placement
+# 494, test_preemption 434, ...). The README's command runs them on two pytest-xdist workers that take
+# one file at a time in this order (pyproject: --dist loadfile --no-loadscope-reorder): a long file
+# started last would leave one worker alone for its whole length at the end of the run.
+LONGEST_FIRST = ("test_faults.py", "test_placement.py", "test_preemption.py", "test_multinode.py",
+                 "test_joined_cluster.py", "test_learner_group.py", "test_ray_job.py", "test_shared_storage.py",
+                 "test_console.py", "test_resources.py", "test_checkpoint_kills.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Keeps the markers truthful: a test that starts Ray or a vLLM engine through a fixture and
-    lacks the marker would run in the fast tier."""
+    """Puts the longest files first (`LONGEST_FIRST`; the rest keep their order), and keeps the
+    markers truthful: a test that starts Ray or a vLLM engine through a fixture and lacks the marker
+    would run in the fast tier."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
     for item in items:
         for fixture, marker in NEEDS_MARKER.items():
             if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None:

@@ -195,8 +195,12 @@ def ensure_ray(args) -> list:
         return []
     # a local cluster owned by this process, even if `ray start` left one running here
     with own_session():
+        # Ray starts its workers at nice 15: beside any other work on the machine at the usual
+        # priority, the engines and ranks (this run's whole work) got 3% of a core each and missed
+        # their timeouts; they run at the driver's priority instead.
         ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, object_store_memory=512 << 20, **console.ray_init_kwargs(args.log_level))
+                 runtime_env={"env_vars": env}, object_store_memory=512 << 20, _system_config={"worker_niceness": 0},
+                 **console.ray_init_kwargs(args.log_level))
     closers = [ray.shutdown]
     try:
         closers.insert(0, Watchdog(cluster_roots()).close)  # closed in reverse order: after ray.shutdown
