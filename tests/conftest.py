@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -69,9 +68,10 @@ def ray_cluster():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Below the kernel's ephemeral range, as the trainer picks its own (learning/group.py)."""
+    from odpo_vllm.learning.group import free_port as below_the_ephemeral_range
+
+    return below_the_ephemeral_range()
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

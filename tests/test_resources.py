@@ -177,3 +177,17 @@ def test_seed_flag_shape_with_a_reward_model_runs_on_two_cpus(ray_cluster, model
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/logprob_gap"] < 1e-4 for r in rows)
     assert ray_cluster.util.list_named_actors() == []
+
+
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """A listener's port picked in the range the kernel gives outgoing connections was taken before
+    the listener bound (EADDRINUSE, with two Ray clusters on the machine); ours come from below it."""
+    import socket
+
+    from odpo_vllm.learning.group import RAY_WORKER_PORTS_END, _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(RAY_WORKER_PORTS_END <= port < low for port in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free, as promised

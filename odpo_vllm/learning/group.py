@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import time
 from typing import Any
@@ -21,9 +22,36 @@ from odpo_vllm.primitives.preemption import StopWaiting
 from odpo_vllm.primitives.waits import Notice, wait_all
 
 
-def free_port() -> int:
+RAY_WORKER_PORTS_END = 20000  # Ray's default --max-worker-port is 19999
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a listener opened a moment later (a gloo group's or DeepSpeed's master).
+    Chosen below the kernel's ephemeral range: the ports the kernel hands to outgoing connections,
+    which Ray opens by the hundred, so one picked in that range was taken before its listener bound
+    (EADDRINUSE) while two clusters ran side by side. Also above Ray's worker ports (10002-19999 by
+    default), which its workers bind. Falls back to any free port."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()  # not the training RNG
+    for _ in range(64):
+        port = rng.randrange(RAY_WORKER_PORTS_END, low) if low > RAY_WORKER_PORTS_END else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
