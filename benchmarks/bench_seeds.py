@@ -336,7 +336,7 @@ def report(data: dict) -> list[str]:
         "mean's standard error (stdev / sqrt(seeds)). Ours tokenizes prompts by TRL's `tokenize_row` rule "
         "(the tokenizer's BOS in front); TRL 1.16's OnlineDPOTrainer never calls `tokenize_row`, so its prompts "
         "carry no BOS.", "",
-        f"The previous run (2026-11-26, commit d436930) measured the `sentiment` task only, 5 seeds, systems trl, "
+        "The previous run (2026-11-26, commit d436930) measured the `sentiment` task only, 5 seeds, systems trl, "
         "ours K=0/1/2 and the transformers sampler, before ours followed the BOS rule (the sentiment tokenizer "
         "has no BOS); its numbers are in git history (`git show d436930:benchmarks/results/seeds_cpu.md`).", "",
     ]
