@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback
 
 from odpo_vllm import OnlineDPOConfig, toy
+from odpo_vllm.learning.group import free_port  # the tests pick listener ports as the trainer does
 
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,11 +68,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def free_port() -> int:
-    """Below the kernel's ephemeral range, as the trainer picks its own (learning/group.py)."""
-    from odpo_vllm.learning.group import free_port as below_the_ephemeral_range
-
-    return below_the_ephemeral_range()
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -184,9 +184,9 @@ def test_free_ports_come_from_below_the_ephemeral_range():
     the listener bound (EADDRINUSE, with two Ray clusters on the machine); ours come from below it."""
     import socket
 
-    from odpo_vllm.learning.group import RAY_WORKER_PORTS_END, _ephemeral_range, free_port
+    from odpo_vllm.learning.group import RAY_WORKER_PORTS_END, _ephemeral_start, free_port
 
-    low, _ = _ephemeral_range()
+    low = _ephemeral_start()
     ports = {free_port() for _ in range(20)}
     assert all(RAY_WORKER_PORTS_END <= port < low for port in ports) and len(ports) > 1
     with socket.socket() as s:

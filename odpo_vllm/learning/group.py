@@ -25,13 +25,13 @@ from odpo_vllm.primitives.waits import Notice, wait_all
 RAY_WORKER_PORTS_END = 20000  # Ray's default --max-worker-port is 19999
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_start() -> int:
+    """The first port the kernel hands to outgoing connections."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = map(int, f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,7 +40,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     which Ray opens by the hundred, so one picked in that range was taken before its listener bound
     (EADDRINUSE) while two clusters ran side by side. Also above Ray's worker ports (10002-19999 by
     default), which its workers bind. Falls back to any free port."""
-    low, _ = _ephemeral_range()
+    low = _ephemeral_start()
     rng = random.Random()  # not the training RNG
     for _ in range(64):
         port = rng.randrange(RAY_WORKER_PORTS_END, low) if low > RAY_WORKER_PORTS_END else 0
