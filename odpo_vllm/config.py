@@ -164,7 +164,7 @@ class OnlineDPOConfig(TrainingArguments):
         default=25.0,
         metadata={"help": "Seconds a scheduler leaves between its stop signal (SIGTERM) and SIGKILL, less a margin "
                           "(default 25: a 30 s grace period). On a stop signal the checkpoint waits for no actor "
-                          "that may be dead or hung: batches still being sampled are waited for up to 40% of it, "
+                          "that may be dead or hung: batches still being sampled are waited for up to two fifths of it, "
                           "then dropped and sampled again on resume."},
     )
     ray_start_timeout_s: float = field(
@@ -187,8 +187,8 @@ class OnlineDPOConfig(TrainingArguments):
                           "scoring) went unanswered for ray_timeout_s. A replacement engine gets the published "
                           "weights before it samples and the lost batch is sampled again with the same seeds; a "
                           "replacement reward worker scores the lost rows again. Past it the run stops. With "
-                          "async_steps >= 1, learner rank 0 keeps a copy of the published weights in host memory "
-                          "for this; 0 turns both off."},
+                          "async_steps >= 1 or weight_sync_steps > 1, learner rank 0 keeps a copy of the published "
+                          "weights in host memory for this; 0 turns both off."},
     )
     weight_transport: str = field(
         default="auto",
@@ -204,6 +204,24 @@ class OnlineDPOConfig(TrainingArguments):
                           "current one. The batch of step t is sampled by policy version max(0, t - K), exactly "
                           "(reproducible, resumable). 0: synchronous, as the reference."},
     )
+    weight_sync_steps: int = field(
+        default=1,
+        metadata={"help": "s: the engines receive the learners' weights after every s-th step only (semi-online "
+                          "DPO); the batch of step t is sampled by version s * floor(max(0, t - K) / s) with "
+                          "K = async_steps, exactly. Evaluation and the end of training bring the engines to the "
+                          "learners' weights. 1: every step, as the reference."},
+    )
+    # --- reference refresh (TR-DPO; DPOConfig's fields and defaults)
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={"help": "Every ref_model_sync_steps steps the reference becomes ref_model_mixup_alpha * policy + "
+                          "(1 - ref_model_mixup_alpha) * reference (TR-DPO, Gorbatovski et al. 2024). Saved in "
+                          "checkpoints. Not with a LoRA policy, whose reference is its base model."},
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6, metadata={"help": "The policy's share in each reference refresh (sync_ref_model), in [0, 1]."})
+    ref_model_sync_steps: int = field(
+        default=512, metadata={"help": "Steps between two reference refreshes (sync_ref_model)."})
     ray_num_reward_workers: int | None = field(
         default=None,
         metadata={"help": "Reward-model actors under a Ray placement (default 1 when a reward model is given; "

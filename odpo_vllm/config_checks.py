@@ -109,6 +109,13 @@ def check_config(args) -> None:
         fail("weight_transport", f"{args.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
     if args.async_steps < 0:
         fail("async_steps", f"must be >= 0 (0: synchronous), got {args.async_steps}")
+    if not isinstance(args.weight_sync_steps, int) or args.weight_sync_steps < 1:
+        fail("weight_sync_steps", f"must be an integer >= 1 (1: push after every step), got {args.weight_sync_steps!r}")
+    if not 0.0 <= args.ref_model_mixup_alpha <= 1.0:
+        fail("ref_model_mixup_alpha", f"must be in [0, 1] (the policy's share in a reference refresh), got "
+                                      f"{args.ref_model_mixup_alpha}")
+    if not isinstance(args.ref_model_sync_steps, int) or args.ref_model_sync_steps < 1:
+        fail("ref_model_sync_steps", f"must be an integer >= 1, got {args.ref_model_sync_steps!r}")
     if args.ray_num_reward_workers is not None and args.ray_num_reward_workers < 1:
         fail("ray_num_reward_workers", f"must be >= 1, got {args.ray_num_reward_workers}")
     if args.ray_cpus_per_reward_worker is not None and not args.ray_cpus_per_reward_worker >= 0:

@@ -35,7 +35,7 @@ from odpo_vllm.primitives.console import configure_logging
 from odpo_vllm.data import IterablePromptBatches, PromptBatches, PromptEncoder, encode_dataset, engine_context
 from odpo_vllm.learning.models import context_length
 from odpo_vllm.core.objective import rlhf_reward
-from odpo_vllm.sampling.pipeline import RolloutPipeline
+from odpo_vllm.sampling.pipeline import RolloutPipeline, pushes_after
 from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.evaluation import evaluate_prompts
 from odpo_vllm.primitives.preemption import Preempted, StopRequest, StopWaiting, stop_signals
@@ -65,6 +65,10 @@ class OnlineDPOTrainer:
         # absolute before any role (a Ray worker in another working directory) receives a path
         model, ref_model, reward_funcs = validation.resolve_paths(model, ref_model, reward_funcs, args)
         validation.check_inputs(model, ref_model, reward_funcs, args)
+        if args.sync_ref_model and (peft_config is not None or hasattr(model, "peft_config")):
+            raise ValueError("OnlineDPOConfig.sync_ref_model: a LoRA policy's reference is its base model (the adapter "
+                             "disabled), which a refresh cannot mix the policy into; train all weights, or turn "
+                             "sync_ref_model off (TRL refuses the same)")
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self._set_reference_attributes(reward_funcs if reward_funcs is not None else args.reward_model_path)
@@ -269,7 +273,7 @@ class OnlineDPOTrainer:
         # steps past the checkpoint, which run (and log) again; at step 0, an earlier run's rows.
         log_files.cut_to_step(args.output_dir, state.global_step, state.log_history)
 
-        sums, maxes, count, loss_sum = defaultdict(float), defaultdict(float), 0, 0.0
+        sums, counts, maxes, count, loss_sum = defaultdict(float), defaultdict(int), defaultdict(float), 0, 0.0
         train_start, first_step = time.time(), state.global_step
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         self.pipeline.request_ahead(state.global_step, self.publisher.version, self.max_steps)
@@ -293,17 +297,20 @@ class OnlineDPOTrainer:
             # learn
             start = time.perf_counter()
             metrics = self.learner.step(pairs.batch, beta)
+            if args.sync_ref_model and (step + 1) % args.ref_model_sync_steps == 0:  # TR-DPO's reference refresh
+                self.learner.refresh_reference(args.ref_model_mixup_alpha)
             metrics["time/train"] = time.perf_counter() - start
-            # sync: the engines finish what they sample with the old version, then serve the new one
+            # sync (after every weight_sync_steps-th step): the engines finish what they sample with
+            # the old version, then serve the new one
             sync_cut_short = False
-            try:
-                self.generator.drain(stop)
-                metrics.update(self.publisher.publish(step + 1, stop))
-            except StopWaiting:  # preempted during the sync: the step is logged and saved without it
-                sync_cut_short = True
+            if pushes_after(step, args.weight_sync_steps):
+                try:
+                    metrics.update(self._push(step + 1, stop))
+                except StopWaiting:  # preempted during the sync: the step is logged and saved without it
+                    sync_cut_short = True
             if not sync_cut_short:
                 # sample (and, under Ray, score in the background) every batch the schedule now
-                # allows: step t + 1 + K with the new version, while the next step trains
+                # allows (with a new version: step t + 1 + K, or its interval's), while the next step trains
                 self.pipeline.request_ahead(step + 1, self.publisher.version, self.max_steps)
             metrics.update(pairs.metrics)
             metrics["objective/rlhf_reward"] = rlhf_reward(pairs.pair_scores, metrics["objective/non_score_reward"])
@@ -315,30 +322,34 @@ class OnlineDPOTrainer:
             state.global_step += 1
             state.epoch = self._epoch_progress(epoch, position)
             loss_sum += metrics["loss"]
-            for key, value in metrics.items():
+            for key, value in metrics.items():  # sync/* only on the steps that push: averaged over those
                 sums[key] += value
+                counts[key] += 1
             maxes["async/staleness_max"] = max(maxes["async/staleness_max"], metrics["async/staleness"])
             maxes.update(self.roles.faults)  # totals so far (engine restarts, seconds they cost)
             count += 1
             self.control = self.callback_handler.on_step_end(args, state, self.control)
             if self.control.should_log:
-                self._log_training(sums, maxes, count, pairs.log_rows)
-                sums, maxes, count = defaultdict(float), defaultdict(float), 0
+                self._log_training(sums, counts, maxes, pairs.log_rows)
+                sums, counts, maxes, count = defaultdict(float), defaultdict(int), defaultdict(float), 0
             if position == self.steps_per_epoch:
                 self.control = self.callback_handler.on_epoch_end(args, state, self.control)
                 if self.control.should_log and count:
-                    self._log_training(sums, maxes, count, pairs.log_rows)
-                    sums, maxes, count = defaultdict(float), defaultdict(float), 0
+                    self._log_training(sums, counts, maxes, pairs.log_rows)
+                    sums, counts, maxes, count = defaultdict(float), defaultdict(int), defaultdict(float), 0
             if self.control.should_evaluate and not stop:  # preempted: the grace period is for the checkpoint
                 self.evaluate()
             if self.control.should_save or stop:
-                saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s) if stop else None,
-                                        policy_version=step + 1 if sync_cut_short else None)
+                saved = checkpoint.save(self, stop.deadline(args.preemption_grace_s) if stop else None)
                 self.control = self.callback_handler.on_save(args, state, self.control)
                 self.control.should_save = False
             if stop:  # preempted: the step is done and saved
                 raise Preempted(stop[0], state.global_step, saved)
 
+        try:  # between two pushes (weight_sync_steps > 1): the engines serve the trained model
+            self.sync_engines(stop)
+        except StopWaiting:  # a stop during that push: training is over and saved as far as asked
+            pass
         runtime = time.time() - train_start
         steps_done = max(state.global_step - first_step, 1)
         train_loss = loss_sum / steps_done
@@ -379,8 +390,23 @@ class OnlineDPOTrainer:
             return epoch + position / self.steps_per_epoch
         return self.state.global_step / self.steps_per_epoch
 
-    def _log_training(self, sums, maxes, count, log_rows):
-        logs = {key: value / count for key, value in sums.items()}
+    def _push(self, version: int, stop=None) -> dict[str, float]:
+        """The engines finish what they sample with the version they serve, then serve the
+        learners' weights as `version` (the publisher proves it with its probe)."""
+        self.generator.drain(stop)
+        return self.publisher.publish(version, stop)
+
+    def sync_engines(self, stop=None) -> dict[str, float]:
+        """Bring the engines to the learners' weights if a push is due (between two pushes of
+        `weight_sync_steps`): evaluation and whatever samples after training see the current
+        policy. Changes no training batch: every batch of the version served so far was requested
+        (and is sampled) before this push."""
+        if self.publisher.version == self.state.global_step:
+            return {}
+        return self._push(self.state.global_step, stop)
+
+    def _log_training(self, sums, counts, maxes, log_rows):
+        logs = {key: value / counts[key] for key, value in sums.items()}
         logs.update(maxes)
         logs.pop("truncated_prompts", None)
         self.log(logs)
@@ -413,6 +439,7 @@ class OnlineDPOTrainer:
                 results.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return results
         beta = self.args.beta_at(self.training_epoch)  # the epoch being trained, not state.epoch (1.0 at its end)
+        self.sync_engines()  # the current policy samples, also between two pushes
         results = evaluate_prompts(dataset, self.roles, self.tokenizer, self.args, beta, self._rows,
                                    self.compute_metrics, metric_key_prefix)
         self.log(results)

@@ -1,6 +1,8 @@
 """The asynchronous schedule in one process (transformers sampler: fast, same pipeline as the Ray
 placements): the batch of step t is sampled by policy version max(0, t - K), the staleness of
-every step is min(t, K), and a run stopped with batches in flight resumes exactly."""
+every step is min(t, K), and a run stopped with batches in flight resumes exactly; with
+weight_sync_steps s, by version s * floor(max(0, t - K) / s), pushed every s steps, and a run
+stopped between two pushes resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from conftest import StopAt, make_args, record_prompts, snapshot, train_rows
 from transformers import AutoModelForCausalLM
 
 from odpo_vllm import OnlineDPOTrainer, toy
-from odpo_vllm.sampling.pipeline import sampling_version
+from odpo_vllm.sampling.pipeline import pushes_after, sampling_version
 
 
 def trainer_for(model_path, out, stop_at=None, **overrides):
@@ -26,6 +28,69 @@ def trainer_for(model_path, out, stop_at=None, **overrides):
 def test_sampling_version_schedule():
     assert [sampling_version(t, 0) for t in range(4)] == [0, 1, 2, 3]
     assert [sampling_version(t, 2) for t in range(5)] == [0, 0, 0, 1, 2]
+    # weight_sync_steps s: the engines hold versions 0, s, 2s, ... (the issue's 1-based "steps 1-4
+    # from version 0, steps 5-8 from version 4" for K=0, s=4)
+    assert [sampling_version(t, 0, 4) for t in range(9)] == [0, 0, 0, 0, 4, 4, 4, 4, 8]
+    assert [sampling_version(t, 1, 4) for t in range(10)] == [0, 0, 0, 0, 0, 4, 4, 4, 4, 8]
+    assert [sampling_version(t, 2, 3) for t in range(9)] == [0, 0, 0, 0, 0, 3, 3, 3, 6]
+    assert [pushes_after(t, 3) for t in range(6)] == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("k,s", [(0, 3), (1, 3), (2, 2)])
+def test_weight_sync_steps_publishes_every_s_steps_and_ages_each_batch(model_path, tmp_path, k, s):
+    trainer, seen = trainer_for(model_path, tmp_path / f"k{k}s{s}", async_steps=k, weight_sync_steps=s, max_steps=7,
+                                save_strategy="no")
+    published, publish = [], trainer.publisher.publish
+
+    def recording(version, stop=None):
+        published.append((trainer.state.global_step, version))
+        return publish(version, stop)
+
+    trainer.publisher.publish = recording
+    trainer.train()
+    rows = train_rows(trainer)
+    # (global_step, version): pushes after every s-th step, then one at the end of training
+    pushes = [(t, t + 1) for t in range(7) if (t + 1) % s == 0]
+    assert published == pushes + ([(7, 7)] if 7 % s else [])
+    assert [r["async/staleness"] for r in rows] == [float(t - sampling_version(t, k, s)) for t in range(7)]
+    assert len(seen) == 7
+
+
+def test_first_interval_of_weight_sync_steps_equals_async_sampling_by_version_0(model_path, tmp_path):
+    """With s=3, K=0 the batches of steps 1-3 are all sampled by version 0, as K=2's: same batches,
+    same learner, so the same loss and logprobs; K=0, s=1 samples the second one with version 1."""
+    semi, _ = trainer_for(model_path, tmp_path / "semi", async_steps=0, weight_sync_steps=3, max_steps=3,
+                          save_strategy="no", learning_rate=5e-2)
+    semi.train()
+    lag, _ = trainer_for(model_path, tmp_path / "lag", async_steps=2, max_steps=3, save_strategy="no",
+                         learning_rate=5e-2)
+    lag.train()
+    online, _ = trainer_for(model_path, tmp_path / "online", async_steps=0, max_steps=3, save_strategy="no",
+                            learning_rate=5e-2)
+    online.train()
+    a, b, c = train_rows(semi), train_rows(lag), train_rows(online)
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-6), key
+    assert a[1]["logps/chosen"] != pytest.approx(c[1]["logps/chosen"], abs=1e-6)
+
+
+def test_resume_between_two_pushes_is_exact(model_path, tmp_path):
+    """s=4, K=1: stopped at step 2 (the learners at version 2, the engines at 0; the checkpoint
+    holds the batches of steps 3-5, sampled by version 0) and resumed to 8 equals 8 steps
+    uninterrupted: same prompts, same weights."""
+    settings = dict(weight_sync_steps=4, async_steps=1, max_steps=8, save_steps=2, learning_rate=5e-2)
+    full, full_prompts = trainer_for(model_path, tmp_path / "full", **settings)
+    full.train()
+    part, first_prompts = trainer_for(model_path, tmp_path / "part", stop_at=2, **settings)
+    part.train()
+    state = torch.load(tmp_path / "part" / "checkpoint-2" / "rollouts.pt", weights_only=False)
+    assert [(item["step"], item["pairs"].policy_version) for item in state["ready"]] == [(2, 0), (3, 0), (4, 0)]
+    resumed, resumed_prompts = trainer_for(model_path, tmp_path / "part", **settings)
+    resumed.train(resume_from_checkpoint=True)
+    assert len(full_prompts) == 8 and first_prompts + resumed_prompts == full_prompts
+    assert [r["async/staleness"] for r in train_rows(resumed)][2:] == [2.0, 3.0, 4.0, 1.0, 2.0, 3.0]
+    weights, now = snapshot(full.model), dict(resumed.model.named_parameters())
+    assert max((weights[n] - now[n].detach()).abs().max().item() for n in weights) <= 1e-6
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
@@ -68,11 +133,14 @@ def test_async_resume_with_batches_in_flight_is_exact(model_path, tmp_path):
     assert max((weights[n] - now[n].detach()).abs().max().item() for n in weights) <= 1e-6
 
 
-def test_resume_with_another_async_steps_is_refused(model_path, tmp_path):
+def test_resume_with_another_async_steps_or_weight_sync_steps_is_refused(model_path, tmp_path):
     part, _ = trainer_for(model_path, tmp_path / "run", stop_at=3)
     part.train()
     other, _ = trainer_for(model_path, tmp_path / "run", async_steps=1)
     with pytest.raises(ValueError, match="async_steps=2"):
+        other.train(resume_from_checkpoint=True)
+    other, _ = trainer_for(model_path, tmp_path / "run", weight_sync_steps=3)
+    with pytest.raises(ValueError, match="weight_sync_steps=1; resume with the same weight_sync_steps"):
         other.train(resume_from_checkpoint=True)
 
 

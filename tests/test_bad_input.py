@@ -316,3 +316,10 @@ def test_negative_learning_rate_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match=r"OnlineDPOConfig.learning_rate: must be a finite number >= 0, got -0.001"):
         make_args(tmp_path, learning_rate=-1e-3)
 
+
+
+@pytest.mark.parametrize("value", [0, 1.5])
+def test_weight_sync_steps_below_one_or_fractional_is_a_config_error(tmp_path, value):
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.weight_sync_steps: must be an integer >= 1 \(1: push "
+                                         rf"after every step\), got {value}"):
+        make_args(tmp_path, weight_sync_steps=value)

@@ -162,3 +162,14 @@ def test_hf_argument_parser_rejects_invalid(tmp_path):
     parser = HfArgumentParser(OnlineDPOConfig)
     with pytest.raises(ValueError, match="OnlineDPOConfig.loss_type"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path / "out"), "--loss_type", "kto"])
+
+
+def test_command_line_help_prints_every_field(capsys):
+    """`--help` formats every field's help (argparse %-formats it: a bare '%' in a help text crashed it)."""
+    from odpo_vllm.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--weight_sync_steps" in printed and "--preemption_grace_s" in printed and "--lora_r" in printed

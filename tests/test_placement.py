@@ -117,14 +117,18 @@ def test_colocated_gives_the_same_first_step_as_dedicated(ray_cluster, model_pat
 
 
 @pytest.mark.vllm
-def test_async_in_process_equals_dedicated_and_close_leaves_no_actor(ray_cluster, model_path, tmp_path):
-    """async_steps=1: the in-process trainer (sample step t+1 before training step t) is the exact
-    reference for the dedicated placement; after close() no actor of the run is left."""
-    common = dict(max_steps=3, async_steps=1, save_strategy="no", gradient_accumulation_steps=2)
+def test_async_semi_online_with_reference_refresh_in_process_equals_dedicated(ray_cluster, model_path, tmp_path):
+    """async_steps=1, weight_sync_steps=2 and a reference refresh after every step: the in-process
+    trainer (sample step t+1 before training step t) is the exact reference for the dedicated
+    placement (the ranks refresh their reference; objective/kl is measured against it); after
+    close() no actor of the run is left."""
+    common = dict(max_steps=3, async_steps=1, weight_sync_steps=2, save_strategy="no", gradient_accumulation_steps=2,
+                  sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
     local = _train_rows(model_path, settings(tmp_path, "local", **common))
     dedicated = _train_rows(model_path, settings(tmp_path, "dedicated", placement="dedicated", ray_learner_ranks=1,
                                                  ray_cpus_per_actor=0.5, ray_timeout_s=300, **common))
-    assert [r["async/staleness"] for r in local] == [r["async/staleness"] for r in dedicated] == [0.0, 1.0, 1.0]
+    assert [r["async/staleness"] for r in local] == [r["async/staleness"] for r in dedicated] == [0.0, 1.0, 2.0]
+    assert [r["step"] for r in dedicated if "sync/bytes" in r] == [2]
     for mine, theirs in zip(dedicated, local):
         for key in ("loss", "objective/scores", "objective/kl", "logps/chosen", "rewards/margins"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (mine["step"], key)

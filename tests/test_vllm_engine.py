@@ -199,6 +199,38 @@ def test_training_with_vllm_syncs_every_step_and_learns(model_path, tmp_path, as
 
 
 @pytest.mark.vllm
+def test_weight_sync_steps_pushes_every_s_steps_and_evaluation_sees_the_current_policy(model_path, tmp_path):
+    """s=3, K=1: `sync/*` only on the steps that push (3 and 6), the engine proven to hold each pushed
+    version; an evaluation between two pushes (steps 4 and 7) and the end of training bring the
+    engine to the learner's weights first."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class EngineVersionAtEvaluation(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            seen.append((state.global_step, trainer.generator.policy_version,
+                         logprob_gap(trainer.generator, trainer.learner)))
+
+    args = make_args(tmp_path, use_vllm=True, max_steps=7, async_steps=1, weight_sync_steps=3, logging_steps=1,
+                     learning_rate=5e-2, eval_strategy="steps", eval_steps=4)
+    trainer = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                               train_dataset=toy.prompt_dataset(32), eval_dataset=toy.prompt_dataset(4, seed=1),
+                               callbacks=[EngineVersionAtEvaluation()])
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "objective/scores" in r and "loss" in r]
+    assert [r["step"] for r in rows if "sync/bytes" in r] == [3, 6]
+    assert all("sync/logprob_gap" not in r and "sync/seconds" not in r for r in rows if r["step"] not in (3, 6))
+    assert max(r["sync/logprob_gap"] for r in rows if r["step"] in (3, 6)) < 1e-4
+    assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    # step 4 and the last step (transformers evaluates at the end of training too)
+    assert [(step, version) for step, version, _ in seen] == [(4, 4), (7, 7)]
+    assert max(gap for _, _, gap in seen) < 1e-4
+    assert trainer.generator.policy_version == 7 and logprob_gap(trainer.generator, trainer.learner) < 1e-4
+    trainer.close()
+
+
+@pytest.mark.vllm
 def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     from peft import LoraConfig
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from odpo_vllm.learning.learner import Learner, build_optimizer, build_scheduler
+from odpo_vllm.learning.learner import REFERENCE_FILE, Learner, build_optimizer, build_scheduler
 from odpo_vllm.weights.names import TensorMeta, checkpoint_name, lora_delta, lora_targets, merged_weight
 
 
@@ -129,25 +129,34 @@ class DeepSpeedRank(Learner):
                     metas.append(TensorMeta(mapped, param.dtype, shape))
         return metas
 
+    def _whole(self, param):
+        # every rank holds the whole reference and gathers the policy's parameter (a collective:
+        # every rank refreshes together); nothing is written back to the partitions
+        return import_deepspeed().zero.GatheredParameters([param], modifier_rank=None, enabled=self.zero_stage == 3)
+
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
-        """This rank's part of `checkpoint_files` (every rank calls it together: DeepSpeed synchronises)."""
+        """This rank's part of `checkpoint_files` (every rank calls it together: DeepSpeed synchronises);
+        with `sync_ref_model`, rank 0 also writes the reference (every rank holds the same one)."""
         self.model_engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+        if self.rank == 0:
+            self._save_reference(directory)
 
     def load(self, directory: str) -> None:
         self.model_engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        self._load_reference(directory)
 
 
 CHECKPOINT_TAG = "deepspeed"  # the subfolder of a checkpoint that DeepSpeed's files go to
 
 
-def checkpoint_files(world_size: int, zero_stage: int, bf16: bool) -> dict[str, int]:
+def checkpoint_files(world_size: int, zero_stage: int, bf16: bool, reference: bool = False) -> dict[str, int]:
     """The files `DeepSpeedRank.save` writes into a checkpoint folder, relative to it, each with the
     rank that writes it (DeepSpeed's names): the module states (ZeRO-2: rank 0's, whole; ZeRO-3:
     each rank's partition) and each rank's optimizer shard (`bf16_` first when training in bf16).
     Rank 0's `latest` file is left out: loading names the tag, and rank 0 writes the module
-    states too."""
-    files = {}
+    states too. `reference`: rank 0 writes the refreshed reference (`sync_ref_model`)."""
+    files = {REFERENCE_FILE: 0} if reference else {}
     for rank in range(world_size):
         if zero_stage == 3:
             files[f"{CHECKPOINT_TAG}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt"] = rank

@@ -211,6 +211,10 @@ class LearnerGroup:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self._gather([w.sequence_logprobs.remote(token_ids) for w in self.workers], "sequence_logprobs")[0]
 
+    def refresh_reference(self, alpha: float) -> None:
+        """`sync_ref_model`'s refresh on every rank together (ZeRO-3 gathers are collectives)."""
+        self.call("refresh_reference", alpha)
+
     def call(self, method: str, *args) -> list:
         """`method(*args)` on every rank together; each rank's result, in rank order."""
         return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # CPU). A GPU takes larger chunks: each chunk is a few kernel launches, and at 64 MiB a 135M model's
 # step at short completions was bound by launches (H200, bf16: 0.83x TRL's step at 8 chat pairs).
 LOGPROB_CHUNK_BYTES = 64 << 20
+REFERENCE_FILE = "reference.safetensors"  # a checkpoint's reference weights (sync_ref_model only)
 LOGPROB_CHUNK_BYTES_GPU = 1 << 30
 
 
@@ -318,11 +319,42 @@ class Learner:
         """The policy as a `from_pretrained` folder (a PEFT policy: its adapter)."""
         self.model.save_pretrained(directory, safe_serialization=True)
 
+    # ---------------------------------------------------------------- reference refresh
+    def refresh_reference(self, alpha: float) -> None:
+        """TR-DPO's refresh (`sync_ref_model`): reference <- alpha * policy + (1 - alpha) * reference,
+        parameter by parameter, in place (TRL's SyncRefModelCallback)."""
+        if self.ref_model is None:
+            raise RuntimeError("sync_ref_model: this policy has no reference model of its own (a LoRA policy's "
+                               "reference is its base model)")
+        policy = dict(_unwrap(self.model).named_parameters())
+        with torch.no_grad():
+            for name, ref in self.ref_model.named_parameters():
+                with self._whole(policy[name]):
+                    ref.mul_(1.0 - alpha).add_(policy[name].detach().to(ref.device, ref.dtype), alpha=alpha)
+
+    def _whole(self, param):
+        """A context in which `param` holds all its values (ZeRO-3 gathers it; here it does)."""
+        return contextlib.nullcontext()
+
+    def _save_reference(self, directory: str) -> None:
+        if self.args.sync_ref_model and self.ref_model is not None:  # it moved: the checkpoint must hold it
+            from safetensors.torch import save_model
+
+            save_model(self.ref_model, os.path.join(directory, REFERENCE_FILE))
+
+    def _load_reference(self, directory: str) -> None:
+        if self.args.sync_ref_model and self.ref_model is not None:
+            from safetensors.torch import load_model
+
+            load_model(self.ref_model, os.path.join(directory, REFERENCE_FILE), device=str(self.device))
+
+    # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str) -> None:
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if self.scaler:
             torch.save(self.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+        self._save_reference(directory)
 
     def load(self, directory: str) -> None:
         load_model_weights(self.model, directory)
@@ -330,6 +362,7 @@ class Learner:
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
         if self.scaler and os.path.exists(os.path.join(directory, "scaler.pt")):
             self.scaler.load_state_dict(torch.load(os.path.join(directory, "scaler.pt")))
+        self._load_reference(directory)
 
 
 def _unwrap(model):

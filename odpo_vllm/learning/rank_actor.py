@@ -46,6 +46,9 @@ class RankActor:
     def sequence_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return self.learner.sequence_logprobs(token_ids)
 
+    def refresh_reference(self, alpha: float) -> None:
+        self.learner.refresh_reference(alpha)
+
     def gathered_weights(self) -> dict[str, torch.Tensor] | None:
         """The policy's weights under `named_weights`' names (LoRA merged), on rank 0; None on the
         others, which iterate too (ZeRO-3 gathers are collectives). For a sampler in the driver."""

@@ -19,6 +19,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from odpo_vllm.learning.deepspeed_rank import checkpoint_files
+from odpo_vllm.learning.learner import REFERENCE_FILE
 from odpo_vllm.primitives import shared_storage
 
 STATE_FILE = "trainer_state.json"
@@ -56,16 +57,16 @@ def complete_folder(output_dir: str, step: int) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def save(trainer, deadline: float | None = None, policy_version: int | None = None) -> str:
+def save(trainer, deadline: float | None = None) -> str:
     """Write `checkpoint-<step>` atomically: everything goes to a temporary folder beside it, which
     is renamed once complete, so a save killed halfway never leaves a `checkpoint-<step>` folder
     that looks complete (resume and `save_total_limit` only see renamed ones). `deadline`: a
-    preemption's, for the batches in flight (`RolloutPipeline.state_dict`). `policy_version`: the
-    learners' version when a stop cut their push short (default: the version the engines serve).
+    preemption's, for the batches in flight (`RolloutPipeline.state_dict`). The checkpoint's policy
+    version is the learners' (the steps taken): the engines may serve an older one between two
+    pushes of `weight_sync_steps`, or when a stop cut the push short.
     Under Ray, a save whose learner-rank files the driver cannot see (`output_dir` not shared with
     a rank's node) raises `SharedStorageError` and is not renamed."""
-    if policy_version is None:
-        policy_version = trainer.publisher.version
+    policy_version = trainer.state.global_step
     output_dir = trainer.args.output_dir
     final = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
     directory = f"{final}.incomplete"
@@ -117,13 +118,14 @@ def rank_files(trainer) -> dict[str, str]:
     if trainer.model is not None:
         return {}
     args = trainer.args
-    files = checkpoint_files(args.ray_learner_ranks, args.ray_zero_stage, args.bf16)
+    files = checkpoint_files(args.ray_learner_ranks, args.ray_zero_stage, args.bf16, reference=args.sync_ref_model)
     return {name: trainer.learner.names[rank] for name, rank in files.items()}
 
 
 def required_files(trainer) -> tuple[str, ...]:
     """What a checkpoint of this trainer must hold: what `save` writes here, and every rank's files."""
-    learner_files = ("optimizer.pt", "scheduler.pt") if trainer.model is not None else tuple(rank_files(trainer))
+    learner_files = (("optimizer.pt", "scheduler.pt") + ((REFERENCE_FILE,) if trainer.args.sync_ref_model else ())
+                     if trainer.model is not None else tuple(rank_files(trainer)))
     return (STATE_FILE, RUN_FILE, RNG_FILE, ROLLOUTS_FILE) + learner_files
 
 

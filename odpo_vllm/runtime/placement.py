@@ -295,9 +295,10 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             start_timeout_s=args.ray_start_timeout_s,
             name="learner", bundle_extra={"CPU": cpus, "GPU": engine_gpus} if colocated else None,
             peft_config=spec.peft_config,
-            # batches can be in flight while the learners step: rank 0 keeps the published version
-            # for an engine that replaces one which died holding them
-            keep_published=args.async_steps >= 1 and args.ray_max_engine_restarts > 0)
+            # batches can be in flight while the learners step (or the learners step past the
+            # published version between pushes): rank 0 keeps the published version for an engine
+            # that replaces one which died holding them
+            keep_published=(args.async_steps >= 1 or args.weight_sync_steps > 1) and args.ray_max_engine_restarts > 0)
         # Before the engines start, and whatever save_strategy says: a stop signal saves a checkpoint,
         # the command line saves the final model from rank 0, and a resume is only known at train().
         roles.learner.check_shared_storage(args.output_dir)

@@ -1,12 +1,16 @@
 """The rollout pipeline: which batch is sampled by which policy version, and when.
 
-With `async_steps = K`, the batch of step t is sampled by policy version max(0, t - K) exactly
-(version v = the weights after v optimizer steps). Once the engines serve v_t (after the sync of
-step t - 1, or at the start), the loop requests every batch up to step t + K: sampling (and, under
-Ray, scoring) of those runs while the learners train step t, and the push of v_{t+1} waits until
-the engines have finished them. K = 0 is the synchronous loop. The schedule does not depend on timing, so a run is
-reproducible, and a checkpoint holds the batches already sampled for later steps (token ids,
-scores, the version that sampled them) so that a resumed run neither skips nor repeats a prompt.
+With `async_steps = K` and `weight_sync_steps = s`, the batch of step t (0-based) is sampled by
+policy version s * floor(max(0, t - K) / s) exactly (version v = the weights after v optimizer
+steps; the engines receive versions 0, s, 2s, ... only). With s = 1 that is max(0, t - K).
+As soon as the engines serve a version (at the start, after a push, after a resume), the loop
+requests every batch that version samples: the steps up to t + K with s = 1, the s steps of its
+interval (shifted by K) otherwise. Sampling (and, under Ray, scoring) of those runs while the
+learners train, and the next push waits until the engines have finished them. K = 0, s = 1 is the
+synchronous loop. The schedule does not depend on timing, so a run is reproducible, and a
+checkpoint holds the batches already sampled for later steps (token ids, scores, the version that
+sampled them) so that a resumed run neither skips nor repeats a prompt; between two pushes those
+are every batch up to the next push, so a resume needs no weights but the learners'.
 """
 
 from __future__ import annotations
@@ -30,9 +34,15 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**31 - 1)
 
 
-def sampling_version(step: int, async_steps: int) -> int:
-    """The policy version that samples the batch of `step`."""
-    return max(0, step - async_steps)
+def sampling_version(step: int, async_steps: int, weight_sync_steps: int = 1) -> int:
+    """The policy version that samples the batch of `step` (0-based)."""
+    return max(0, step - async_steps) // weight_sync_steps * weight_sync_steps
+
+
+def pushes_after(step: int, weight_sync_steps: int) -> bool:
+    """Whether the engines receive the learners' weights after `step` (0-based), i.e. version
+    step + 1 is one the schedule samples with."""
+    return (step + 1) % weight_sync_steps == 0
 
 
 @dataclass
@@ -51,6 +61,7 @@ class RolloutPipeline:
         generator and rewards; `rewrite_rows`: the user's data_collator, applied per batch."""
         self.batches, self.roles, self.tokenizer, self.args = batches, roles, tokenizer, args
         self.async_steps = args.async_steps
+        self.weight_sync_steps = args.weight_sync_steps
         self.rewrite_rows = rewrite_rows or (lambda rows: rows)
         self.requests: dict[int, _Request] = {}
         self.next_step = 0  # the first step whose batch has not been requested
@@ -58,18 +69,23 @@ class RolloutPipeline:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if roles.background_sampling else None
 
     def request_ahead(self, step: int, served_version: int, max_steps: int) -> None:
-        """Request the batches of steps up to `step + async_steps` (and below `max_steps`) that are
-        not requested yet; the engines serve `served_version`, which must be their sampling version."""
-        while self.next_step < min(step + self.async_steps + 1, max_steps):
-            wanted = sampling_version(self.next_step, self.async_steps)
-            if wanted > served_version:
-                raise RuntimeError(f"rollout schedule: the batch of step {self.next_step} must be sampled by policy "
-                                   f"version {wanted}, but the engines serve version {served_version}")
+        """Request every batch not requested yet (below `max_steps`) whose sampling version the
+        engines serve (`served_version`) or have served; the batch of `step`, the next one the
+        loop trains, must be among them."""
+        while self.next_step < max_steps and self.version_of(self.next_step) <= served_version:
+            wanted = self.version_of(self.next_step)
             if wanted < served_version:  # resumed past the checkpoint's max_steps, or a preemption dropped it
                 logger.warning("step %d: sampled by policy version %d instead of %d (the checkpoint holds no "
                                "batch for it)", self.next_step, served_version, wanted)
             self._request(self.next_step, served_version)
             self.next_step += 1
+        if step < max_steps and step not in self.requests and step >= self.next_step:
+            raise RuntimeError(f"rollout schedule: the batch of step {step} must be sampled by policy version "
+                               f"{self.version_of(step)}, but the engines serve version {served_version}")
+
+    def version_of(self, step: int) -> int:
+        """The policy version the schedule samples the batch of `step` (0-based) with."""
+        return sampling_version(step, self.async_steps, self.weight_sync_steps)
 
     def _request(self, step: int, version: int) -> None:
         data_before = self.batches.state_dict()
@@ -157,13 +173,16 @@ class RolloutPipeline:
                     break
             ready.append({"step": step, "epoch": request.epoch, "position": request.position,
                           "version": request.version, "pairs": pairs})
-        return {"async_steps": self.async_steps, "next_step": next_step, "ready": ready, "data": data}
+        return {"async_steps": self.async_steps, "weight_sync_steps": self.weight_sync_steps, "next_step": next_step,
+                "ready": ready, "data": data}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["async_steps"] != self.async_steps:
-            raise ValueError(f"resume_from_checkpoint: the checkpoint was written with async_steps="
-                             f"{state['async_steps']}; resume with the same async_steps (got {self.async_steps}) "
-                             "so that the batches it already sampled are trained at their steps")
+        for field in ("async_steps", "weight_sync_steps"):
+            written, now = state.get(field, 1 if field == "weight_sync_steps" else None), getattr(self, field)
+            if written != now:
+                raise ValueError(f"resume_from_checkpoint: the checkpoint was written with {field}={written}; resume "
+                                 f"with the same {field} (got {now}) so that the batches it already sampled are "
+                                 "trained at their steps and the engines' versions follow one schedule")
         self.requests, self.next_step = {}, state["next_step"]
         for item in state["ready"]:
             future: Future = Future()
