@@ -186,12 +186,32 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
     return [bos, *ids]
 
 
+def as_dataset(rows, name: str):
+    """A `datasets.Dataset` as given; a list (or tuple) of row dicts, which TRL's trainer also
+    takes, as a `Dataset`; anything else is refused naming `name` and what it takes."""
+    import datasets
+
+    if isinstance(rows, datasets.Dataset):
+        return rows
+    if isinstance(rows, (list, tuple)):
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{name}: row {bad} is a {type(rows[bad]).__name__}, not a dict; give a list of dicts "
+                             "such as {'prompt': ...}, or a datasets.Dataset")
+        keys = {key for row in rows for key in row}
+        # from_list takes the first row's keys: give every row every key (None where it has none)
+        return datasets.Dataset.from_list([{key: row.get(key) for key in sorted(keys)} for row in rows])
+    raise ValueError(f"{name}: expected a datasets.Dataset, a datasets.IterableDataset or a list of dicts with a "
+                     f"'prompt' key, got {type(rows).__name__}")
+
+
 def encode_dataset(dataset, encoder: PromptEncoder):
     """Validate every row and add a `prompt_ids` column, before any training starts."""
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
         return dataset  # encoded lazily, batch by batch; errors still name the row
+    dataset = as_dataset(dataset, encoder.dataset_name)
     if "prompt" not in dataset.column_names:
         raise ValueError(
             f"{encoder.dataset_name}: no 'prompt' column (columns: {dataset.column_names}); "

@@ -92,6 +92,7 @@ class OnlineDPOTrainer:
         tokenizer = self.tokenizer = multimodal.text_tokenizer(processing_class)
         validation.check_tokenizer(tokenizer)  # pad = EOS where there is no pad token
         self.processing_class = processing_class
+        self.model_config = config if not isinstance(config, torch.nn.Module) else config.config
         validation.check_models(model if isinstance(model, torch.nn.Module) else None,
                                 ref_model if isinstance(ref_model, torch.nn.Module) else None, tokenizer, config)
         self.eos_token_ids = self._eos_token_ids(config)
@@ -144,6 +145,8 @@ class OnlineDPOTrainer:
 
         default = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
         default.append(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        for callback in callbacks or []:
+            self._check_callback(callback)
         self.callback_handler = CallbackHandler(
             default + list(callbacks or []), self.model, processing_class,
             getattr(self.learner, "optimizer", None), getattr(self.learner, "scheduler", None),
@@ -222,7 +225,49 @@ class OnlineDPOTrainer:
             raise ValueError("data_collator: must return a list of row dicts that keep 'prompt' and 'prompt_ids'")
         return multimodal.attach_media(out, self.encoder)
 
+    @property
+    def accelerator(self):
+        """An `accelerate.Accelerator` of this single driver process, for callbacks written for
+        TRL's trainers (`split_between_processes`, `is_main_process`, `unwrap_model`). The
+        learners' own distribution is DeepSpeed's, inside the ranks."""
+        if getattr(self, "_accelerator", None) is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(cpu=self.model is None or next(self.model.parameters()).device.type == "cpu")
+        return self._accelerator
+
+    @property
+    def model_wrapped(self):
+        """What TRL's callbacks generate with: the learner's model in process; under a Ray
+        placement, where the driver holds no copy, the policy the engines serve
+        (`run/engine_policy.py`: `generate()` samples through them)."""
+        if self.model is not None:
+            return self.model
+        if getattr(self, "_engine_policy", None) is None:
+            from odpo_vllm.run.engine_policy import EnginePolicy
+
+            self._engine_policy = EnginePolicy(self)
+        return self._engine_policy
+
+    def _check_callback(self, callback) -> None:
+        """Refuse, before training, a TRL callback that cannot do its work here, naming what does."""
+        cls = callback if isinstance(callback, type) else type(callback)
+        name = cls.__name__
+        if not cls.__module__.startswith("trl"):
+            return
+        if name == "SyncRefModelCallback":
+            raise ValueError("callbacks: SyncRefModelCallback refreshes a reference held by the callback; here the "
+                             "learners own the reference: set OnlineDPOConfig(sync_ref_model=True, "
+                             "ref_model_sync_steps=..., ref_model_mixup_alpha=...) instead")
+        if self.model is None and name == "BEMACallback":
+            raise ValueError(f"callbacks: BEMACallback averages the policy's weights in this process, but under "
+                             f"placement={self.args.placement!r} they live in the learner ranks; use "
+                             "placement='in_process' for it")
+        if self.model is None and not isinstance(callback, type) and hasattr(callback, "generation_config"):
+            self.model_wrapped.check(callback.generation_config, name)
+
     def add_callback(self, callback):
+        self._check_callback(callback)
         self.callback_handler.add_callback(callback)
 
     def pop_callback(self, callback):

@@ -217,3 +217,35 @@ def test_async_resume_under_ray_continues_the_run(ray_cluster, model_path, tmp_p
     assert resumed_rows[-1]["loss"] == pytest.approx(full_rows[-1]["loss"], abs=1e-5)
     assert all(r["sync/logprob_gap"] < 1e-4 for r in resumed_rows[-3:])
     assert max((full[n] - t).abs().max().item() for n, t in resumed.items()) < 1e-5
+
+
+@pytest.mark.vllm
+def test_trl_log_completions_callback_samples_through_the_engines_on_dedicated(ray_cluster, model_path, tmp_path):
+    """The seed's `LogCompletionsCallback` lines on the dedicated placement: the driver holds no
+    policy, so `model_wrapped` samples through the engine, brought to the learners' weights first
+    (weight_sync_steps=2 leaves it a version behind at step 1); a generation_config the engines
+    would not follow is refused when the callback is added."""
+    from transformers import GenerationConfig
+    from trl.trainer.callbacks import LogCompletionsCallback
+
+    args = settings(tmp_path, "log_completions", placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
+                    ray_timeout_s=300, max_steps=2, weight_sync_steps=2, save_strategy="no")
+    with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                          train_dataset=toy.prompt_dataset(16), eval_dataset=toy.prompt_dataset(4, seed=1)) as trainer:
+        with pytest.raises(ValueError, match=r"LogCompletionsCallback: under placement='dedicated' completions come "
+                                             r"from the run's engines.*greedy decoding.*max_new_tokens=3 vs 8"):
+            trainer.add_callback(LogCompletionsCallback(trainer, GenerationConfig(max_new_tokens=3), num_prompts=2))
+        served = []
+        sample = trainer.generator.generate
+
+        def recording(prompt_ids, num_samples, seed, **kwargs):
+            served.append((trainer.state.global_step, trainer.roles.publisher.version))
+            return sample(prompt_ids, num_samples, seed, **kwargs)
+
+        callback = LogCompletionsCallback(trainer, num_prompts=2, freq=1)
+        trainer.add_callback(callback)
+        trainer.generator.generate = recording
+        trainer.train()
+    assert [row[0] for row in callback.table] == ["1", "1", "2", "2"]
+    assert any(row[2].strip() for row in callback.table)
+    assert served == [(1, 1), (2, 2)]  # the current policy each time, though s=2 pushes after step 2 only
