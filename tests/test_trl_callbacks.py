@@ -58,3 +58,40 @@ def test_sync_ref_model_callback_is_refused_naming_the_config_fields(model_path,
         trainer.add_callback(SyncRefModelCallback(ref_model=None, accelerator=None))
     with pytest.raises(ValueError, match=r"SyncRefModelCallback"):
         trainer_for(model_path, tmp_path / "again").add_callback(SyncRefModelCallback)
+
+
+def test_trackers_get_the_scalars_and_wandb_the_completions_table(model_path, tmp_path, monkeypatch):
+    """report_to wandb (offline) and tensorboard, the real packages: the training scalars reach
+    both, and TRL's completions table reaches wandb (TRL logs it to wandb and comet only)."""
+    import glob
+    import json
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = trainer_for(model_path, tmp_path, report_to=["wandb", "tensorboard"], logging_steps=1)
+    trainer.add_callback(LogCompletionsCallback(trainer, num_prompts=2, freq=1))
+    trainer.train()
+    import wandb
+
+    wandb.finish()  # what the end of a user's script does: the run's records are written out
+    tables = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "*.json")))
+    assert len(tables) == 2  # one per logging step, each the whole table so far
+    with open(tables[-1]) as f:
+        table = json.load(f)
+    assert table["columns"] == ["step", "prompt", "completion"] and len(table["data"]) == 4
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    deadline = time.monotonic() + 60  # wandb's service writes the file shortly after finish() returns
+    while True:
+        with open(run_file, "rb") as f:
+            records = f.read()  # protobuf records: the history keys are stored as plain strings
+        if b"train/loss" in records or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert b"train/loss" in records and b"train/objective/scores" in records
+    (events,) = glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))
+    scalars = EventAccumulator(events).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars and "train/objective/scores" in scalars
