@@ -13,7 +13,8 @@ _apply_env_log_level()  # before vLLM and DeepSpeed are imported: a quiet consol
 
 from odpo_vllm.config import OnlineDPOConfig
 from odpo_vllm.rewards.scorer import PairwiseJudge
+from odpo_vllm.run.win_rate import WinRateCallback
 from odpo_vllm.trainer import OnlineDPOTrainer
 
-__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PairwiseJudge"]
+__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PairwiseJudge", "WinRateCallback"]
 __version__ = "0.1.0"

@@ -34,6 +34,14 @@ class ScriptArguments:
         default_factory=list,
         metadata={"help": "Python reward functions as 'package.module:function' (in addition to reward_model_path)."},
     )
+    win_rate: bool = field(
+        default=False,
+        metadata={"help": "At each evaluation log eval_win_rate: how often the run's reward prefers the policy's "
+                          "completion of an evaluation prompt to the starting policy's (ties half). Needs "
+                          "--eval_strategy steps or epoch."},
+    )
+    win_rate_num_prompts: int | None = field(
+        default=None, metadata={"help": "Evaluation prompts the win rate compares on (default: all)."})
 
 
 @dataclass
@@ -80,6 +88,9 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit("--dataset_name: required (a hub dataset or a local data file)")
     if not script.reward_funcs and not args.reward_model_path:
         raise SystemExit("--reward_model_path or --reward_funcs: give at least one reward")
+    if script.win_rate and args.eval_strategy == "no":
+        raise SystemExit("--win_rate: the win rate is measured at evaluations; add --eval_strategy steps (with "
+                         "--eval_steps) or epoch, and a --dataset_test_split")
     if "--beta" in argv and isinstance(args.beta, list) and len(args.beta) == 1:
         args.beta = args.beta[0]  # `--beta 0.1` is one number, as in the reference; `--beta 0.1 0.05` a list
     return script, args, model
@@ -129,6 +140,10 @@ def build_trainer(argv: list[str] | None = None):
         model=model_args.model_name_or_path, reward_funcs=reward_funcs, args=args,
         train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
     )
+    if script.win_rate:
+        from odpo_vllm.run.win_rate import WinRateCallback
+
+        trainer.add_callback(WinRateCallback(None, trainer, num_prompts=script.win_rate_num_prompts))
     return trainer, script
 
 

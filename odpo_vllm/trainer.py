@@ -61,6 +61,7 @@ class OnlineDPOTrainer:
         if train_dataset is None:
             raise ValueError("train_dataset: Online DPO needs a dataset with a 'prompt' column")
         self.args = args
+        self.separate_reference = ref_model is not None  # else the reference is the starting policy
         configure_logging(args.log_level, own_handler=False)
         # absolute before any role (a Ray worker in another working directory) receives a path
         model, ref_model, reward_funcs = validation.resolve_paths(model, ref_model, reward_funcs, args)

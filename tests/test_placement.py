@@ -224,12 +224,15 @@ def test_trl_log_completions_callback_samples_through_the_engines_on_dedicated(r
     """The seed's `LogCompletionsCallback` lines on the dedicated placement: the driver holds no
     policy, so `model_wrapped` samples through the engine, brought to the learners' weights first
     (weight_sync_steps=2 leaves it a version behind at step 1); a generation_config the engines
-    would not follow is refused when the callback is added."""
+    would not follow is refused when the callback is added. `WinRateCallback` beside it."""
     from transformers import GenerationConfig
     from trl.trainer.callbacks import LogCompletionsCallback
 
+    from odpo_vllm import WinRateCallback
+
     args = settings(tmp_path, "log_completions", placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
-                    ray_timeout_s=300, max_steps=2, weight_sync_steps=2, save_strategy="no")
+                    ray_timeout_s=300, max_steps=2, weight_sync_steps=2, save_strategy="no", eval_strategy="steps",
+                    eval_steps=2)
     with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                           train_dataset=toy.prompt_dataset(16), eval_dataset=toy.prompt_dataset(4, seed=1)) as trainer:
         with pytest.raises(ValueError, match=r"LogCompletionsCallback: under placement='dedicated' completions come "
@@ -244,8 +247,14 @@ def test_trl_log_completions_callback_samples_through_the_engines_on_dedicated(r
 
         callback = LogCompletionsCallback(trainer, num_prompts=2, freq=1)
         trainer.add_callback(callback)
+        trainer.add_callback(WinRateCallback(None, trainer))  # and the win rate, through the engines too
         trainer.generator.generate = recording
         trainer.train()
     assert [row[0] for row in callback.table] == ["1", "1", "2", "2"]
     assert any(row[2].strip() for row in callback.table)
-    assert served == [(1, 1), (2, 2)]  # the current policy each time, though s=2 pushes after step 2 only
+    # (step, version served): the win rate's reference at the start, the completions table at steps 1
+    # and 2 (the current policy each time, though s=2 pushes after step 2 only), the evaluation and
+    # the win rate at step 2
+    assert served == [(0, 0), (1, 1), (2, 2), (2, 2), (2, 2)]
+    rates = [row["eval_win_rate"] for row in trainer.state.log_history if "eval_win_rate" in row]
+    assert len(rates) == 1 and 0.0 <= rates[0] <= 1.0
