@@ -16,7 +16,10 @@ import shutil
 import textwrap
 import time
 
+import torch
+
 from odpo_vllm import real_task
+from odpo_vllm.run.win_rate import outcomes_from_scores, win_rate
 
 HELD_OUT_SEED = 1234  # the same sampling seed before and after: only the weights differ
 # The training settings (OnlineDPOConfig fields), shared with benchmarks/bench_real_learning.py,
@@ -35,11 +38,15 @@ def held_out_replies(trainer, rows: list[dict], seed: int = HELD_OUT_SEED) -> tu
     return texts, real_task.vader_scores(texts)
 
 
-def _distinct_topics(rows: list[dict], count: int) -> list[int]:
-    """The first `count` rows (in the held-out order) about different topics: the examples shown."""
+def typical_examples(rows: list[dict], before: list[float], after: list[float], count: int = 3) -> list[int]:
+    """The examples shown: the `count` held-out prompts, of different topics, whose change in
+    reward is closest to the median change, so that they show what the run typically did."""
+    changes = [a - b for a, b in zip(after, before)]
+    median = sorted(changes)[len(changes) // 2]
+    order = sorted(range(len(rows)), key=lambda i: (abs(changes[i] - median), i))
     chosen, seen = [], set()
-    for index, row in enumerate(rows):
-        topic = next(t for t in real_task.HELD_OUT_TOPICS if t in row["prompt"][-1]["content"])
+    for index in order:
+        topic = next(t for t in real_task.HELD_OUT_TOPICS if t in rows[index]["prompt"][-1]["content"])
         if topic not in seen:
             chosen.append(index)
             seen.add(topic)
@@ -111,16 +118,22 @@ def run(output_dir: str, max_steps: int, extra: list[str], model: str | None = N
         trainer.save_model()
     rows = [r for r in trainer.state.log_history if "objective/scores" in r]
     texts = [trainer.encoder.text(row["prompt"], i) for i, row in enumerate(held_out)]
-    shown = _distinct_topics(held_out, 3)
+    shown = typical_examples(held_out, scores_before, scores_after)
+    outcomes = outcomes_from_scores(torch.tensor(scores_after), torch.tensor(scores_before))
     print("\nReal-model demo finished in %.0f s (%d steps)" % (time.monotonic() - started, max_steps))
     print(f"  training reward (objective/scores): {rows[0]['objective/scores']:+.3f} at step {rows[0]['step']}, "
           f"{rows[-1]['objective/scores']:+.3f} at step {rows[-1]['step']}")
     print(f"  held-out reward ({len(held_out)} prompts, mean VADER): before {_mean(scores_before):+.3f}, "
           f"after {_mean(scores_after):+.3f}")
+    print(f"  win rate of the trained model over the starting one: {win_rate(outcomes):.2f} (each held-out reply "
+          f"against the same prompt's before, VADER judges, ties half: {outcomes.count(1.0)} won, "
+          f"{outcomes.count(0.5)} tied, {outcomes.count(0.0)} lost)")
+    print("\n  three held-out prompts whose change in reward is closest to the median change:")
     _print_side_by_side([held_out[i]["prompt"][-1]["content"] for i in shown], [before[i] for i in shown],
                         [after[i] for i in shown], [scores_before[i] for i in shown], [scores_after[i] for i in shown])
     train_dir = trainer.args.output_dir
     result = {"held_out_before": _mean(scores_before), "held_out_after": _mean(scores_after),
+              "win_rate": win_rate(outcomes), "shown": shown,
               "train_first": rows[0]["objective/scores"], "train_last": rows[-1]["objective/scores"],
               "steps": max_steps, "seconds": time.monotonic() - started,
               "replies": [{"prompt": t, "before": b, "after": a, "reward_before": sb, "reward_after": sa}

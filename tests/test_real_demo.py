@@ -30,5 +30,25 @@ def test_real_demo_scores_held_out_prompts_before_and_after(tmp_path, capsys):
         assert json.load(f)["replies"] == replies
     shown = capsys.readouterr().out
     assert "held-out reward (64 prompts, mean VADER)" in shown
+    # the same replies before and after: every pair ties
+    assert result["win_rate"] == 0.5 and "win rate of the trained model over the starting one: 0.50" in shown
+    assert "64 tied, 0 lost" in shown
     assert shown.count("  |  after (reward") == 3  # three held-out prompts side by side
     assert (tmp_path / "demo" / "train" / "metrics.jsonl").exists()
+
+
+def test_examples_shown_are_those_nearest_the_median_change():
+    rows = real_task.held_out_prompts()[:8]
+    before = [0.0] * 8
+    after = [0.9, 0.1, 0.5, 0.45, 0.55, -0.2, 0.48, 0.6]  # changes; the (upper) median is 0.5
+    shown = real_demo.typical_examples(rows, before, after)
+
+    def topic(i):
+        return next(t for t in real_task.HELD_OUT_TOPICS if t in rows[i]["prompt"][-1]["content"])
+
+    expected, seen = [], set()
+    for i in sorted(range(8), key=lambda i: abs(after[i] - 0.5)):  # nearest first, one per topic
+        if topic(i) not in seen and len(expected) < 3:
+            expected.append(i)
+            seen.add(topic(i))
+    assert shown == expected and shown[0] == 2 and 0 not in shown and 5 not in shown
