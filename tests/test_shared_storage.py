@@ -107,7 +107,7 @@ class RankGroupStandIn:
 def ray_trainer(output_dir: Path, learner) -> SimpleNamespace:
     """What `checkpoint.save` uses of a trainer under a Ray placement (no model in the driver)."""
     args = SimpleNamespace(output_dir=str(output_dir), save_total_limit=None, ray_learner_ranks=2, ray_zero_stage=2,
-                           bf16=False)
+                           bf16=False, sync_ref_model=False)
     state = TrainerState()
     state.global_step = 3
     return SimpleNamespace(args=args, state=state, model=None, learner=learner,
