@@ -251,21 +251,9 @@ class OnlineDPOTrainer:
         return self._engine_policy
 
     def _check_callback(self, callback) -> None:
-        """Refuse, before training, a TRL callback that cannot do its work here, naming what does."""
-        cls = callback if isinstance(callback, type) else type(callback)
-        name = cls.__name__
-        if not cls.__module__.startswith("trl"):
-            return
-        if name == "SyncRefModelCallback":
-            raise ValueError("callbacks: SyncRefModelCallback refreshes a reference held by the callback; here the "
-                             "learners own the reference: set OnlineDPOConfig(sync_ref_model=True, "
-                             "ref_model_sync_steps=..., ref_model_mixup_alpha=...) instead")
-        if self.model is None and name == "BEMACallback":
-            raise ValueError(f"callbacks: BEMACallback averages the policy's weights in this process, but under "
-                             f"placement={self.args.placement!r} they live in the learner ranks; use "
-                             "placement='in_process' for it")
-        if self.model is None and not isinstance(callback, type) and hasattr(callback, "generation_config"):
-            self.model_wrapped.check(callback.generation_config, name)
+        from odpo_vllm.run.engine_policy import refuse_unworkable_callback
+
+        refuse_unworkable_callback(self, callback)
 
     def add_callback(self, callback):
         self._check_callback(callback)

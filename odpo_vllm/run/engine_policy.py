@@ -1,5 +1,6 @@
-"""`EnginePolicy`: the current policy as a callback that reads `trainer.model_wrapped` sees it,
-under a Ray placement.
+"""What TRL's callbacks need from the trainer beyond its attributes: `EnginePolicy`, the current
+policy as a callback that reads `trainer.model_wrapped` sees it under a Ray placement, and the
+refusal of the callbacks that cannot work here (`refuse_unworkable_callback`).
 
 TRL's callbacks (`LogCompletionsCallback`) sample from `trainer.model_wrapped` with `generate()`.
 In process that is the learner's own model. Under a Ray placement the driver holds no copy of the
@@ -78,3 +79,22 @@ class EnginePolicy(torch.nn.Module):
         for row, completion in enumerate(completions):
             out[row, input_ids.shape[1] : input_ids.shape[1] + len(completion)] = torch.tensor(completion)
         return out
+
+
+def refuse_unworkable_callback(trainer, callback) -> None:
+    """Refuse, when it is added (before training), a TRL callback that cannot do its work on this
+    trainer, naming what does."""
+    cls = callback if isinstance(callback, type) else type(callback)
+    name = cls.__name__
+    if not cls.__module__.startswith("trl"):
+        return
+    if name == "SyncRefModelCallback":
+        raise ValueError("callbacks: SyncRefModelCallback refreshes a reference held by the callback; here the "
+                         "learners own the reference: set OnlineDPOConfig(sync_ref_model=True, "
+                         "ref_model_sync_steps=..., ref_model_mixup_alpha=...) instead")
+    if trainer.model is None and name == "BEMACallback":
+        raise ValueError(f"callbacks: BEMACallback averages the policy's weights in this process, but under "
+                         f"placement={trainer.args.placement!r} they live in the learner ranks; use "
+                         "placement='in_process' for it")
+    if trainer.model is None and not isinstance(callback, type) and hasattr(callback, "generation_config"):
+        trainer.model_wrapped.check(callback.generation_config, name)
