@@ -38,6 +38,7 @@ from odpo_vllm.core.objective import rlhf_reward
 from odpo_vllm.sampling.pipeline import RolloutPipeline, pushes_after
 from odpo_vllm.runtime.placement import RunSpec, build_roles
 from odpo_vllm.run.evaluation import evaluate_prompts
+from odpo_vllm.run.tracker_tables import log_completion_pairs
 from odpo_vllm.primitives.preemption import Preempted, StopRequest, StopWaiting, stop_signals
 
 logger = logging.getLogger(__name__)
@@ -449,6 +450,8 @@ class OnlineDPOTrainer:
             with open(path, "a") as f:
                 for row in log_rows:
                     f.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
+            log_completion_pairs(self.args.report_to or [], self.callback_handler.callbacks, self.state.global_step,
+                                 log_rows)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}

@@ -5,6 +5,8 @@ tests/test_placement.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import make_args
 from trl.trainer.callbacks import LogCompletionsCallback, SyncRefModelCallback
@@ -60,30 +62,39 @@ def test_sync_ref_model_callback_is_refused_naming_the_config_fields(model_path,
         trainer_for(model_path, tmp_path / "again").add_callback(SyncRefModelCallback)
 
 
-def test_trackers_get_the_scalars_and_wandb_the_completions_table(model_path, tmp_path, monkeypatch):
-    """report_to wandb (offline) and tensorboard, the real packages: the training scalars reach
-    both, and TRL's completions table reaches wandb (TRL logs it to wandb and comet only)."""
+def test_trackers_get_the_scalars_and_the_completions_tables(model_path, tmp_path, monkeypatch):
+    """report_to wandb (offline), trackio (local) and tensorboard, the real packages: the training
+    scalars reach all three; TRL's completions table reaches wandb (TRL logs it to wandb and comet
+    only), and with log_completions our table of each logged step's pairs reaches all three."""
     import glob
     import json
+    import sqlite3
     import time
 
+    import trackio
+    import wandb
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = trainer_for(model_path, tmp_path, report_to=["wandb", "tensorboard"], logging_steps=1)
+    project = f"odpo_vllm_test_{tmp_path.name}_{os.getpid()}"  # trackio's folder is fixed at import: a project
+    trainer = trainer_for(model_path, tmp_path, report_to=["wandb", "trackio", "tensorboard"], logging_steps=1,
+                          log_completions=True, project=project)
     trainer.add_callback(LogCompletionsCallback(trainer, num_prompts=2, freq=1))
     trainer.train()
-    import wandb
-
     wandb.finish()  # what the end of a user's script does: the run's records are written out
-    tables = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "*.json")))
-    assert len(tables) == 2  # one per logging step, each the whole table so far
+    run_dir = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0]
+    tables = sorted(glob.glob(f"{run_dir}/files/media/table/completions_*.json"))
+    assert len(tables) == 2  # TRL's: one per logging step, each the whole table so far
     with open(tables[-1]) as f:
         table = json.load(f)
     assert table["columns"] == ["step", "prompt", "completion"] and len(table["data"]) == 4
-    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    pairs = sorted(glob.glob(f"{run_dir}/files/media/table/completion_pairs_*.json"))
+    assert len(pairs) == 2  # ours: each logged step's pairs
+    with open(pairs[0]) as f:
+        assert json.load(f)["columns"][:4] == ["step", "prompt", "chosen", "rejected"]
+    (run_file,) = glob.glob(f"{run_dir}/*.wandb")
     deadline = time.monotonic() + 60  # wandb's service writes the file shortly after finish() returns
     while True:
         with open(run_file, "rb") as f:
@@ -93,5 +104,14 @@ def test_trackers_get_the_scalars_and_wandb_the_completions_table(model_path, tm
         time.sleep(0.2)
     assert b"train/loss" in records and b"train/objective/scores" in records
     (events,) = glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))
-    scalars = EventAccumulator(events).Reload().Tags()["scalars"]
-    assert "train/loss" in scalars and "train/objective/scores" in scalars
+    tags = EventAccumulator(events).Reload().Tags()
+    assert "train/loss" in tags["scalars"] and "train/objective/scores" in tags["scalars"]
+    assert "completion_pairs/text_summary" in tags["tensors"]
+    database = trackio.utils.TRACKIO_DIR / f"{project}.db"
+    try:
+        with sqlite3.connect(database) as db:
+            logged = [json.loads(row[0]) for row in db.execute("select metrics from metrics")]
+    finally:
+        for leftover in trackio.utils.TRACKIO_DIR.glob(f"{project}.*"):
+            leftover.unlink()
+    assert any("train/loss" in row for row in logged) and sum("completion_pairs" in row for row in logged) == 2
