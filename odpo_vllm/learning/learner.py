@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 # CPU). A GPU takes larger chunks: each chunk is a few kernel launches, and at 64 MiB a 135M model's
 # step at short completions was bound by launches (H200, bf16: 0.83x TRL's step at 8 chat pairs).
 LOGPROB_CHUNK_BYTES = 64 << 20
-REFERENCE_FILE = "reference.safetensors"  # a checkpoint's reference weights (sync_ref_model only)
 LOGPROB_CHUNK_BYTES_GPU = 1 << 30
+REFERENCE_FILE = "reference.safetensors"  # a checkpoint's reference weights (sync_ref_model only)
 
 
 def build_optimizer(model, args):
