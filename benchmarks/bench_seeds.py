@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 
-from worker_launch import WORKER_ENV, run_worker, write_worker_result  # this folder is the script's
+from worker_launch import WORKER_ENV, run_worker, save_results, write_worker_result  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -465,10 +465,7 @@ def main():
                 print(f"[{time.perf_counter() - started:6.0f}s] {task} {system} seed {seed}: {state}"
                       f"{' (reused)' if result.get('reused') else ''}", flush=True)
                 data["meta"]["total_s"] = time.perf_counter() - started
-                with open(os.path.splitext(out)[0] + ".json", "w") as f:
-                    json.dump(data, f)
-                with open(out, "w") as f:
-                    f.write("\n".join(report(data)) + "\n")
+                save_results(out, data, report(data))
     print("\n".join(report(data)))
 
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from worker_launch import WORKER_ENV, run_worker, write_worker_result  # this folder is the script's
+from worker_launch import WORKER_ENV, run_worker, save_results, write_worker_result  # this folder is the script's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -108,10 +108,7 @@ def main():
                                           args.timeout_s)
         data["meta"]["total_s"] = time.perf_counter() - started
         print(f"[{data['meta']['total_s']:6.0f}s] s={s}: {data['runs'][str(s)]}", flush=True)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(data, f, indent=1)
-        with open(args.out, "w") as f:
-            f.write("\n".join(report(data)) + "\n")
+        save_results(args.out, data, report(data))
     print("\n".join(report(data)))
 
 

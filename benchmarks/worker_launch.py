@@ -43,6 +43,15 @@ def run_worker(script: str, cfg: dict, log_path: str, env: dict, cwd: str, timeo
     return result
 
 
+def save_results(out: str, data: dict, lines: list[str]) -> None:
+    """The driver's side, after every run (a benchmark stopped later keeps what is done): `data`
+    as JSON beside the markdown file `out`, and `lines` (the rendered report) into it."""
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_worker_result(run, cfg: dict) -> None:
     """The worker's side: `run(cfg)`'s result dict with `ok: True`, or for any failure `ok: False`
     with the error's first line and the traceback's end (the report's row says why it did not
