@@ -96,6 +96,9 @@ def kill_node_after_step(trainer, ray, cluster, nodes, actor: str, step: int, pl
                 placed["rank"] = node_of(ray, "learner-rank0")
                 placed["engine"] = node_of(ray, "vllm-engine-0")
                 cluster.remove_node(nodes[placed[actor]], allow_graceful=False)
+                # the next step must meet the loss: a worker of a killed raylet can take seconds to
+                # notice under load (and finish the short run); the GCS marks its actors dead with the node
+                assert node_marked_dead(ray, placed[actor])
 
     trainer.add_callback(KillNode())
 
