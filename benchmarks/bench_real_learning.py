@@ -161,23 +161,35 @@ def run_trl(cfg: dict) -> dict:
 
 
 def run_score(cfg: dict) -> dict:
-    """The common held-out sampler: transformers generate, fixed seed, k samples per prompt."""
+    """The common held-out sampler on a saved model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
+    return held_out_scores(model, cfg["tokenizer_path"], cfg["held_out"], cfg["k"], cfg["temperature"],
+                           cfg["max_new_tokens"], cfg["seed"])
+
+
+def held_out_scores(model, tokenizer_path: str, held_out: int, k: int, temperature: float, max_new_tokens: int,
+                    seed: int) -> dict:
+    """The common held-out sampler: transformers generate, fixed seed, k samples per prompt, on
+    `model` (a loaded model, or a PEFT model in the process that trained it)."""
     real_task = _load_real_task()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer_path"])  # the initial model's, for every model
-    initial = GenerationConfig.from_pretrained(cfg["tokenizer_path"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # the initial model's, for every model
+    initial = GenerationConfig.from_pretrained(tokenizer_path)
     eos = {tokenizer.eos_token_id} | set(initial.eos_token_id if isinstance(initial.eos_token_id, list)
                                          else [initial.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32).eval()
-    generation = GenerationConfig(do_sample=True, temperature=cfg["temperature"], top_k=0, top_p=1.0,
-                                  max_new_tokens=cfg["max_new_tokens"], num_return_sequences=cfg["k"],
+    model.eval()
+    generation = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=k,
                                   eos_token_id=sorted(i for i in eos if i is not None), pad_token_id=pad)
-    rows = real_task.held_out_prompts()[: cfg["held_out"]]
+    rows = real_task.held_out_prompts()[:held_out]
     texts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in rows]
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(seed)
     replies: list[str] = []
     start = time.perf_counter()
     batch = 16  # prompts per generate call (the same batches for every model)
@@ -188,7 +200,6 @@ def run_score(cfg: dict) -> dict:
             out = model.generate(**enc, generation_config=generation)
         replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     scores = real_task.vader_scores(replies)
-    k = cfg["k"]
     per_prompt = [sum(scores[i * k : (i + 1) * k]) / k for i in range(len(rows))]
     return {"per_prompt": per_prompt, "scores": scores, "seconds": time.perf_counter() - start,
             "prompts_sha": prompts_sha(rows),

@@ -74,6 +74,7 @@ SYSTEMS = {
     "ours-k2": "odpo_vllm in process, vLLM engine, async_steps=2",
     "ours-hf": "odpo_vllm in process, transformers sampler, async_steps=0",
 }
+HELD_OUT = dict(held_out=64, k=2, temperature=0.9, max_new_tokens=40, seed=1234)  # bench_real_learning's sampler
 LOGGED = ("objective/scores", "val/contain_eos_token", "objective/entropy", "objective/kl", "loss")
 BOS_CHAR_BPE = 400  # the BPE's entries, its 3 specials included; Qwen2Tokenizer's <|endoftext|> makes 401
 VOWELS = set("aeiouAEIOU")
@@ -141,6 +142,7 @@ TASKS = {
         "settings": dict(per_device_train_batch_size=8, learning_rate=2e-4, lr_scheduler_type="constant",
                          max_new_tokens=40, temperature=0.9, beta=0.1),
         "vocab_rows": None, "reward": vader_reward, "prompts": real_prompts, "steps": 24, "peft": True,
+        "held_out": True,
         "what": "the real demo's task with LoRA: SmolLM2-135M-Instruct, `real_task.train_prompts()` (288 chat "
                 "prompts), reward `real_task.vader_reward` (VADER compound of the reply, in [-1, 1]); a LoRA "
                 "adapter (r 16, alpha 32, dropout 0.05, q_proj and v_proj), constant learning rate",
@@ -153,6 +155,17 @@ TASKS = {
 # ============================================================================================
 def _rows_of(log_rows: list[dict]) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in log_rows if key in row] for key in LOGGED}
+
+
+def _held_out(task: dict, model, model_path: str) -> dict:
+    """The final policy scored on held-out prompts by one common sampler (bench_real_learning's:
+    transformers generate, a fixed seed, the same batches for every model), so trainers compare on
+    common random numbers and not on their own samples. Only for tasks that ask for it."""
+    if not task.get("held_out"):
+        return {}
+    from bench_real_learning import held_out_scores
+
+    return {"held_out": held_out_scores(model, model_path, **HELD_OUT)}
 
 
 def run_ours(cfg: dict) -> dict:
@@ -173,9 +186,10 @@ def run_ours(cfg: dict) -> dict:
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
+        held_out = _held_out(task, trainer.model, cfg["model_path"])  # the learner's policy, in this process
     with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {"logged": _rows_of(rows), "train_s": train_s}
+    return {"logged": _rows_of(rows), "train_s": train_s, **held_out}
 
 
 def run_trl(cfg: dict) -> dict:
@@ -199,7 +213,9 @@ def run_trl(cfg: dict) -> dict:
                                peft_config=lora_config() if task["peft"] else None)
     start = time.perf_counter()
     trainer.train()
-    return {"logged": _rows_of(trainer.state.log_history), "train_s": time.perf_counter() - start}
+    train_s = time.perf_counter() - start
+    return {"logged": _rows_of(trainer.state.log_history), "train_s": train_s,
+            **_held_out(task, trainer.model, cfg["model_path"])}
 
 
 def worker_main(cfg: dict) -> None:
@@ -283,7 +299,8 @@ def launch(task: str, system: str, seed: int, args, steps: int, model_path: str,
         with open(result_path) as f:
             result = json.load(f)
         if (result.get("ok") and result.get("steps") == steps
-                and result.get("learning_rate", TASKS[task]["settings"]["learning_rate"]) == settings["learning_rate"]):
+                and result.get("learning_rate", TASKS[task]["settings"]["learning_rate"]) == settings["learning_rate"]
+                and ("held_out" in result or not TASKS[task].get("held_out"))):
             return dict(result, reused=True)
     cfg = {"task": task, "system": system, "seed": seed, "steps": steps, "model_path": model_path,
            "settings": settings,
@@ -381,6 +398,51 @@ def task_section(data: dict, task: str) -> list[str]:
             runs = summary[system]
             lines.append(f"| {system} - trl | " + " | ".join(
                 f"{runs[s][0] - trl[s][0]:+.3f}" if s in runs and s in trl else "-" for s in seeds) + " |")
+    if TASKS[task].get("held_out"):
+        lines += [""] + held_out_lines(data, task)
+    return lines
+
+
+def held_out_lines(data: dict, task: str) -> list[str]:
+    """The final policies on the held-out prompts (one common sampler, common random numbers)."""
+    meta = data["meta"]
+    seeds = meta["task_seeds"][task]
+    scored = {system: {s: data["runs"][run_name(task, system, s)]["held_out"]["per_prompt"] for s in seeds
+                       if "held_out" in data["runs"].get(run_name(task, system, s), {})}
+              for system in meta["systems"]}
+    lines = ["Held-out: the final policy of each run on 64 held-out prompts x 2 samples, one common sampler "
+             "(transformers generate, temperature 0.9, seed 1234, the same batches for every model); "
+             "per run the mean VADER, per seed the paired difference ours - TRL over the same prompts and "
+             "random numbers (its standard error over prompts in brackets).", "",
+             "| system | seeds | held-out mean | worst seed | ours - TRL: mean ± s.e. over seeds | seeds ours >= TRL |",
+             "|---|---|---|---|---|---|"]
+    trl = {s: statistics.fmean(v) for s, v in scored.get("trl", {}).items()}
+    for system in meta["systems"]:
+        runs = {s: statistics.fmean(v) for s, v in scored[system].items()}
+        if not runs:
+            continue
+        common = sorted(set(runs) & set(trl))
+        diffs = [runs[s] - trl[s] for s in common]
+        pair = ("-" if system == "trl" or not diffs else
+                f"{statistics.fmean(diffs):+.3f} ± {_fmt(statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float('nan'))}")
+        wins = "-" if system == "trl" or not diffs else f"{sum(d >= 0 for d in diffs)} of {len(diffs)}"
+        lines.append(f"| {SYSTEMS[system]} | {len(runs)} | {statistics.fmean(runs.values()):.3f} | "
+                     f"{min(runs.values()):.3f} | {pair} | {wins} |")
+    lines += ["", "| system | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for system in meta["systems"]:
+        lines.append(f"| {system} | " + " | ".join(
+            f"{statistics.fmean(scored[system][s]):.3f}" if s in scored[system] else "-" for s in seeds) + " |")
+    for system in meta["systems"]:
+        if system == "trl":
+            continue
+        cells = []
+        for s in seeds:
+            if s in scored[system] and s in scored.get("trl", {}):
+                d = [a - b for a, b in zip(scored[system][s], scored["trl"][s])]
+                cells.append(f"{statistics.fmean(d):+.3f} ({statistics.stdev(d) / math.sqrt(len(d)):.3f})")
+            else:
+                cells.append("-")
+        lines.append(f"| {system} - trl | " + " | ".join(cells) + " |")
     return lines
 
 
