@@ -331,7 +331,7 @@ class OnlineDPOTrainer:
             beta = args.beta_at(epoch)
             # learn
             start = time.perf_counter()
-            metrics = self.learner.step(pairs.batch, beta)
+            metrics = self.learner.step(pairs.batch.for_learners(state.global_step, pairs.policy_version), beta)
             if args.sync_ref_model and (step + 1) % args.ref_model_sync_steps == 0:  # TR-DPO's reference refresh
                 self.learner.refresh_reference(args.ref_model_mixup_alpha)
             metrics["time/train"] = time.perf_counter() - start

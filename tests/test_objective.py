@@ -325,3 +325,18 @@ def test_rlhf_reward_is_score_plus_non_score_reward():
     assert non_score_reward(kl, 0.1).tolist() == pytest.approx([-0.2, 0.0, 0.1])
     # scores mean 1.5, KL mean 0.4, beta 0.5: 1.5 + (-0.2) = 1.3 = score - beta * KL
     assert rlhf_reward(torch.tensor([1.0, 2.0]), non_score_reward(torch.tensor(0.4), 0.5).item()) == pytest.approx(1.3)
+
+
+def test_sample_logprob_gap_compares_the_tokens_both_sides_have():
+    from odpo_vllm.core.objective import sample_logprob_gap
+
+    # 2 pairs: rows chosen_0, chosen_1, rejected_0, rejected_1; 3 completion columns
+    policy = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    sampler = [[-1.5, -2.0],        # |0.5|, |0| -> 0.25
+               [-0.5, -9.0],        # a token the learner does not see (cut): only the first -> 0
+               [-1.0, -1.0, -0.7],  # -> 0.1
+               []]                  # nothing to compare -> 0
+    gap = sample_logprob_gap(policy, mask, sampler, num_pairs=2)
+    assert gap.item() == pytest.approx((0.25 + 0.1) / 2 + (0.0 + 0.0) / 2)
+    assert sample_logprob_gap(policy, mask, [[-1.0, -2.0], [-0.5], [-1.0] * 3, []], 2).item() == 0.0

@@ -143,6 +143,29 @@ def policy_metrics(
     }
 
 
+def sample_logprob_gap(policy_logps: torch.Tensor, mask: torch.Tensor, sampler_logps: list[list[float]],
+                       num_pairs: int) -> torch.Tensor:
+    """How far the sampler's logprobs of its own tokens are from the learner's, as a sum over pairs
+    (callers divide by the pairs, as for `policy_metrics`): per completion, the mean over its tokens
+    of |learner - sampler| (both from raw logits, no temperature); per pair, the mean of its two.
+
+    Meaningful only when the learner holds the weights that sampled the batch: then it is the
+    numerical distance between the two implementations (~1e-6 in fp32, ~1e-2 in bf16), and a large
+    value means the engine samples from another policy than the one being trained (stale or wrong
+    weights on the decode path, which the probe's prefill does not run). Tokens the learner does
+    not see (a completion cut by `max_length`) are left out; a completion without tokens counts 0."""
+    rows = []
+    for row, values in enumerate(sampler_logps):
+        count = min(len(values), int(mask[row].sum()))
+        if count == 0:
+            rows.append(policy_logps.new_zeros(()))
+            continue
+        sampler = torch.tensor(values[:count], dtype=policy_logps.dtype, device=policy_logps.device)
+        rows.append((policy_logps[row, :count].detach() - sampler).abs().mean())
+    per_row = torch.stack(rows)
+    return ((per_row[:num_pairs] + per_row[num_pairs:]) / 2).sum()
+
+
 def non_score_reward(kl: torch.Tensor, beta: float) -> torch.Tensor:
     """The KL penalty as a reward, with the reference's sign: -beta * KL (negative while the policy
     moves away from the reference)."""

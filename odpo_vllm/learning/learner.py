@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from odpo_vllm.core.batches import PairBatch
-from odpo_vllm.core.objective import dpo_loss, policy_metrics
+from odpo_vllm.core.objective import dpo_loss, policy_metrics, sample_logprob_gap
 from odpo_vllm.core.sequences import (
     SequenceLayout,
     logprobs_from_hidden,
@@ -176,6 +176,9 @@ class Learner:
             loss = losses.sum() / total_pairs
         sums = policy_metrics(policy_logps.detach(), ref_logps, mask, n, beta)
         sums["loss"] = losses.detach().sum()
+        sampled = batch.sampler_logprobs()
+        if sampled is not None:
+            sums["sync/sample_logprob_gap"] = sample_logprob_gap(policy_logps, mask, sampled, n)
         return loss, sums, layout.num_truncated_prompts
 
     # ---------------------------------------------------------------- layouts

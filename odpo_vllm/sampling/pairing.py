@@ -45,6 +45,9 @@ def pair_rollouts(rows: list[dict], rollouts: Rollouts, rewards, tokenizer, num_
         rejected_ids=[rollouts.completion_ids[i] for i in rejected.tolist()],
         pixel_inputs=[m.pixel_inputs for m in media] if media is not None else None,
     )
+    if rollouts.sample_logprobs is not None:
+        batch.chosen_logprobs = [rollouts.sample_logprobs[i] for i in chosen.tolist()]
+        batch.rejected_logprobs = [rollouts.sample_logprobs[i] for i in rejected.tolist()]
     metrics = score_metrics(scores, chosen, rejected, rollouts.contains_eos)
     metrics.update(per_function)
     metrics.update(timings)

@@ -69,6 +69,8 @@ class RemoteRollouts:
         total, k = len(self.prompt_ids), self.num_samples
         completions: list = [None] * (k * total)
         ended = torch.zeros(k * total, dtype=torch.bool)
+        with_logprobs = all(part.sample_logprobs is not None for part in parts)
+        logprobs: list | None = [None] * (k * total) if with_logprobs else None
         for (a, b), part in zip(self.bounds, parts):
             local = b - a
             for j in range(k):
@@ -76,12 +78,14 @@ class RemoteRollouts:
                     row, global_row = j * local + i, j * total + a + i
                     completions[global_row] = part.completion_ids[row]
                     ended[global_row] = part.contains_eos[row]
+                    if with_logprobs:
+                        logprobs[global_row] = part.sample_logprobs[row]
         versions = {part.policy_version for part in parts}
         if len(versions) != 1:
             raise RuntimeError(f"generator: engines sampled one batch with different policy versions {versions}")
         return Rollouts(self.prompt_ids, completions, ended, k, versions.pop(),
                         engine_idle_s=max(part.engine_idle_s for part in parts),
-                        sample_s=max(part.sample_s for part in parts))
+                        sample_s=max(part.sample_s for part in parts), sample_logprobs=logprobs)
 
 
 class RemoteGenerator:

@@ -238,8 +238,8 @@ class VLLMGenerator:
             self._asleep = {"weights", "kv_cache"}
 
     # ------------------------------------------------------------------------------ sampling
-    def _sampling_params(self, num_samples: int, seed: int):
-        return sampling_params(self.args, self.eos_token_ids, num_samples, seed, self.suppress_token_ids)
+    def _sampling_params(self, num_samples: int, seed: int, logprobs: int | None = None):
+        return sampling_params(self.args, self.eos_token_ids, num_samples, seed, self.suppress_token_ids, logprobs)
 
     def submit(self, prompt_ids: list[list[int]], num_samples: int, seed: int, media=None) -> ReadyRollouts:
         """In process, sampling happens now; the handle holds the result."""
@@ -265,18 +265,21 @@ class VLLMGenerator:
         # The prefix cache still computes each prompt once.
         requests = [vllm_prompt(ids, media[i] if media is not None else None)
                     for _ in range(num_samples) for i, ids in enumerate(prompt_ids)]
-        params = [self._sampling_params(1, seed + row) for row in range(len(requests))]
+        # logprobs=0: each sampled token's own logprob (raw logits), for `sync/sample_logprob_gap`
+        params = [self._sampling_params(1, seed + row, logprobs=0) for row in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        raw = []
+        raw, raw_logprobs = [], []
         for output in outputs:
             sample = output.outputs[0]
             ids = list(sample.token_ids)
+            raw_logprobs.append([step[token].logprob for token, step in zip(ids, sample.logprobs or [])])
             if sample.finish_reason == "stop" and isinstance(sample.stop_reason, int) and (
                     not ids or ids[-1] != sample.stop_reason):
-                ids.append(sample.stop_reason)  # a stop id that vLLM left out
+                ids.append(sample.stop_reason)  # a stop id that vLLM left out (no logprob: not compared)
             raw.append(ids)
         self._sleep()  # the learner has the device until the next sync
-        rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version)
+        rollouts = finish_rollouts(raw, prompt_ids, num_samples, self.eos_token_ids, self.policy_version,
+                                   raw_logprobs)
         rollouts.engine_idle_s = idle
         self._last_generate_end, self._busy_s = time.perf_counter(), 0.0
         rollouts.sample_s = self._last_generate_end - started
@@ -375,9 +378,11 @@ class VLLMGenerator:
             shutil.rmtree(self.files_dir, ignore_errors=True)
 
 
-def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, suppress_token_ids=()):
+def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, suppress_token_ids=(),
+                    logprobs: int | None = None):
     """vLLM's `SamplingParams` for the config's sampling settings (`generation_kwargs` win);
-    `suppress_token_ids` are never sampled (a vision-language model's image tokens)."""
+    `suppress_token_ids` are never sampled (a vision-language model's image tokens); `logprobs=0`
+    returns each sampled token's logprob."""
     from vllm import SamplingParams
 
     settings = dict(args.sampling_settings())
@@ -390,4 +395,6 @@ def sampling_params(args, eos_token_ids, num_samples: int, seed: int | None, sup
         settings["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
     if suppress_token_ids:
         settings["logit_bias"] = {**(settings.get("logit_bias") or {}), **{i: -100.0 for i in suppress_token_ids}}
+    if logprobs is not None:
+        settings["logprobs"] = logprobs
     return SamplingParams(n=num_samples, seed=seed, stop_token_ids=sorted(eos_token_ids), **settings)
