@@ -47,6 +47,8 @@ def test_dedicated_zero3_matches_in_process_and_syncs(ray_cluster, model_path, p
         assert first[key] == pytest.approx(expected[key], abs=1e-4), key
     assert len(rows) == 3 and all(r["sync/logprob_gap"] < 1e-4 for r in rows)
     assert all(r["sync/bytes"] > 0 for r in rows)
+    # the engine actor's own logprobs of its samples reached the ZeRO-3 ranks, which agree with them
+    assert all(r["sync/sample_logprob_gap"] < 1e-4 for r in rows)
     # the checkpoint's policy (the ranks' weights gathered) serves what the ranks serve
     from transformers import AutoModelForCausalLM
 
