@@ -197,6 +197,15 @@ class OnlineDPOConfig(TrainingArguments):
                           "and placement."},
     )
 
+    lora_sync: str = field(
+        default="auto",
+        metadata={"help": "With a LoRA policy, what each push sends the vLLM engine: merged (the whole model with the "
+                          "adapter merged in), adapter (the engine loads the base once and each push sends only the "
+                          "adapter's tensors, served as a new vLLM LoRA adapter per version), or auto: adapter on GPU "
+                          "engines in process, merged otherwise (on CPU vLLM runs LoRA without its kernels and samples "
+                          "slower than the merged push costs; adapter pushes to Ray engine actors are not built yet)."},
+    )
+
     # --- asynchronous actor/learner pipeline
     async_steps: int = field(
         default=0,

@@ -9,6 +9,7 @@ from odpo_vllm.core.objective import LOSS_TYPES
 
 PLACEMENTS = ("in_process", "dedicated", "colocated")
 WEIGHT_TRANSPORTS = ("auto", "nccl", "ipc", "odpo_gloo")
+LORA_SYNC_MODES = ("auto", "merged", "adapter")
 
 
 def check_config(args) -> None:
@@ -107,6 +108,8 @@ def check_config(args) -> None:
                                         f"{args.ray_max_engine_restarts}")
     if args.weight_transport not in WEIGHT_TRANSPORTS:
         fail("weight_transport", f"{args.weight_transport!r} is not supported; use one of {', '.join(WEIGHT_TRANSPORTS)}")
+    if args.lora_sync not in LORA_SYNC_MODES:
+        fail("lora_sync", f"{args.lora_sync!r} is not supported; use one of {', '.join(LORA_SYNC_MODES)}")
     if args.async_steps < 0:
         fail("async_steps", f"must be >= 0 (0: synchronous), got {args.async_steps}")
     if not isinstance(args.weight_sync_steps, int) or args.weight_sync_steps < 1:

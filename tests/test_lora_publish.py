@@ -150,3 +150,36 @@ def test_zero2_and_zero3_publish_the_same_lora_weights(model_path, tokenizer, tm
     base_q_proj = runs[2]["base_before"]["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
     delta = (zero2["model.layers.0.self_attn.q_proj.weight"] - base_q_proj).abs().max().item()
     assert delta > 1e-4  # the steps trained the adapter: a real delta (4e-4 seen), 400x the gap allowed
+
+
+def test_lora_sync_choice_names_why_and_refuses_what_vllm_cannot_serve(model, caplog, tmp_path):
+    from odpo_vllm.weights.adapter import adapter_weights, choose_lora_sync, vllm_max_lora_rank, write_adapter
+
+    plain = lora_policy(copy.deepcopy(model), ["q_proj", "v_proj"])
+    assert choose_lora_sync("auto", plain, on_gpu=True, in_process=True) == "adapter"
+    assert choose_lora_sync("adapter", plain, on_gpu=False, in_process=True) == "adapter"
+    assert choose_lora_sync("merged", plain, on_gpu=True, in_process=True) == "merged"
+    assert choose_lora_sync("auto", model, on_gpu=True, in_process=True) == "merged"  # no adapter at all
+    with caplog.at_level("INFO", logger="odpo_vllm.weights.adapter"):
+        assert choose_lora_sync("auto", plain, on_gpu=False, in_process=True) == "merged"
+        assert choose_lora_sync("auto", plain, on_gpu=True, in_process=False) == "merged"
+    assert "on CPU vLLM runs LoRA without its kernels" in caplog.messages[0]
+    assert "Ray engine actors" in caplog.messages[1]
+    dora = lora_policy(copy.deepcopy(model), ["q_proj", "v_proj"], use_dora=True)
+    with pytest.raises(ValueError, match=r"lora_sync='adapter': vLLM does not serve DoRA \(use_dora\).*lora_sync='merged'"):
+        choose_lora_sync("adapter", dora, on_gpu=True, in_process=True)
+    assert choose_lora_sync("auto", dora, on_gpu=True, in_process=True) == "merged"
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 9, 320, 512)] == [1, 8, 8, 16, 320, 512]
+    # what an engine loads: PEFT's own names, the engine's dtype, a config PEFT reads back
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    adapter = adapter_weights(plain, torch.bfloat16)
+    write_adapter(str(tmp_path / "a"), adapter)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    assert set(saved) == set(get_peft_model_state_dict(plain)) and len(saved) == 8  # 2 layers x q, v x A, B
+    assert all(t.dtype == torch.bfloat16 for t in saved.values()) and adapter.nbytes == sum(
+        t.numel() * 2 for t in saved.values())
+    assert LoraConfig.from_pretrained(str(tmp_path / "a")).r == 4

@@ -3,6 +3,8 @@ transformers sampler, weight updates proven by logprobs, and training through th
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -269,6 +271,89 @@ def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     with trainer.model.disable_adapter():
         base = trainer.learner.sequence_logprobs(trainer.generator.probe_ids)
     assert (base_gap - base).abs().max().item() > 1e-3
+    trainer.close()
+
+
+def _adapter_trainer(model_path, tmp_path, **overrides):
+    from peft import LoraConfig
+
+    args = make_args(tmp_path, use_vllm=True, max_steps=3, learning_rate=5e-2, logging_steps=1, lora_sync="adapter",
+                     **overrides)
+    return OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                            train_dataset=toy.prompt_dataset(16),
+                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   task_type="CAUSAL_LM"))
+
+
+def _engine_base(engine) -> dict[str, torch.Tensor]:
+    """The engine's own model parameters, LoRA buffers aside (vLLM's fused names)."""
+    model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora" not in name}
+
+
+@pytest.mark.vllm
+def test_lora_adapter_sync_sends_only_the_adapter_and_never_changes_the_base(model_path, tmp_path):
+    """lora_sync='adapter': after the first push (base + adapter) each push carries the adapter's
+    tensors only; the engine samples and answers the probe through the newest adapter, holds no
+    older one, and its base weights stay bitwise those of the first push."""
+    from peft import get_peft_model_state_dict
+    from transformers import TrainerCallback
+
+    bases = []
+
+    class BaseAtEachStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            bases.append(_engine_base(trainer.generator))
+
+    trainer = _adapter_trainer(model_path, tmp_path)
+    trainer.add_callback(BaseAtEachStep())
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    adapter_bytes = sum(t.numel() * 4 for t in get_peft_model_state_dict(trainer.model).values())
+    assert [r["sync/bytes"] for r in rows] == [float(adapter_bytes)] * 3  # 8 KiB against ~480 KiB merged
+    assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
+    assert max(r["sync/sample_logprob_gap"] for r in rows) < 1e-4
+    adapters = trainer.generator.adapters
+    assert adapters.loaded == 4 and adapters.served_ids() == {4}  # versions 0..3, only the newest kept
+    assert os.listdir(adapters.folder) == ["adapter-4"]
+    last = _engine_base(trainer.generator)
+    assert len(bases) == 3 and all(torch.equal(last[n], b[n]) for b in bases for n in last)
+    # the adapter moved the policy, and the engine's base alone is still the reference
+    from vllm import SamplingParams
+
+    probe = trainer.generator.probe_ids
+    with trainer.model.disable_adapter():
+        reference = trainer.learner.sequence_logprobs(probe)
+    out = trainer.generator.llm.generate([{"prompt_token_ids": probe}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                         use_tqdm=False)[0]  # no LoRA request: the base
+    base_served = torch.tensor([out.prompt_logprobs[t][probe[t]].logprob for t in range(1, len(probe))])
+    assert (base_served - reference).abs().max().item() < 1e-4
+    assert (trainer.generator.sequence_logprobs(probe) - reference).abs().max().item() > 1e-3
+    trainer.close()
+
+
+@pytest.mark.vllm
+def test_lora_adapter_sync_an_engine_serving_the_previous_adapter_fails_the_probe(model_path, tmp_path,
+                                                                                  monkeypatch, caplog):
+    from odpo_vllm.sampling.engine_adapters import EngineAdapters
+
+    real_load = EngineAdapters.load
+
+    def load_but_keep_serving_the_first(self, adapter):
+        first = self.current
+        nbytes = real_load(self, adapter)
+        if first is not None:
+            self.current = first  # the engine still samples with the first version's adapter
+        return nbytes
+
+    monkeypatch.setattr(EngineAdapters, "load", load_but_keep_serving_the_first)
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)  # keep the first adapter's folder loadable
+    trainer = _adapter_trainer(model_path, tmp_path)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert min(r["sync/logprob_gap"] for r in rows[1:]) > 1e-2
+    assert any("serves weights that differ from the learner's" in m for m in caplog.messages)
     trainer.close()
 
 

@@ -32,6 +32,7 @@ from odpo_vllm.runtime.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
+from odpo_vllm.weights.adapter import adapter_rank, choose_lora_sync
 from odpo_vllm.weights.wire import GLOO_BACKEND
 
 logger = logging.getLogger(__name__)
@@ -95,9 +96,12 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
         generator = vision_engine_or_none(model, spec)
     elif use_vllm:
         impl = engine_model_impl(model.config, args.vllm_model_impl, log=False)  # the engine says which
+        lora_sync = choose_lora_sync(args.lora_sync, model, torch.cuda.is_available() and not args.use_cpu,
+                                     in_process=True)
         try:
             generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
-                                      probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples)
+                                      probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples,
+                                      lora_rank=adapter_rank(model) if lora_sync == "adapter" else None)
         except RuntimeError as err:
             if impl == args.vllm_model_impl:  # an architecture vLLM has code for: a real failure
                 raise
@@ -111,7 +115,8 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
     if generator is None:
         generator = TransformersGenerator(model, spec.eos_token_ids, spec.tokenizer.pad_token_id,
                                           sampling, args.generation_batch_size, learner.autocast_dtype)
-    publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance)
+    lora_sync = "adapter" if getattr(generator, "adapters", None) is not None else "merged"
+    publisher = LocalWeightPublisher(generator, learner, spec.probe_ids, args.vllm_sync_tolerance, lora_sync)
     return Roles(generator, learner, rewards, publisher, background_sampling=False)
 
 

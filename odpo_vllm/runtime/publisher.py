@@ -22,7 +22,9 @@ import torch
 
 from odpo_vllm.primitives.preemption import StopWaiting
 from odpo_vllm.primitives.waits import wait_for
+from odpo_vllm.weights.adapter import adapter_weights
 from odpo_vllm.weights.names import LearnerWeights
+from odpo_vllm.weights.wire import SyncStats
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +46,33 @@ def probe_gap(served: torch.Tensor, learned: torch.Tensor, tolerance: float, eng
 
 
 class LocalWeightPublisher:
-    def __init__(self, generator, learner, probe_ids: list[int] | None, tolerance: float | None):
+    """`lora_sync="adapter"`: the engine gets the base weights at the first push and only the
+    adapter's tensors afterwards (`VLLMGenerator.load_adapter`)."""
+
+    def __init__(self, generator, learner, probe_ids: list[int] | None, tolerance: float | None,
+                 lora_sync: str = "merged"):
         self.generator, self.learner, self.probe_ids = generator, learner, probe_ids
         self.dtype = getattr(generator, "dtype", torch.float32)
         self.tolerance = default_tolerance(tolerance, self.dtype)
         self.version = -1
+        self.lora_sync, self.base_sent = lora_sync, False
+
+    def _send(self, load) -> SyncStats:
+        model = self.learner.model
+        if self.lora_sync != "adapter":
+            return load(LearnerWeights(model, self.dtype))
+        stats = SyncStats(0.0, 0)
+        if not self.base_sent:  # once: the base weights, which LoRA training never changes
+            stats = load(LearnerWeights(model, self.dtype, merge_lora=False))
+            self.base_sent = True
+        adapter = self.generator.load_adapter(adapter_weights(model, self.dtype))
+        return SyncStats(stats.seconds + adapter.seconds, stats.bytes + adapter.bytes)
 
     def publish(self, version: int, stop: list | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         load = getattr(self.generator, "load_weights", None)
         if load is not None:  # a vLLM engine; the transformers sampler shares the learner's model
-            metrics.update(load(LearnerWeights(self.learner.model, self.dtype)).as_metrics())
+            metrics.update(self._send(load).as_metrics())
         self.generator.set_policy_version(version)
         self.version = version
         if load is not None and self.probe_ids is not None:

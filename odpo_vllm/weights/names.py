@@ -126,8 +126,9 @@ class TensorMeta:
 class LearnerWeights(_weight_source_base()):
     """A re-iterable `WeightSource` over a learner model in checkpoint format."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
-        self.model, self.dtype = model, dtype
+    def __init__(self, model, dtype: torch.dtype | None = None, merge_lora: bool = True):
+        # merge_lora=False: the base weights as they are (an engine that serves the adapter itself)
+        self.model, self.dtype, self.merge_lora = model, dtype, merge_lora
 
     def _meta(self):
         return [TensorMeta(n, self.dtype or t.dtype, tuple(t.shape)) for n, t in _base_weights(self.model)]
@@ -141,7 +142,7 @@ class LearnerWeights(_weight_source_base()):
         return self._meta()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        targets = lora_targets(self.model)
+        targets = lora_targets(self.model) if self.merge_lora else {}
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
                 mapped = checkpoint_name(name)
