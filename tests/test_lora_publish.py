@@ -183,3 +183,18 @@ def test_lora_sync_choice_names_why_and_refuses_what_vllm_cannot_serve(model, ca
     assert all(t.dtype == torch.bfloat16 for t in saved.values()) and adapter.nbytes == sum(
         t.numel() * 2 for t in saved.values())
     assert LoraConfig.from_pretrained(str(tmp_path / "a")).r == 4
+
+
+@pytest.mark.parametrize("where", [dict(placement="dedicated"), dict(vllm_mode="server")])
+def test_adapter_pushes_beyond_the_process_are_refused_before_anything_starts(model_path, tmp_path, where):
+    from peft import LoraConfig
+
+    from odpo_vllm import OnlineDPOTrainer, toy
+
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync='adapter': adapter pushes to Ray engine actors "
+                                         r"and servers are not built yet.*use lora_sync='merged' or 'auto'"):
+        OnlineDPOTrainer(model_path, reward_funcs=toy.short_reward,
+                         args=make_args(tmp_path, lora_sync="adapter", **where), train_dataset=toy.prompt_dataset(4),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync: 'adapters' is not supported; use one of auto"):
+        make_args(tmp_path, lora_sync="adapters")
