@@ -320,7 +320,6 @@ class VLLMGenerator:
         self._busy_s += time.perf_counter() - start
         return SyncStats(time.perf_counter() - start, sum(m.nbytes for m in metas))
 
-
     def load_adapter(self, adapter: AdapterWeights) -> SyncStats:
         """In-process update of the adapter only (`lora_sync='adapter'`; the base weights stay as
         loaded): a new adapter name and id, the previous one unloaded."""
