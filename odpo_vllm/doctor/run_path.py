@@ -15,6 +15,7 @@ import torch
 
 from odpo_vllm.doctor.report import FAIL, NA, PASS, SKIP, WARN, Report, describe_error
 from odpo_vllm.doctor.watch import Phases, Target
+from odpo_vllm.primitives.waits import wait_all, wait_for
 from odpo_vllm.run import checkpoint
 
 FIXES = {
@@ -54,7 +55,17 @@ def _engines_answer(_, pool) -> None:
     and Ray's error carries it (the engine's own exception)."""
     import ray
 
-    ray.get([pool.ping(name) for name in pool.names], timeout=pool.start_timeout_s)
+    names = pool.names
+    refs = [pool.ping(name) for name in names]
+    late = wait_all(refs, pool.start_timeout_s)
+    if late:
+        raise TimeoutError(f"{', '.join(names[refs.index(ref)] for ref in late)} did not answer ping() within "
+                           f"{pool.start_timeout_s:.0f}s (ray_start_timeout_s)")
+    for name, ref in zip(names, refs):
+        try:
+            ray.get(ref)
+        except Exception as err:  # the engine died starting: say which, and why
+            raise RuntimeError(f"{name} did not start ({describe_error(err)})") from err
 
 
 def start_targets(args) -> list[Target]:
@@ -236,10 +247,8 @@ def engines_sleeping(trainer) -> list[list[str]]:
     pool = trainer.roles.engine_pool
     if pool is None:
         return [trainer.generator.sleeping()]
-    import ray
-
     refs = [pool.engines[name].sleeping.options(concurrency_group="control").remote() for name in pool.names]
-    return ray.get(refs, timeout=pool.timeout_s)
+    return wait_for(refs, pool.names, pool.timeout_s, "doctor", "sleeping")
 
 
 def train_and_load(report: Report, phases: Phases, trainer, sleep_check: bool) -> Observations:
