@@ -89,7 +89,9 @@ def run_argv(options: argparse.Namespace, workspace: Workspace) -> list[str]:
     """The command line of the run the doctor tries: the config, small sizes, the user's flags
     after `--`, then what the doctor needs (its model, prompts, reward, folder, step count)."""
     argv = ["--config", options.config] if options.config else []
-    argv += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_new_tokens", "8"]
+    argv += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_new_tokens", "8",
+             # steps that move the tiny model: the checkpoint loaded back must differ from the weights it replaces
+             "--learning_rate", "1e-3", "--warmup_steps", "0"]
     argv += options.extra
     argv += ["--model_name_or_path", options.model or workspace.path("model"),
              "--dataset_name", workspace.path("prompts.jsonl"), "--reward_funcs", "odpo_vllm.toy:sentiment_reward",

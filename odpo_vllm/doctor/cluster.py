@@ -81,12 +81,16 @@ def nodes_see_output_dir(report: Report, output_dir: str) -> None:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         names = [_node_name(node) for node in nodes]
         path, token = shared_storage.write_marker(output_dir)
+        # shared_storage needs only the standard library: sent by value, the task's worker starts
+        # without importing odpo_vllm (torch, transformers: seconds on every node)
+        ray.cloudpickle.register_pickle_by_value(shared_storage)
         try:
             look = ray.remote(num_cpus=0)(shared_storage.sees_marker_here)
             refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
                     .remote(path, token) for node in nodes]
             answers = wait_for(refs, names, NODE_CHECK_S, "doctor", "read output_dir")
         finally:
+            ray.cloudpickle.unregister_pickle_by_value(shared_storage)
             shared_storage.remove_marker(path)
         blind = [f"{name} cannot see the file the driver wrote there"
                  for name, (seen, _) in zip(names, answers) if not seen]

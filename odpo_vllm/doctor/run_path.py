@@ -233,13 +233,20 @@ class Observations:
             self.asleep.extend(engines_sleeping(self.trainer))
 
     def loaded(self, _, trainer, directory: str) -> None:
-        """After `checkpoint.load`: the learner computes what it did right after that step."""
+        """After `checkpoint.load`: the learner computes what it did right after that step (and,
+        after later steps, no longer what it computed at the end: the load replaced something)."""
         step = int(directory.rstrip("/").rsplit("-", 1)[-1])
-        gap = (trainer.learner.sequence_logprobs(self.probe_ids) - self.after_step[step - 1]).abs().max().item()
+        expected = self.after_step[step - 1]
+        gap = (trainer.learner.sequence_logprobs(self.probe_ids) - expected).abs().max().item()
         if gap > LOAD_EXACT:
             raise RuntimeError(f"{directory} loaded back computes other logprobs than after its step (max "
                                f"difference {gap:.3g})")
-        self.load_detail = f"{os.path.basename(directory)} loaded back: logprobs as after step {step} (gap {gap:.2g})"
+        replaced = ""
+        if len(self.after_step) > step:
+            moved = (self.after_step[-1] - expected).abs().max().item()
+            replaced = f" over step {len(self.after_step)}'s (which differ by {moved:.2g})"
+        self.load_detail = (f"{os.path.basename(directory)} loaded back{replaced}: logprobs as after step {step} "
+                            f"(gap {gap:.2g})")
 
 
 def engines_sleeping(trainer) -> list[list[str]]:
