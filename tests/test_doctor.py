@@ -136,6 +136,34 @@ def test_a_runs_config_gives_the_settings_and_a_bad_one_fails_them(tmp_path):
     assert "python -m odpo_vllm.train --help" in report.rows["settings"].fix
 
 
+def test_gpu_rows_follow_the_push_and_the_engines_sleep():
+    """The GPU rows' logic on CPU (no machine here has CUDA): a push over NCCL is the NCCL row, the
+    IPC row does not apply; sleep/wake passes when every engine was asleep after sampling and the
+    pushes after waking agreed, and fails naming an engine found awake."""
+    from types import SimpleNamespace
+
+    from odpo_vllm.doctor.run_path import gpu_rows
+
+    def report_after(asleep, sleep_check=True):
+        report = Report(cli.RUN_ROWS)
+        for check in ("one sample", "learner step", "logprob probe"):
+            report.add(check, PASS)
+        report.add("weight push", PASS, "5 push(es) over nccl, 1.00 MB each", 2.0)
+        gpu_rows(report, True, "nccl", True, SimpleNamespace(asleep=asleep, sleep_check=sleep_check))
+        return report
+
+    report = report_after([["kv_cache", "weights"]] * 3)
+    assert report.rows["NCCL push"].result == "pass: 5 push(es) over nccl, 1.00 MB each"
+    assert report.rows["CUDA IPC push"].result == "n/a: this run pushes over nccl"
+    assert report.rows["sleep/wake"].status == PASS
+    assert report_after([["kv_cache", "weights"], []]).rows["sleep/wake"].detail == \
+        "engines not asleep after sampling: [[]]"
+    assert report_after([], sleep_check=False).rows["sleep/wake"].status == PASS  # async_steps > 0: wake only
+    off = Report(cli.RUN_ROWS)
+    gpu_rows(off, True, None, False, None, needs="resources")
+    assert statuses(off) == {"NCCL push": SKIP, "CUDA IPC push": SKIP, "sleep/wake": NA}
+
+
 # ---------------------------------------------------------------------------------------- vLLM, in process
 @pytest.mark.vllm
 @pytest.mark.timeout(300)

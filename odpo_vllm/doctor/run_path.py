@@ -332,11 +332,16 @@ def _sleep_row(report: Report, sleep_mode: bool, seen: Observations | None, need
     if seen is None or not report.ok("one sample"):
         report.add("sleep/wake", SKIP, f"needs {needs if seen is None else 'one sample'}")
         return
+    woke = report.ok("logprob probe") and report.ok("learner step")
+    if not seen.sleep_check:  # async_steps > 0: the engines sample ahead, asleep only now and then
+        report.add("sleep/wake", PASS if woke else FAIL, "woke for every push (probe agreed) and sample; not "
+                   "looked at asleep (async_steps > 0)", fix=FIXES["sleep/wake"])
+        return
     awake = [state for state in seen.asleep if state != ["kv_cache", "weights"]]
     if awake or not seen.asleep:
         report.add("sleep/wake", FAIL, f"engines not asleep after sampling: {awake or 'not observed'}",
                    fix=FIXES["sleep/wake"])
-    elif report.ok("logprob probe") and report.ok("learner step"):
+    elif woke:
         report.add("sleep/wake", PASS, f"asleep after each of {len(seen.asleep)} sample(s); woke for every push "
                    "(probe agreed) and sample")
     else:
