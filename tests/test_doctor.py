@@ -1,7 +1,7 @@
 """`python -m odpo_vllm.doctor` (`odpo_vllm/doctor/`):
 - fast: the tested set equals pyproject.toml's pins; the table, its skips and the exit code; Ray
   errors reduced to their cause; the phase watcher restores what it wraps; a run's config file
-  gives the settings, a bad one fails the settings row and skips the rest;
+  gives the settings, a bad one fails the settings row; the GPU rows' logic (no CUDA here);
 - vllm: `--quick` in process with a run's config file, every row passing (n/a for the GPU rows);
 - ray: the dedicated placement, 3 steps, every row passing; a placement larger than the cluster
   fails the resources row with its fix; a node that sees another output_dir (the mount-namespace
