@@ -109,7 +109,12 @@ def import_callable(spec: str):
 def build_trainer(argv: list[str] | None = None):
     """The trainer the command line would run (flags as on the command line), not started, and the
     script's own arguments (dataset, reward functions)."""
-    script, args, model_args = parse_args(argv)
+    return trainer_from_args(*parse_args(argv))
+
+
+def trainer_from_args(script: ScriptArguments, args: OnlineDPOConfig, model_args: ModelConfig):
+    """`build_trainer` from arguments already parsed (`parse_args`): the doctor parses first, to
+    check the settings apart from the start of the trainer."""
     configure_logging(args.log_level)  # quiet libraries (here and in Ray actors) unless --log_level asks
     from odpo_vllm.data import load_prompt_dataset
     from odpo_vllm.trainer import OnlineDPOTrainer

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import NamedTuple
@@ -39,7 +41,8 @@ NEEDS_MARKER = {"ray_cluster": "ray", "engine_setup": "vllm"}
 # one file at a time in this order (pyproject: --dist loadfile --no-loadscope-reorder): a long file
 # started last would leave one worker alone for its whole length at the end of the run.
 LONGEST_FIRST = ("test_faults.py", "test_placement.py", "test_preemption.py", "test_multinode.py",
-                 "test_joined_cluster.py", "test_learner_group.py", "test_ray_job.py", "test_shared_storage.py",
+                 "test_joined_cluster.py", "test_learner_group.py", "test_ray_job.py", "test_doctor.py",
+                 "test_shared_storage.py",
                  "test_console.py", "test_resources.py", "test_checkpoint_kills.py")
 
 
@@ -147,6 +150,82 @@ def ray_head():
     """A Ray head on 127.0.0.1 for one test module (started by `ray start`, in this folder)."""
     with ray_head_process() as head:
         yield head
+
+
+# ---------------------------------------------------------------------------------------- a node without the mount
+def can_mount_in_a_namespace_of_its_own() -> bool:
+    """Whether this machine lets a process mount a tmpfs in a mount namespace of its own (root,
+    CAP_SYS_ADMIN): what `cluster_with_a_node_blind_to` needs to give one node another view of a folder."""
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                f"mount -t tmpfs tmpfs {folder}"], capture_output=True)
+        return probe.returncode == 0
+
+
+def stop_process_groups(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to the process groups a test started (`start_new_session`), all at once (a Ray node
+    takes seconds to stop), SIGKILL to any still there after 60 s."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):  # already gone (a node that failed to join)
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.time() + 60
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def two_node_env() -> dict[str, str]:
+    """`ray_env()` for a cluster a second node joins: Ray only lets a node join a head that allows it
+    (`ray_env` turns that off for the one-node heads)."""
+    return {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+
+
+def alive_nodes(address: str) -> int:
+    status = subprocess.run(["ray", "status", "--address", address], env=ray_env(), capture_output=True, text=True,
+                            timeout=60)
+    if status.returncode != 0:
+        return 0
+    active = status.stdout.split("Active:")[-1].split("Pending:")[0]
+    return len(re.findall(r"\bnode_[0-9a-f]+", active))
+
+
+@contextlib.contextmanager
+def cluster_with_a_node_blind_to(folder, node_cpus: int = 2):
+    """A Ray cluster on this machine whose work runs on a node that sees another `folder`, as a
+    node without the shared mount would: a head with no CPUs (nothing runs there) and a second
+    node whose raylet, and so every worker it starts, runs in a mount namespace where `folder` is
+    an empty tmpfs. Yields the head's address; both are stopped at the end."""
+    temp_dir = tempfile.mkdtemp(prefix="odpo_2node_")  # short: Ray's socket paths are length-limited
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={256 << 20}", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(["ray", "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
+                            env=two_node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    node = None
+    try:
+        deadline = time.time() + 180
+        while alive_nodes(address) < 1:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up within 180 s"
+            time.sleep(2)
+        node = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'mount -t tmpfs tmpfs "{folder}" && exec ray start --address={address} --num-cpus={node_cpus} '
+             f'{" ".join(common)}'],
+            env=two_node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while alive_nodes(address) < 2:
+            assert node.poll() is None and time.time() < deadline, "the second node did not join within 180 s"
+            time.sleep(2)
+        yield address
+    finally:
+        stop_process_groups([process for process in (node, head) if process is not None])
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ LAYERS = [
     ("learning",),  # 4
     ("runtime",),  # 5: placements, engine pool, resources, weight publishers: builds and drives the roles
     ("run",),  # 6: checkpoints, evaluation, log files, plots
-    ("config", "config_checks", "trainer", "train", "serve", "demo", "toy", "real_demo", "real_task",
-     "odpo_vllm"),  # 7: the trainer, its config, the entry points
+    ("config", "config_checks", "trainer", "train", "serve", "demo", "toy", "real_demo", "real_task", "doctor",
+     "odpo_vllm"),  # 7: the trainer, its config, the entry points (doctor: checks a run's path before it runs)
 ]
 FLOOR = {unit: floor for floor, units in enumerate(LAYERS) for unit in units}
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from transformers.trainer_callback import TrainerState
 
-from conftest import free_port, ray_env
+from conftest import can_mount_in_a_namespace_of_its_own, cluster_with_a_node_blind_to, ray_env
 from odpo_vllm import toy
 from odpo_vllm.learning.deepspeed_rank import checkpoint_files
 from odpo_vllm.primitives import shared_storage
@@ -146,44 +143,6 @@ def test_resume_names_every_missing_rank_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- Ray: a node without the mount
-def can_mount_in_a_namespace_of_its_own() -> bool:
-    """Whether this machine lets a process mount a tmpfs in a mount namespace of its own (root,
-    CAP_SYS_ADMIN): what the Ray test needs to give one node another view of output_dir."""
-    if not shutil.which("unshare") or sys.platform != "linux":
-        return False
-    with tempfile.TemporaryDirectory() as folder:
-        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                f"mount -t tmpfs tmpfs {folder}"], capture_output=True)
-        return probe.returncode == 0
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group this test started (`start_new_session`), SIGKILL after 60 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    except ProcessLookupError:  # already gone (a node that failed to join)
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def two_node_env() -> dict[str, str]:
-    """`ray_env()` for a cluster a second node joins: Ray only lets a node join a head that allows it
-    (`ray_env` turns that off for the one-node heads)."""
-    return {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-
-
-def alive_nodes(address: str) -> int:
-    status = subprocess.run(["ray", "status", "--address", address], env=ray_env(), capture_output=True, text=True,
-                            timeout=60)
-    if status.returncode != 0:
-        return 0
-    active = status.stdout.split("Active:")[-1].split("Pending:")[0]
-    return len(re.findall(r"\bnode_[0-9a-f]+", active))
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not can_mount_in_a_namespace_of_its_own(),
@@ -196,26 +155,7 @@ def test_a_rank_on_a_node_without_the_shared_mount_stops_the_start_naming_it(tmp
     toy.build_model(work / "m" / "policy")
     toy.write_prompts(work / "data" / "prompts.jsonl", n=8)
     out.mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="odpo_2node_")  # short: Ray's socket paths are length-limited
-    address = f"127.0.0.1:{free_port()}"
-    common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={256 << 20}", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=0",
-                             "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
-                            env=two_node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    node = None
-    try:
-        deadline = time.time() + 180
-        while alive_nodes(address) < 1:
-            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up within 180 s"
-            time.sleep(2)
-        node = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f'mount -t tmpfs tmpfs "{out}" && exec ray start --address={address} --num-cpus=2 {" ".join(common)}'],
-            env=two_node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        while alive_nodes(address) < 2:
-            assert node.poll() is None and time.time() < deadline, "the second node did not join within 180 s"
-            time.sleep(2)
+    with cluster_with_a_node_blind_to(out) as address:
         started = time.time()
         run = subprocess.run(
             [sys.executable, "-m", "odpo_vllm.train", "--placement", "dedicated", "--ray_address", address,
@@ -226,11 +166,6 @@ def test_a_rank_on_a_node_without_the_shared_mount_stops_the_start_naming_it(tmp
              "--disable_tqdm", "true", "--plot_at_end", "false", "--ray_timeout_s", "300"],
             cwd=work, env=ray_env(), capture_output=True, text=True, timeout=600)
         seconds = time.time() - started
-    finally:
-        for process in (node, head):
-            if process is not None:
-                stop(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
     output = run.stdout[-5000:] + run.stderr[-5000:]
     print(f"the run failed {seconds:.0f} s after it started")
     assert run.returncode != 0, output

@@ -81,7 +81,7 @@ class RankActor:
 
     def sees_file(self, path: str, token: str) -> tuple[bool, str]:
         """Whether this rank reads `token` in `path` (the driver's shared-storage marker), and its node."""
-        return shared_storage.sees_marker(path, token), shared_storage.this_node()
+        return shared_storage.sees_marker_here(path, token)
 
     def save_pretrained(self, directory: str) -> None:
         """The policy as a `from_pretrained` folder (a LoRA policy: its adapter, as in process);

@@ -38,6 +38,15 @@ def write_marker(output_dir: str) -> tuple[str, str]:
     return path, token
 
 
+def remove_marker(path: str) -> None:
+    """Remove a marker of `write_marker`; one already gone (or unremovable) is left alone, so a
+    cleanup never hides why the check failed."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def sees_marker(path: str, token: str, wait_s: float = 5.0, poll_s: float = 0.5) -> bool:
     """Whether this process reads `token` in `path`, looking again for up to `wait_s` (a network
     file system may show a file another client just wrote a moment late)."""
@@ -63,6 +72,12 @@ def this_node() -> str:
         return f"{ray.util.get_node_ip_address()} ({host})"
     except Exception:  # outside Ray: the host name alone
         return host
+
+
+def sees_marker_here(path: str, token: str) -> tuple[bool, str]:
+    """Whether this process reads `token` in `path`, and its node: what a learner rank or a task
+    pinned to a node answers the driver."""
+    return sees_marker(path, token), this_node()
 
 
 def blind_ranks(output_dir: str, names: list[str], answers: list[tuple[bool, str]]) -> SharedStorageError | None:

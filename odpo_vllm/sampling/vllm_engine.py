@@ -246,6 +246,11 @@ class VLLMGenerator:
             self.llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
 
+    def sleeping(self) -> list[str]:
+        """What the engine has put to sleep now ("weights", "kv_cache"; empty when awake or
+        without sleep mode): `python -m odpo_vllm.doctor` checks it sleeps after sampling."""
+        return sorted(self._asleep)
+
     # ------------------------------------------------------------------------------ sampling
     def _sampling_params(self, num_samples: int, seed: int, logprobs: int | None = None):
         return sampling_params(self.args, self.eos_token_ids, num_samples, seed, self.suppress_token_ids, logprobs)

@@ -1,0 +1,3 @@
+from odpo_vllm.doctor.cli import main
+
+raise SystemExit(main())
