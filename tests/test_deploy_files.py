@@ -236,7 +236,7 @@ def test_dockerfile_and_images_match_pyproject():
     assert {"torch", "vllm"} <= {name.lower() for name in re.findall(r"\b(torch|vLLM) \d", dockerfile)}
 
 
-# ---------------------------------------------------------------------------------------- each check catches a wrong field
+# ------------------------------------------------------------------------------ each check catches a wrong field
 def mutated(path: Path, change) -> dict:
     document = copy.deepcopy(load_yaml(path))
     change(document)
@@ -253,7 +253,8 @@ def joined(errors: list[str]) -> str:
     (lambda c: c.update(max_worker=2), r"\(top\): .*'max_worker' was unexpected"),
     (lambda c: c.update(max_workers="two"), r"max_workers: 'two' is not of type 'integer'"),
     (lambda c: c["available_node_types"]["gpu_node"].update(min_worker=2), r"available_node_types/gpu_node: .*'min_worker'"),
-    (lambda c: c["available_node_types"]["gpu_node"].pop("node_config"), r"available_node_types/gpu_node: 'node_config' is a required"),
+    (lambda c: c["available_node_types"]["gpu_node"].pop("node_config"),
+     r"available_node_types/gpu_node: 'node_config' is a required"),
     (lambda c: c.update(head_node_type="cpu_head"), r"head_node_type: 'cpu_head' is not one of available_node_types"),
     (lambda c: c.update(max_workers=1), r"max_workers: 1 is below the node types' min_workers \(2\)"),
 ])
@@ -310,9 +311,11 @@ CONFIG = "examples/configs/dedicated_multinode.yaml"
 @pytest.mark.parametrize("command, expected", [
     (f"python -m odpo_vllm.train --config {CONFIG} --resume_from_checkpointt auto",
      r"--resume_from_checkpointt: no such flag"),
-    ("python -m odpo_vllm.train --config examples/configs/no_such.yaml", r"--config examples/configs/no_such.yaml: no such file"),
+    ("python -m odpo_vllm.train --config examples/configs/no_such.yaml",
+     r"--config examples/configs/no_such.yaml: no such file"),
     (f"python -m odpo_vllm.train --config {CONFIG} --placement in_process", r"placement 'in_process' at ray_address 'auto'"),
-    (f"python -m odpo_vllm.train --config {CONFIG} --max_steps many", r"argument --max_steps/--max-steps: invalid int value: 'many'"),
+    (f"python -m odpo_vllm.train --config {CONFIG} --max_steps many",
+     r"argument --max_steps/--max-steps: invalid int value: 'many'"),
     (f"python -m odpo_vllm.trainer --config {CONFIG}", r"does not start with python -m odpo_vllm.train"),
 ])
 def test_entrypoint_check_names_a_wrong_flag_or_file(command, expected):
