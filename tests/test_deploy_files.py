@@ -6,7 +6,8 @@
   refuses such a key: a misspelled field would be lost in silence);
 - the training commands they run (rayjob.yaml's entrypoint, the `ray job submit` commands of
   cluster.yaml and deploy/README.md) parsed by our own command-line parser: every flag exists, every
-  config file exists and loads, and the run joins the cluster it is submitted to;
+  config file exists and loads, and the run joins the cluster it is submitted to; rayjob.yaml's
+  config file is one the Dockerfile copies into the image, where its entrypoint runs;
 - the versions the Dockerfile names equal pyproject.toml's pins, it installs the `gpu` extra, and
   every image tag and rayVersion matches the project's version and Ray pin.
 Each check is a function returning its errors; the negative tests feed it a mutated copy.
@@ -156,6 +157,30 @@ def deploy_commands() -> dict[str, list[str]]:
             "README.md": commands_in_text((DEPLOY / "README.md").read_text())}
 
 
+def copied_into_image(dockerfile: str) -> list[str]:
+    """The repository paths the Dockerfile copies to the same place under its WORKDIR
+    (`COPY a b ./`, `COPY a ./a`)."""
+    paths = []
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            paths += [source.rstrip("/") for source in sources if dest in (".", "./", f"./{source}")]
+    return paths
+
+
+def image_errors(command: str, dockerfile: str) -> list[str]:
+    """The config file of a command run inside the image is in the image: a RayJob's entrypoint
+    runs in the head container's working directory (the Dockerfile's WORKDIR), where only what
+    the Dockerfile copied exists, unless the job's runtime env uploads a working_dir."""
+    words = shlex.split(command)
+    if "--config" not in words:
+        return []
+    config, copied = words[words.index("--config") + 1], copied_into_image(dockerfile)
+    if any(config == path or config.startswith(f"{path}/") for path in copied):
+        return []
+    return [f"--config {config}: not in the image (the Dockerfile copies {copied} into its WORKDIR)"]
+
+
 # ---------------------------------------------------------------------------------------- versions
 def project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -225,6 +250,12 @@ def test_deploy_training_commands_parse():
     for where, found in commands.items():
         for command in found:
             assert entrypoint_errors(command) == [], (where, command)
+
+
+def test_rayjob_entrypoint_finds_its_config_in_the_image():
+    spec = load_yaml(DEPLOY / "rayjob.yaml")["spec"]
+    assert "working_dir" not in (yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {})  # else it would come with it
+    assert image_errors(spec["entrypoint"], (DEPLOY / "Dockerfile").read_text()) == []
 
 
 def test_dockerfile_and_images_match_pyproject():
@@ -330,6 +361,14 @@ def test_entrypoint_check_loads_the_config_file(tmp_path):
     (tmp_path / "examples" / "bad.yaml").write_text(yaml.safe_dump(config))
     errors = entrypoint_errors("python -m odpo_vllm.train --config examples/bad.yaml", root=tmp_path)
     assert re.search(r"unknown keys \['ray_num_engine'\]", joined(errors))
+
+
+def test_image_check_names_a_config_the_dockerfile_does_not_copy():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    without = "".join(line for line in dockerfile.splitlines(keepends=True) if not line.startswith("COPY examples"))
+    errors = image_errors(f"python -m odpo_vllm.train --config {CONFIG}", without)
+    assert re.search(rf"--config {CONFIG}: not in the image \(the Dockerfile copies \[", joined(errors))
+    assert copied_into_image('COPY a b/ ./\nCOPY c ./c\nCOPY d /elsewhere\n') == ["a", "b", "c"]
 
 
 def test_commands_are_found_in_comments_and_backquotes():
