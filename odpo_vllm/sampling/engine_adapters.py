@@ -43,6 +43,3 @@ class EngineAdapters:
 
     def served_ids(self) -> set[int]:
         return set(self.llm.llm_engine.list_loras())
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
