@@ -171,9 +171,11 @@ def run_score(cfg: dict) -> dict:
 
 
 def held_out_scores(model, tokenizer_path: str, held_out: int, k: int, temperature: float, max_new_tokens: int,
-                    seed: int) -> dict:
+                    seed: int, rows: list[dict] | None = None, train_mode: bool = False) -> dict:
     """The common held-out sampler: transformers generate, fixed seed, k samples per prompt, on
-    `model` (a loaded model, or a PEFT model in the process that trained it)."""
+    `model` (a loaded model, or a PEFT model in the process that trained it). `rows`: other
+    prompts than the first `held_out` held-out ones; `train_mode`: sample with dropout on, as
+    TRL's trainer samples (its generate runs inside the training step, in train mode)."""
     real_task = _load_real_task()
     import torch
     from transformers import AutoTokenizer, GenerationConfig
@@ -183,11 +185,12 @@ def held_out_scores(model, tokenizer_path: str, held_out: int, k: int, temperatu
     eos = {tokenizer.eos_token_id} | set(initial.eos_token_id if isinstance(initial.eos_token_id, list)
                                          else [initial.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.eval()
+    was_training = model.training
+    model.train(train_mode)
     generation = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                   max_new_tokens=max_new_tokens, num_return_sequences=k,
                                   eos_token_id=sorted(i for i in eos if i is not None), pad_token_id=pad)
-    rows = real_task.held_out_prompts()[:held_out]
+    rows = real_task.held_out_prompts()[:held_out] if rows is None else rows
     texts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in rows]
     torch.manual_seed(seed)
     replies: list[str] = []
@@ -199,6 +202,7 @@ def held_out_scores(model, tokenizer_path: str, held_out: int, k: int, temperatu
         with torch.no_grad():
             out = model.generate(**enc, generation_config=generation)
         replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
     scores = real_task.vader_scores(replies)
     per_prompt = [sum(scores[i * k : (i + 1) * k]) / k for i in range(len(rows))]
     return {"per_prompt": per_prompt, "scores": scores, "seconds": time.perf_counter() - start,

@@ -75,6 +75,7 @@ SYSTEMS = {
     "ours-hf": "odpo_vllm in process, transformers sampler, async_steps=0",
 }
 HELD_OUT = dict(held_out=64, k=2, temperature=0.9, max_new_tokens=40, seed=1234)  # bench_real_learning's sampler
+TAIL = dict(k=4, seed=4321)  # the last fifth's training prompts scored again after training (`_held_out`)
 LOGGED = ("objective/scores", "val/contain_eos_token", "objective/entropy", "objective/kl", "loss")
 BOS_CHAR_BPE = 400  # the BPE's entries, its 3 specials included; Qwen2Tokenizer's <|endoftext|> makes 401
 VOWELS = set("aeiouAEIOU")
@@ -157,15 +158,48 @@ def _rows_of(log_rows: list[dict]) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in log_rows if key in row] for key in LOGGED}
 
 
-def _held_out(task: dict, model, model_path: str) -> dict:
+def _held_out(task: dict, model, model_path: str, cfg: dict, own_sampler) -> dict:
     """The final policy scored on held-out prompts by one common sampler (bench_real_learning's:
     transformers generate, a fixed seed, the same batches for every model), so trainers compare on
-    common random numbers and not on their own samples. Only for tasks that ask for it."""
+    common random numbers and not on their own samples. Only for tasks that ask for it.
+
+    Also `tail`: the training prompts of the last fifth of the steps (those the training figure
+    averages) scored again, `TAIL["k"]` samples each, by the common sampler and by the trainer's
+    own (`own_sampler(rows, k, seed)`): whether a gap in the training figure is the policy's or
+    the sampler's."""
     if not task.get("held_out"):
         return {}
     from bench_real_learning import held_out_scores
 
-    return {"held_out": held_out_scores(model, model_path, **HELD_OUT)}
+    rows = tail_rows(cfg["task"], cfg["seed"], cfg["steps"])
+    common = dict(HELD_OUT, k=TAIL["k"], seed=TAIL["seed"])
+    return {"held_out": held_out_scores(model, model_path, **HELD_OUT),
+            "tail": {"common": held_out_scores(model, model_path, **common, rows=rows),
+                     "own": own_sampler(rows, TAIL["k"], TAIL["seed"] + 1)}}
+
+
+def tail_rows(task: str, seed: int, steps: int) -> list[dict]:
+    """The training prompts of the steps the training figure averages (`last_fifth`)."""
+    per_step = TASKS[task]["settings"]["per_device_train_batch_size"]
+    rows = TASKS[task]["prompts"]()
+    return [rows[i] for i in our_order(task, seed, steps)[-max(1, steps // 5) * per_step:]]
+
+
+def _per_prompt(scores: list[float], prompts: int, k: int) -> list[float]:
+    """Sample j of prompt i at j * prompts + i (the engines' block layout)."""
+    return [sum(scores[j * prompts + i] for j in range(k)) / k for i in range(prompts)]
+
+
+def _engine_scores(trainer, rows: list[dict], k: int, seed: int) -> dict:
+    """`rows` sampled k times each by ours' own sampler after the final weights were pushed to it."""
+    from odpo_vllm import real_task
+
+    trainer.sync_engines()
+    prompt_ids = [trainer.encoder.encode(row, i) for i, row in enumerate(rows)]
+    rollouts = trainer.generator.generate(prompt_ids, k, seed)
+    texts = trainer.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    scores = real_task.vader_scores(texts)
+    return {"per_prompt": _per_prompt(scores, len(rows), k), "scores": scores}
 
 
 def run_ours(cfg: dict) -> dict:
@@ -186,7 +220,8 @@ def run_ours(cfg: dict) -> dict:
         start = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - start
-        held_out = _held_out(task, trainer.model, cfg["model_path"])  # the learner's policy, in this process
+        held_out = _held_out(task, trainer.model, cfg["model_path"], cfg,  # the learner's policy, in this process
+                             lambda rows, k, seed: _engine_scores(trainer, rows, k, seed))
     with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return {"logged": _rows_of(rows), "train_s": train_s, **held_out}
@@ -214,8 +249,14 @@ def run_trl(cfg: dict) -> dict:
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
+    from bench_real_learning import held_out_scores
+
+    def own(rows, k, seed):  # as TRL's training step samples: transformers generate in train mode
+        return held_out_scores(trainer.model, cfg["model_path"], **dict(HELD_OUT, k=k, seed=seed), rows=rows,
+                               train_mode=True)
+
     return {"logged": _rows_of(trainer.state.log_history), "train_s": train_s,
-            **_held_out(task, trainer.model, cfg["model_path"])}
+            **_held_out(task, trainer.model, cfg["model_path"], cfg, own)}
 
 
 def worker_main(cfg: dict) -> None:
@@ -300,7 +341,7 @@ def launch(task: str, system: str, seed: int, args, steps: int, model_path: str,
             result = json.load(f)
         if (result.get("ok") and result.get("steps") == steps
                 and result.get("learning_rate", TASKS[task]["settings"]["learning_rate"]) == settings["learning_rate"]
-                and ("held_out" in result or not TASKS[task].get("held_out"))):
+                and ("tail" in result or not TASKS[task].get("held_out"))):
             return dict(result, reused=True)
     cfg = {"task": task, "system": system, "seed": seed, "steps": steps, "model_path": model_path,
            "settings": settings,

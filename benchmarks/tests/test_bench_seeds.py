@@ -47,3 +47,19 @@ def test_paired_comparison_per_seed():
     assert [round(d, 6) for d in diffs] == [0.05, -0.1, 0.0]
     assert math.isclose(mean, -0.05 / 3) and wins == 2
     assert math.isclose(se, 0.076376261582597 / math.sqrt(3), rel_tol=1e-9)
+
+
+def test_tail_rows_are_the_prompts_the_training_figure_averages():
+    """`tail`'s prompts: the last fifth of the steps (as `last_fifth` cuts them) in ours' order."""
+    steps, per_step = 24, bench_seeds.TASKS["sentiment"]["settings"]["per_device_train_batch_size"]
+    rows = bench_seeds.TASKS["sentiment"]["prompts"]()
+    order = bench_seeds.our_order("sentiment", 3, steps)
+    tail = bench_seeds.tail_rows("sentiment", 3, steps)
+    assert len(tail) == (steps // 5) * per_step
+    assert tail == [rows[i] for i in order[-len(tail):]]
+    assert tail != bench_seeds.tail_rows("sentiment", 4, steps)  # the seed draws the order
+
+
+def test_per_prompt_reads_the_block_layout():
+    # 3 prompts x 2 samples: sample j of prompt i at j * 3 + i
+    assert bench_seeds._per_prompt([1.0, 2.0, 3.0, 3.0, 4.0, 5.0], 3, 2) == [2.0, 3.0, 4.0]
