@@ -1,7 +1,7 @@
 """The asynchronous actor/learner pipeline on CPU: how much of sampling and learning overlap.
 
     python benchmarks/bench_async.py [--out benchmarks/results/async_cpu.md] [--new_tokens 32,96]
-                                     [--rounds N] [--steps N] [--quick]
+                                     [--rounds N] [--steps N] [--quick] [--systems ded-k0,ded-k1]
 
 The dedicated Ray placement with one DeepSpeed learner rank and one vLLM engine, one CPU each
 (`ray_cpus_per_actor=1` on a 2-CPU local cluster), at `async_steps` K = 0, 1, 2; beside it, on the
@@ -13,10 +13,11 @@ checkpointing off (TRL's best; ours then does the same compute). Runs go through
 
 Per system: samples/s (2 x prompts / median step seconds), the median step, the step's parts
 (sample + score: `time/generate` + `time/reward`; train + sync: `time/train` + `sync/seconds`),
-the overlap limit max(sample + score, train + sync) and step / limit (1.0: perfect overlap; the
-synchronous step is their sum), and the async metrics (`time/wait_rollouts`, `time/wait_weights`,
-`async/staleness`). One table per completion length (`--new_tokens`): the default 32 and a length
-at which sampling costs about what learning does.
+the overlap limit max(sample + score, train + sync), step / limit (1.0: perfect overlap; the
+synchronous step is their sum) and step - limit (the seconds each step spends on neither), and
+the async metrics (`time/wait_rollouts`, `time/wait_weights`, `async/staleness`). One table per
+completion length (`--new_tokens`): the default 32 and a length at which sampling costs about what
+learning does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SYSTEMS = {  # name -> (bench_vs_trl worker system, extra cfg)
     # the rank may use the core the engine leaves idle while it waits for a version
     "dedicated, K=1, rank with 2 threads": ("ray-ded-z2", {"async_steps": 1, "threads": 2}),
 }
+SHORT = dict(zip(("trl", "local-k0", "ded-k0", "ded-k1", "ded-k2", "ded-k1-2t"), SYSTEMS))  # --systems
 
 
 def median(values):
@@ -57,6 +59,9 @@ def summarize(runs: list[dict], warmup: int, prompts: int) -> dict | None:
         for key in ("steps", "generate", "reward", "train", "sync", "wait_rollouts", "wait_weights", "staleness"):
             values = run.get(key) or []
             pooled.setdefault(key, []).extend(values[warmup:] or values)
+    for run in good:  # the driver's calls per step (bench_vs_trl._time_phases)
+        for key, values in (run.get("phases") or {}).items():
+            pooled.setdefault("phase " + key, []).extend(values[warmup:] or values)
     out = {key: median(values) for key, values in pooled.items() if values}
     out["sample_score"] = out["generate"] + out["reward"]
     out["train_sync"] = out["train"] + out["sync"]
@@ -70,17 +75,29 @@ def summarize(runs: list[dict], warmup: int, prompts: int) -> dict | None:
 def table(new_tokens: int, summaries: dict, errors: dict) -> list[str]:
     lines = [f"### up to {new_tokens} new tokens per completion", "",
              "| system | samples/s | step s | sample + score s | train + sync s | step / max(both) | "
-             "wait rollouts s | wait weights s | staleness | tokens/completion |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "step - max(both) s | wait rollouts s | wait weights s | staleness | tokens/completion |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, summary in summaries.items():
         if summary is None:
-            lines.append(f"| {name} | did not run: {errors.get(name, '?')} |||||||||")
+            lines.append(f"| {name} | did not run: {errors.get(name, '?')} ||||||||||")
             continue
         async_cols = (f"{summary['wait_rollouts']:.3f} | {summary['wait_weights']:.3f} | {summary['staleness']:.0f}"
                       if "wait_rollouts" in summary else "- | - | -")
         lines.append(f"| {name} | {summary['samples_per_s']:.1f} | {summary['steps']:.3f} | "
                      f"{summary['sample_score']:.3f} | {summary['train_sync']:.3f} | "
-                     f"{summary['steps'] / summary['limit']:.2f} | {async_cols} | {summary['tokens']:.1f} |")
+                     f"{summary['steps'] / summary['limit']:.2f} | {summary['steps'] - summary['limit']:.3f} | "
+                     f"{async_cols} | {summary['tokens']:.1f} |")
+    phased = {name: summary for name, summary in summaries.items()
+              if summary is not None and any(key.startswith("phase ") for key in summary)}
+    if phased:
+        keys = [key for key in next(iter(phased.values())) if key.startswith("phase ")]
+        lines += ["", "Where the driver's step goes (median seconds per call; `rest`: step minus their sum):", "",
+                  "| system | " + " | ".join(key[6:] for key in keys) + " | rest |",
+                  "|---|" + "---|" * (len(keys) + 1)]
+        for name, summary in phased.items():
+            parts = [summary.get(key, 0.0) for key in keys]
+            lines.append(f"| {name} | " + " | ".join(f"{p:.3f}" for p in parts) +
+                         f" | {summary['steps'] - sum(parts):.3f} |")
     return lines
 
 
@@ -118,7 +135,13 @@ def main():
     parser.add_argument("--size", default="large", help="tiny or large (21M, as bench_vs_trl.py)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps, 16 tokens")
     parser.add_argument("--timeout_s", type=int, default=900)
+    parser.add_argument("--systems", default=",".join(SHORT), help=f"some of: {', '.join(SHORT)}")
     options = parser.parse_args()
+    chosen = [name.strip() for name in options.systems.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SHORT]
+    if unknown:
+        parser.error(f"--systems: unknown {unknown}; choose from {', '.join(SHORT)}")
+    systems = {SHORT[name]: SYSTEMS[SHORT[name]] for name in chosen}
     if options.quick:
         options.size, options.steps, options.warmup, options.new_tokens = "tiny", 4, 1, "16"
     import bench_vs_trl as vs
@@ -137,10 +160,11 @@ def main():
     started = time.perf_counter()
     sections, target_lines, raw = [], [], {}
     for new_tokens in [int(n) for n in options.new_tokens.split(",")]:
-        runs: dict = {name: [] for name in SYSTEMS}
+        runs: dict = {name: [] for name in systems}
         errors: dict = {}
         for r in range(options.rounds):
-            for index, (name, (system, extra)) in enumerate(SYSTEMS.items()):
+            for name, (system, extra) in systems.items():
+                index = list(SYSTEMS).index(name)
                 settings = dict(extra)
                 overrides = {"gradient_checkpointing": False}
                 if "threads" in settings:
@@ -157,7 +181,7 @@ def main():
                 else:
                     errors[name] = result["error"]
                     print(f"[{time.perf_counter() - started:5.0f}s] {name}: did not run: {result['error']}", flush=True)
-        summaries = {name: summarize(runs[name], options.warmup, options.prompts) for name in SYSTEMS}
+        summaries = {name: summarize(runs[name], options.warmup, options.prompts) for name in systems}
         sections += table(new_tokens, summaries, errors) + [""]
         target_lines += targets(new_tokens, summaries)
         raw[new_tokens] = {name: [{k: v for k, v in r.items() if k != "traceback"} for r in rs]

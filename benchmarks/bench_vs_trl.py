@@ -275,6 +275,7 @@ def run_ours(cfg: dict) -> dict:
         return handle
 
     trainer.generator.submit = counting
+    phases = _time_phases(trainer)
     try:
         trainer.train()
         profile = real_shapes.profile_local_sync(trainer) if cfg.get("profile_sync") else None  # ours-vllm only
@@ -298,7 +299,31 @@ def run_ours(cfg: dict) -> dict:
             "sync": [r.get("sync/seconds", 0.0) for r in rows],
             "sync_bytes": [r["sync/bytes"] for r in rows if "sync/bytes" in r], "tokens": tokens,
             "logged_step": [r["time/step"] for r in rows], "rss_mib": rss, "torch_threads": torch.get_num_threads(),
-            "sync_profile": profile, "tail": 1}  # the last step samples nothing (no next batch)
+            "sync_profile": profile, "phases": phases,
+            "tail": 1}  # the last step samples nothing (no next batch)
+
+
+PHASES = {"take": ("pipeline", "take"), "learner.step": ("learner", "step"), "drain": ("generator", "drain"),
+          "publish": ("publisher", "publish"), "request_ahead": ("pipeline", "request_ahead")}
+
+
+def _time_phases(trainer) -> dict[str, list[float]]:
+    """Seconds per call of each part of the driver's step (`PHASES`: the loop's calls, in order),
+    filled while the trainer runs: where a step's time goes beyond sampling, learning and the push."""
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    for name, (role, method) in PHASES.items():
+        owner = getattr(trainer, role)
+        inner = getattr(owner, method)
+
+        def timed(*a, _inner=inner, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                phases[_name].append(time.perf_counter() - start)
+
+        setattr(owner, method, timed)
+    return phases
 
 
 def run_raw(cfg: dict) -> dict:
