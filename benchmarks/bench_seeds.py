@@ -440,7 +440,39 @@ def task_section(data: dict, task: str) -> list[str]:
             lines.append(f"| {system} - trl | " + " | ".join(
                 f"{runs[s][0] - trl[s][0]:+.3f}" if s in runs and s in trl else "-" for s in seeds) + " |")
     if TASKS[task].get("held_out"):
-        lines += [""] + held_out_lines(data, task)
+        lines += [""] + held_out_lines(data, task) + [""] + tail_lines(data, task)
+    return lines
+
+
+def tail_lines(data: dict, task: str) -> list[str]:
+    """The last fifth's training prompts scored again after training (`_held_out`'s `tail`): the
+    reward figure's prompts, by the final policy, with the common sampler and each trainer's own."""
+    meta = data["meta"]
+    seeds = meta["task_seeds"][task]
+    runs = {(system, s): data["runs"].get(run_name(task, system, s), {}).get("tail")
+            for system in meta["systems"] for s in seeds}
+    lines = [f"The reward figure's prompts again (the last fifth of the steps, {TAIL['k']} samples each), scored "
+             "after training by the final policy: with the common sampler (transformers generate in eval mode, "
+             f"seed {TAIL['seed']}, the same random numbers for every model) and with the trainer's own (ours: its "
+             "engine after the final push; TRL: transformers generate in train mode, as its step samples). "
+             "Per seed: common / own; ours - TRL with the common sampler (standard error over prompts).", "",
+             "| system | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for system in meta["systems"]:
+        cells = [f"{statistics.fmean(t['common']['per_prompt']):.3f} / {statistics.fmean(t['own']['per_prompt']):.3f}"
+                 if (t := runs[(system, s)]) else "-" for s in seeds]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    for system in meta["systems"]:
+        if system == "trl":
+            continue
+        cells = []
+        for s in seeds:
+            ours, trl = runs[(system, s)], runs.get(("trl", s))
+            if ours and trl:
+                d = [a - b for a, b in zip(ours["common"]["per_prompt"], trl["common"]["per_prompt"])]
+                cells.append(f"{statistics.fmean(d):+.3f} ({statistics.stdev(d) / math.sqrt(len(d)):.3f})")
+            else:
+                cells.append("-")
+        lines.append(f"| {system} - trl, common | " + " | ".join(cells) + " |")
     return lines
 
 
