@@ -521,10 +521,15 @@ def held_out_lines(data: dict, task: str) -> list[str]:
 
 def report(data: dict) -> list[str]:
     meta = data["meta"]
+    reused = [r for r in data["runs"].values() if r.get("reused")]
+    wall = f"total wall time {meta['total_s']:.0f} s" + (
+        f" ({len(reused)} of {len(data['runs'])} runs reused from the run folder, which took "
+        f"{sum(r.get('wall_s', 0.0) for r in reused):.0f} s)" if reused else "")
     lines = [
         f"# Learning across seeds: odpo_vllm vs TRL {meta['trl']} on {len(meta['tasks'])} task(s) "
         f"({meta['date']}, {meta['cpus']} CPUs)", "",
-        f"`{meta['command']}`: per task and system, the seeds and steps its section names; total wall time {meta['total_s']:.0f} s. Tasks and settings are in the script's docstring. "
+        f"`{meta['command']}`: per task and system, the seeds and steps its section names; {wall}. "
+        "Tasks and settings are in the script's docstring. "
         "Reward = mean `objective/scores` over the last fifth of the steps; EOS = the share of completions that "
         "ended with EOS over the same steps; spread = the sample standard deviation over seeds; ours - TRL = the "
         "paired difference per seed (same seed, same model, same prompts in the same order), its mean and that "
