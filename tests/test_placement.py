@@ -99,6 +99,69 @@ def test_stalled_engine_fails_naming_it(ray_cluster, model_path, tmp_path):
     pool.close()
 
 
+@pytest.mark.parametrize("hangs_in", ["set_policy_version", "sequence_logprobs"])
+def test_a_stop_signal_ends_a_publish_waiting_on_a_silent_engine_within_seconds(ray_cluster, hangs_in):
+    """A SIGTERM that comes while the publisher waits on an engine after the weights were sent
+    (its version, the sync probe), with the engine stopped: the publish ends in seconds
+    (`StopWaiting`) and kills the silent engine, rather than waiting ray_timeout_s for it and the
+    diagnosis after (a CI run once took 195 s past a 20 s grace period there)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from odpo_vllm.primitives.preemption import StopRequest, StopWaiting
+    from odpo_vllm.runtime.engine_pool import ENGINE_CONCURRENCY, EnginePool
+    from odpo_vllm.runtime.publisher import RayWeightPublisher
+
+    @ray_cluster.remote(num_cpus=0.1, **ENGINE_CONCURRENCY)
+    class Silent:  # stopped in `hangs_in`: from then on neither that call nor a ping answers
+        def __init__(self, hangs_in):
+            self.hangs_in, self.stopped = hangs_in, False
+
+        def _answer(self, call):
+            if call == self.hangs_in:
+                self.stopped = True
+                time.sleep(600)
+            return call
+
+        def set_transport_position(self, index):
+            return index
+
+        def set_policy_version(self, version):
+            return self._answer("set_policy_version")
+
+        def sequence_logprobs(self, ids):
+            self._answer("sequence_logprobs")
+
+        def ping(self):
+            while self.stopped:
+                time.sleep(1)
+            return 0
+
+    learner = SimpleNamespace(master_addr="127.0.0.1", free_port_on_rank0=lambda: 0, call=lambda *a: None,
+                              call_with_timeout=lambda *a, stop=None: [{}],  # the weights went out
+                              sequence_logprobs=lambda ids: torch.zeros(len(ids)))
+    pool = EnginePool(lambda name, index, attempt, files_dir: Silent.remote(hangs_in), 1, timeout_s=120,
+                      max_restarts=1)
+    engine = pool.engines["vllm-engine-0"]
+    publisher = RayWeightPublisher(learner, pool, "odpo_gloo", [1, 2, 3], None, torch.float32, timeout_s=120)
+    stop = StopRequest()
+    signal_after = threading.Timer(2.0, lambda: stop.append(15))
+    signal_after.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(StopWaiting):
+            publisher.publish(1, stop)
+        took = time.monotonic() - start
+        with pytest.raises(ray_cluster.exceptions.RayActorError):  # the silent engine was killed
+            ray_cluster.get(engine.set_transport_position.remote(0), timeout=60)
+    finally:
+        signal_after.cancel()
+        pool.close()
+    assert took < 2.0 + 20, f"publish ended {took:.0f}s after it began"  # a stop ping of 3 s, on loaded cores
+    assert publisher.version == -1  # nothing was published
+
+
 def _train_rows(model_path, args, **kwargs):
     with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                           train_dataset=toy.prompt_dataset(16), **kwargs) as trainer:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
+from odpo_vllm.primitives.preemption import StopWaiting
+
 logger = logging.getLogger(__name__)
 
 NOTICE_S = 60.0  # a start-up wait longer than this is worth a warning (a vLLM engine on 2 loaded cores: ~30 s)
 REPEAT_S = 120.0
+STOP_LOOK_S = 0.2  # a wait that watches for a stop signal looks at it this often
 
 
 class ActorDied(RuntimeError):
@@ -67,8 +70,9 @@ class Notice:
             logger.warning("done waiting for %s after %.0fs", self.what, time.monotonic() - self.start)
 
 
-def wait_all(refs: list, timeout_s: float, notice: Notice | None = None) -> list:
-    """`ray.wait` for every one of `refs` up to `timeout_s`, ticking `notice`; the refs still pending."""
+def wait_all(refs: list, timeout_s: float, notice: Notice | None = None, stop: list | None = None) -> list:
+    """`ray.wait` for every one of `refs` up to `timeout_s`, ticking `notice`; the refs still
+    pending. A stop signal in `stop` ends the wait (`StopWaiting`)."""
     import ray
 
     pending, deadline = list(refs), time.monotonic() + timeout_s
@@ -76,6 +80,10 @@ def wait_all(refs: list, timeout_s: float, notice: Notice | None = None) -> list
         left = deadline - time.monotonic()
         if left <= 0:
             break
+        if stop is not None:
+            if stop:
+                raise StopWaiting()
+            left = min(left, STOP_LOOK_S)
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=notice.slice(left) if notice else left)
         if notice is not None and pending:
             notice.tick()
@@ -84,14 +92,16 @@ def wait_all(refs: list, timeout_s: float, notice: Notice | None = None) -> list
     return pending
 
 
-def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str, waiting_for: str | None = None) -> list:
+def wait_for(refs: list, names: list[str], timeout_s: float, who: str, call: str, waiting_for: str | None = None,
+             stop: list | None = None) -> list:
     """The results of Ray calls `refs` (made to the actors `names`, in order), or an error that
     names the actors which did not answer `call` within `timeout_s` (TimeoutError) or died.
     `waiting_for`: a start-up wait (`timeout_s` is then `ray_start_timeout_s`), logged as what it
-    waits for (`Notice`)."""
+    waits for (`Notice`). A stop signal in `stop` ends the wait (`StopWaiting`)."""
     import ray
 
-    pending = wait_all(refs, timeout_s, Notice(waiting_for, timeout_s, "ray_start_timeout_s") if waiting_for else None)
+    notice = Notice(waiting_for, timeout_s, "ray_start_timeout_s") if waiting_for else None
+    pending = wait_all(refs, timeout_s, notice, stop)
     if pending:
         late = [names[refs.index(ref)] for ref in pending]
         raise TimeoutError(f"{who}: {', '.join(late)} did not answer {call}() within {timeout_s:.0f}s")

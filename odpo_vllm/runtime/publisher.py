@@ -103,8 +103,9 @@ class RayWeightPublisher:
         self.transport: dict[str, int] | None = None
         self.unclosed: dict[str, int] = {}
 
-    def _get(self, refs: list, names: list[str], call: str, timeout_s: float | None = None) -> list:
-        return wait_for(refs, names, timeout_s or self.timeout_s, "weight publisher", call)
+    def _get(self, refs: list, names: list[str], call: str, timeout_s: float | None = None,
+             stop: list | None = None) -> list:
+        return wait_for(refs, names, timeout_s or self.timeout_s, "weight publisher", call, stop=stop)
 
     def _engines(self, names: list[str]) -> list:
         return [self.pool.engines[n] for n in names]
@@ -140,10 +141,10 @@ class RayWeightPublisher:
                   "shutdown_weight_transfer_engine", timeout_s)
 
     # ---------------------------------------------------------------- publishing
-    def _probe(self, names: list[str], version: int, learned: torch.Tensor) -> float:
+    def _probe(self, names: list[str], version: int, learned: torch.Tensor, stop: list | None = None) -> float:
         """The largest logprob gap between the learner's probe logprobs `learned` and the engines `names`."""
         served = self._get([e.sequence_logprobs.remote(self.probe_ids) for e in self._engines(names)], names,
-                           "sequence_logprobs")
+                           "sequence_logprobs", stop=stop)
         return max(probe_gap(s, learned, self.tolerance, n, version) for s, n in zip(served, names))
 
     def publish(self, version: int, stop: list | None = None) -> dict[str, float]:
@@ -151,29 +152,34 @@ class RayWeightPublisher:
         after `version` optimizer steps. An engine found dead now is replaced first (no batch waits
         for it: this push gives it the weights); one that dies or hangs during the push or the
         probe is replaced and the push is made again, within `ray_max_engine_restarts`. A stop
-        signal in `stop` during the push ends it (`StopWaiting`): engines that do not answer a
-        ping within a few seconds are killed, so that rank 0, which sends to them, is free for the
-        checkpoint."""
+        signal in `stop` during the push, its probe or the diagnosis of a failure ends it
+        (`StopWaiting`): engines that do not answer a ping within a few seconds are killed, so
+        that rank 0, which sends to them, is free for the checkpoint."""
         for name, reason in self.pool.find_dead(stop=stop).items():
             self.pool.replace(name, reason)
         while True:
             names = self.pool.names
             try:
-                metrics = self._send(names, version, stop)
+                try:
+                    metrics = self._send(names, version, stop)
+                except StopWaiting:
+                    raise
+                except Exception as err:
+                    self._replace_lost(names, err, "the weight push", cut_short=True, stop=stop)
+                    continue
+                if self.probe_ids is None:
+                    break
+                probe = self.learner.sequence_logprobs(self.probe_ids)
+                try:
+                    metrics["sync/logprob_gap"] = self._probe(names, version, probe, stop)
+                    break
+                except StopWaiting:
+                    raise
+                except Exception as err:  # the replacement gets the weights in the next round
+                    self._replace_lost(names, err, "the sync probe", cut_short=False, stop=stop)
             except StopWaiting:
-                self._abandon_push(names)
+                self._abandon_push(self.pool.names)
                 raise
-            except Exception as err:
-                self._replace_lost(names, err, "the weight push", cut_short=True)
-                continue
-            if self.probe_ids is None:
-                break
-            probe = self.learner.sequence_logprobs(self.probe_ids)
-            try:
-                metrics["sync/logprob_gap"] = self._probe(names, version, probe)
-                break
-            except Exception as err:  # the replacement gets the weights in the next round
-                self._replace_lost(names, err, "the sync probe", cut_short=False)
         self.published_probe = probe if self.probe_ids is not None else None
         self.version = version
         self.pool.stale.clear()
@@ -186,7 +192,8 @@ class RayWeightPublisher:
         # The driver waits longer than rank 0 does for its engines, so a hung engine is reported
         # by the rank (which names the engines it sends to), not as a silent rank.
         metrics = self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, stop=stop)[0]
-        self._get([e.set_policy_version.remote(version) for e in self._engines(names)], names, "set_policy_version")
+        self._get([e.set_policy_version.remote(version) for e in self._engines(names)], names, "set_policy_version",
+                  stop=stop)
         return metrics
 
     def _abandon_push(self, names: list[str]) -> None:
@@ -199,19 +206,20 @@ class RayWeightPublisher:
             self.pool.ray.kill(self.pool.engines[name])
         self.transport, self.unclosed = None, {}  # nothing more is sent; the ranks close at the end
 
-    def _replace_lost(self, names: list[str], err: Exception, during: str, cut_short: bool) -> None:
+    def _replace_lost(self, names: list[str], err: Exception, during: str, cut_short: bool,
+                      stop: list | None = None) -> None:
         """After `err` in a push or a probe to `names`: replace each engine that died or stopped
         answering (its ping goes to a thread of its own, so a live engine answers even while
         blocked in the failed transfer) and drop the transport, so the caller can try again.
         `cut_short`: the other engines of the push are replaced too, without counting against
         their budget: their weight update was cut short part-way (some layers loaded, vLLM's update session
         open), and a fresh engine is the state we know. No engine lost: the failure is not an
-        engine's, and `err` is raised."""
+        engine's, and `err` is raised. A stop signal in `stop` ends the diagnosis (`StopWaiting`)."""
         from odpo_vllm.runtime.engine_pool import DIAGNOSE_S
 
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise err
-        lost = self.pool.find_dead(names, min(self.timeout_s, DIAGNOSE_S))
+        lost = self.pool.find_dead(names, min(self.timeout_s, DIAGNOSE_S), stop=stop)
         if not lost:
             raise err
         for name, reason in lost.items():
