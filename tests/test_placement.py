@@ -100,7 +100,7 @@ def test_stalled_engine_fails_naming_it(ray_cluster, model_path, tmp_path):
 
 
 @pytest.mark.parametrize("hangs_in", ["set_policy_version", "sequence_logprobs"])
-def test_a_stop_signal_ends_a_publish_waiting_on_a_silent_engine_within_seconds(ray_cluster, hangs_in):
+def test_a_stop_signal_ends_a_publish_waiting_on_a_silent_engine_within_seconds(ray_cluster, hangs_in, tmp_path):
     """A SIGTERM that comes while the publisher waits on an engine after the weights were sent
     (its version, the sync probe), with the engine stopped: the publish ends in seconds
     (`StopWaiting`) and kills the silent engine, rather than waiting ray_timeout_s for it and the
@@ -115,12 +115,13 @@ def test_a_stop_signal_ends_a_publish_waiting_on_a_silent_engine_within_seconds(
 
     @ray_cluster.remote(num_cpus=0.1, **ENGINE_CONCURRENCY)
     class Silent:  # stopped in `hangs_in`: from then on neither that call nor a ping answers
-        def __init__(self, hangs_in):
-            self.hangs_in, self.stopped = hangs_in, False
+        def __init__(self, hangs_in, marker):
+            self.hangs_in, self.marker, self.stopped = hangs_in, marker, False
 
         def _answer(self, call):
             if call == self.hangs_in:
                 self.stopped = True
+                open(self.marker, "w").close()  # the test's signal: the engine is silent from now on
                 time.sleep(600)
             return call
 
@@ -141,24 +142,33 @@ def test_a_stop_signal_ends_a_publish_waiting_on_a_silent_engine_within_seconds(
     learner = SimpleNamespace(master_addr="127.0.0.1", free_port_on_rank0=lambda: 0, call=lambda *a: None,
                               call_with_timeout=lambda *a, stop=None: [{}],  # the weights went out
                               sequence_logprobs=lambda ids: torch.zeros(len(ids)))
-    pool = EnginePool(lambda name, index, attempt, files_dir: Silent.remote(hangs_in), 1, timeout_s=120,
-                      max_restarts=1)
+    marker = tmp_path / "silent"
+    pool = EnginePool(lambda name, index, attempt, files_dir: Silent.remote(hangs_in, str(marker)), 1,
+                      timeout_s=120, max_restarts=1)
     engine = pool.engines["vllm-engine-0"]
     publisher = RayWeightPublisher(learner, pool, "odpo_gloo", [1, 2, 3], None, torch.float32, timeout_s=120)
-    stop = StopRequest()
-    signal_after = threading.Timer(2.0, lambda: stop.append(15))
-    signal_after.start()
-    start = time.monotonic()
+    stop, signalled = StopRequest(), []
+
+    def signal_once_silent():  # SIGTERM's handler, once the engine is silent in `hangs_in`
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signalled.append(time.monotonic())
+        stop.append(15)
+
     try:
+        pool.wait_started()  # the actor's start (seconds to minutes on loaded cores) is not what is timed
+        signaller = threading.Thread(target=signal_once_silent, daemon=True)
+        signaller.start()
         with pytest.raises(StopWaiting):
             publisher.publish(1, stop)
-        took = time.monotonic() - start
+        took = time.monotonic() - signalled[0]
         with pytest.raises(ray_cluster.exceptions.RayActorError):  # the silent engine was killed
             ray_cluster.get(engine.set_transport_position.remote(0), timeout=60)
     finally:
-        signal_after.cancel()
         pool.close()
-    assert took < 2.0 + 20, f"publish ended {took:.0f}s after it began"  # a stop ping of 3 s, on loaded cores
+    assert marker.exists()  # the publish reached the call this case makes silent
+    assert took < 20, f"publish ended {took:.0f}s after the stop signal"  # a stop ping of 3 s, on loaded cores
     assert publisher.version == -1  # nothing was published
 
 
