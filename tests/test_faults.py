@@ -98,11 +98,11 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
                 killed.append(kill_engine(trainer, name, sig))
         return send(method, *args, **kwargs)
 
-    def probing(names, version, learned):
+    def probing(names, version, learned, *rest):
         calls["probe"] += 1
         if moment == "probe" and calls["probe"] == push and not killed:
             killed.append(kill_engine(trainer, name, sig))
-        return probe(names, version, learned)
+        return probe(names, version, learned, *rest)
 
     def syncing(engine):
         if moment == "replacement sync" and len(killed) == 1:
