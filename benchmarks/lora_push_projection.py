@@ -38,18 +38,16 @@ TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def push_bytes(config, rank: int, targets, element_bytes: int, on_meta: bool = True) -> tuple[int, int, int]:
+def push_bytes(config, rank: int, targets, element_bytes: int) -> tuple[int, int, int]:
     """(parameters of the model, bytes of a merged push, bytes of an adapter push) for a model of
     `config` with a LoRA adapter of `rank` on `targets`."""
-    import contextlib
-
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     from odpo_vllm.weights.names import LearnerWeights
 
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,

@@ -44,9 +44,9 @@ def test_published_shapes_give_the_published_sizes():
     """The shapes table against the models' published parameter counts (0.49B, 1.54B, 7.62B, 135M)."""
     published = {"SmolLM2-135M-Instruct": 0.135, "Qwen2.5-0.5B-Instruct": 0.494, "Qwen2.5-1.5B-Instruct": 1.544,
                  "Qwen2.5-7B-Instruct": 7.616}
-    for name, billions in published.items():
-        import transformers
+    import transformers
 
+    for name, billions in published.items():
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(lora_push_projection.config_of(name))
         assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=5e-4), name
