@@ -201,9 +201,9 @@ class OnlineDPOConfig(TrainingArguments):
         default="auto",
         metadata={"help": "With a LoRA policy, what each push sends the vLLM engine: merged (the whole model with the "
                           "adapter merged in), adapter (the engine loads the base once and each push sends only the "
-                          "adapter's tensors, served as a new vLLM LoRA adapter per version), or auto: adapter on GPU "
-                          "engines in process, merged otherwise (on CPU vLLM runs LoRA without its kernels and samples "
-                          "slower than the merged push costs; adapter pushes to Ray engine actors are not built yet)."},
+                          "adapter's tensors, served as a new vLLM LoRA adapter per version; in process and on Ray engine "
+                          "actors, not to a vLLM server), or auto: adapter on GPU engines, merged otherwise (on CPU vLLM "
+                          "runs LoRA without its kernels and samples slower than the merged push costs)."},
     )
 
     # --- asynchronous actor/learner pipeline

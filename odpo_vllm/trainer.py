@@ -71,14 +71,15 @@ class OnlineDPOTrainer:
             raise ValueError("OnlineDPOConfig.sync_ref_model: a LoRA policy's reference is its base model (the adapter "
                              "disabled), which a refresh cannot mix the policy into; train all weights, or turn "
                              "sync_ref_model off (TRL refuses the same)")
-        remote = args.placement != "in_process" or args.vllm_mode == "server"
-        if args.lora_sync == "adapter" and remote and (peft_config is not None or hasattr(model, "peft_config")):
-            raise ValueError(f"OnlineDPOConfig.lora_sync='adapter': adapter pushes to Ray engine actors and servers "
-                             f"are not built yet (placement={args.placement!r}, vllm_mode={args.vllm_mode!r}); use "
-                             "lora_sync='merged' or 'auto', or placement='in_process' with vllm_mode='colocate'")
-        if args.lora_sync == "auto" and remote and (peft_config is not None or hasattr(model, "peft_config")):
-            logger.info("lora_sync=auto: the engines get merged weights (adapter pushes to Ray engine actors and "
-                        "servers are not built yet)")
+        server = args.vllm_mode == "server" and args.use_vllm is not False
+        if args.lora_sync == "adapter" and server and (
+                peft_config is not None or hasattr(model, "peft_config")):
+            raise ValueError("OnlineDPOConfig.lora_sync='adapter': a vLLM server (vllm_mode='server') takes whole "
+                             "weights only; use lora_sync='merged' or 'auto', or a Ray placement or in_process "
+                             "with vllm_mode='colocate'")
+        if args.lora_sync == "auto" and server and (
+                peft_config is not None or hasattr(model, "peft_config")):
+            logger.info("lora_sync=auto: the server gets merged weights (a vLLM server takes whole weights only)")
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self._set_reference_attributes(reward_funcs if reward_funcs is not None else args.reward_model_path)

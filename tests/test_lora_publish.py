@@ -125,7 +125,15 @@ def deepspeed_publishes(model_path: str, args, zero_stage: int, batch, pad_token
         rank.step(batch, beta=0.1)
         published = dict(rank.named_weights(bucket_bytes=16 << 10))  # small buckets: several gathers
     partitioned = next(p for n, p in module.named_parameters() if "q_proj.base_layer.weight" in n).numel() == 0
-    return {"published": published, "base_before": base, "base_after": base_weights(), "partitioned": partitioned}
+    adapter = dict(rank.adapter_tensors())  # lora_sync='adapter': the LoRA matrices alone, gathered
+    meta = {m.name: m.shape for m in rank.adapter_meta()}  # without gathering
+    with import_deepspeed().zero.GatheredParameters(list(module.parameters()), enabled=zero_stage == 3):
+        from peft import get_peft_model_state_dict
+
+        peft_saved = {n: t.detach().clone() for n, t in get_peft_model_state_dict(module).items()}
+    return {"published": published, "base_before": base, "base_after": base_weights(), "partitioned": partitioned,
+            "adapter": adapter, "adapter_meta": meta, "peft_saved": peft_saved,
+            "unmerged": dict(rank.named_weights(bucket_bytes=16 << 10, merge_lora=False))}
 
 
 def test_zero2_and_zero3_publish_the_same_lora_weights(model_path, tokenizer, tmp_path, one_rank_world):
@@ -150,25 +158,42 @@ def test_zero2_and_zero3_publish_the_same_lora_weights(model_path, tokenizer, tm
     base_q_proj = runs[2]["base_before"]["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
     delta = (zero2["model.layers.0.self_attn.q_proj.weight"] - base_q_proj).abs().max().item()
     assert delta > 1e-4  # the steps trained the adapter: a real delta (4e-4 seen), 400x the gap allowed
+    # lora_sync='adapter': the adapter alone under PEFT's saved names, equal to what PEFT saves,
+    # its sizes known without a gather; the base pushed once is the untouched base
+    for stage, run in runs.items():
+        assert list(run["adapter"]) == list(run["adapter_meta"]) == list(run["peft_saved"]), f"ZeRO-{stage}"
+        assert len(run["adapter"]) == 8  # 2 layers x q, v x A, B
+        assert all(torch.equal(run["adapter"][n], t) and tuple(t.shape) == run["adapter_meta"][n]
+                   for n, t in run["peft_saved"].items()), f"ZeRO-{stage}"
+        base = {checkpoint_name(n): t for n, t in run["base_before"].items()}
+        assert set(run["unmerged"]) >= set(base) and all(torch.equal(run["unmerged"][n], t) for n, t in base.items())
+    assert max((runs[2]["adapter"][n] - runs[3]["adapter"][n]).abs().max().item() for n in runs[2]["adapter"]) < 1e-6
+    assert runs[2]["adapter"]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 0
 
 
 def test_lora_sync_choice_names_why_and_refuses_what_vllm_cannot_serve(model, caplog, tmp_path):
     from odpo_vllm.weights.adapter import adapter_weights, choose_lora_sync, vllm_max_lora_rank, write_adapter
 
     plain = lora_policy(copy.deepcopy(model), ["q_proj", "v_proj"])
-    assert choose_lora_sync("auto", plain, on_gpu=True, in_process=True) == "adapter"
-    assert choose_lora_sync("adapter", plain, on_gpu=False, in_process=True) == "adapter"
-    assert choose_lora_sync("merged", plain, on_gpu=True, in_process=True) == "merged"
-    assert choose_lora_sync("auto", model, on_gpu=True, in_process=True) == "merged"  # no adapter at all
+    assert choose_lora_sync("auto", plain, on_gpu=True) == "adapter"
+    assert choose_lora_sync("adapter", plain, on_gpu=False) == "adapter"
+    assert choose_lora_sync("merged", plain, on_gpu=True) == "merged"
+    assert choose_lora_sync("auto", model, on_gpu=True) == "merged"  # no adapter at all
     with caplog.at_level("INFO", logger="odpo_vllm.weights.adapter"):
-        assert choose_lora_sync("auto", plain, on_gpu=False, in_process=True) == "merged"
-        assert choose_lora_sync("auto", plain, on_gpu=True, in_process=False) == "merged"
+        assert choose_lora_sync("auto", plain, on_gpu=False) == "merged"
+        assert choose_lora_sync("auto", plain, on_gpu=True, where="servers take whole weights only") == "merged"
     assert "on CPU vLLM runs LoRA without its kernels" in caplog.messages[0]
-    assert "Ray engine actors" in caplog.messages[1]
+    assert "servers take whole weights only" in caplog.messages[1]
+    # a Ray placement's driver decides from the PEFT config alone, by the same rules
+    from peft import LoraConfig as Config
+
+    assert choose_lora_sync("auto", Config(r=8, target_modules=["q_proj"]), on_gpu=True) == "adapter"
+    with pytest.raises(ValueError, match=r"lora_sync='adapter': vLLM does not serve DoRA"):
+        choose_lora_sync("adapter", Config(r=8, target_modules=["q_proj"], use_dora=True), on_gpu=True)
     dora = lora_policy(copy.deepcopy(model), ["q_proj", "v_proj"], use_dora=True)
     with pytest.raises(ValueError, match=r"lora_sync='adapter': vLLM does not serve DoRA \(use_dora\).*lora_sync='merged'"):
-        choose_lora_sync("adapter", dora, on_gpu=True, in_process=True)
-    assert choose_lora_sync("auto", dora, on_gpu=True, in_process=True) == "merged"
+        choose_lora_sync("adapter", dora, on_gpu=True)
+    assert choose_lora_sync("auto", dora, on_gpu=True) == "merged"
     assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 9, 320, 512)] == [1, 8, 8, 16, 320, 512]
     # what an engine loads: PEFT's own names, the engine's dtype, a config PEFT reads back
     from peft import LoraConfig
@@ -185,16 +210,15 @@ def test_lora_sync_choice_names_why_and_refuses_what_vllm_cannot_serve(model, ca
     assert LoraConfig.from_pretrained(str(tmp_path / "a")).r == 4
 
 
-@pytest.mark.parametrize("where", [dict(placement="dedicated"), dict(vllm_mode="server")])
-def test_adapter_pushes_beyond_the_process_are_refused_before_anything_starts(model_path, tmp_path, where):
+def test_adapter_pushes_to_a_server_are_refused_before_anything_starts(model_path, tmp_path):
     from peft import LoraConfig
 
     from odpo_vllm import OnlineDPOTrainer, toy
 
-    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync='adapter': adapter pushes to Ray engine actors "
-                                         r"and servers are not built yet.*use lora_sync='merged' or 'auto'"):
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync='adapter': a vLLM server \(vllm_mode='server'\) "
+                                         r"takes whole weights only; use lora_sync='merged' or 'auto'"):
         OnlineDPOTrainer(model_path, reward_funcs=toy.short_reward,
-                         args=make_args(tmp_path, lora_sync="adapter", **where), train_dataset=toy.prompt_dataset(4),
+                         args=make_args(tmp_path, lora_sync="adapter", vllm_mode="server", use_vllm=True), train_dataset=toy.prompt_dataset(4),
                          peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync: 'adapters' is not supported; use one of auto"):
         make_args(tmp_path, lora_sync="adapters")

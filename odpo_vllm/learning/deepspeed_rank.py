@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from odpo_vllm.learning.learner import REFERENCE_FILE, Learner, build_optimizer, build_scheduler
+from odpo_vllm.weights.adapter import saved_name
 from odpo_vllm.weights.names import TensorMeta, checkpoint_name, lora_delta, lora_targets, merged_weight
 
 
@@ -93,15 +94,16 @@ class DeepSpeedRank(Learner):
         return float(norm) if norm is not None else float("nan")
 
     # ---------------------------------------------------------------- weights for the engines
-    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, bucket_bytes: int = 256 << 20, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the engines load (`weights/names.py`'s definition: checkpoint names, tied weights
-        under every name, LoRA merged out of place). Under ZeRO-3 each size-capped group of parameters
+        under every name, LoRA merged out of place; `merge_lora=False`: the base weights as they
+        are, for an engine that serves the adapter itself). Under ZeRO-3 each size-capped group of parameters
         is gathered, copied out and released before the next (never the whole model at once); a group
         holding a LoRA-adapted weight also gathers that layer's adapter. Every rank must iterate in
         lockstep: gathering is a collective."""
         deepspeed = import_deepspeed()
         names_of, params = _parameters_with_names(self.model_engine.module)
-        targets = lora_targets(self.model_engine.module)
+        targets = lora_targets(self.model_engine.module) if merge_lora else {}
         zero3 = self.zero_stage == 3
         group, used = [], 0
         for param in params + [None]:
@@ -128,6 +130,28 @@ class DeepSpeedRank(Learner):
                 if mapped is not None:
                     metas.append(TensorMeta(mapped, param.dtype, shape))
         return metas
+
+    def _adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(PEFT's saved name, parameter) of the active adapter's LoRA matrices, in model order."""
+        module = self.model_engine.module
+        adapter = (list(getattr(module, "active_adapters", None) or []) or ["default"])[0]
+        named = [(saved_name(name, adapter), param) for name, param in module.named_parameters()]
+        return [(name, param) for name, param in named if name is not None]
+
+    def adapter_meta(self) -> list[TensorMeta]:
+        """What `adapter_tensors` yields, in the same order, without gathering anything."""
+        return [TensorMeta(name, param.dtype, tuple(getattr(param, "ds_shape", param.shape)))
+                for name, param in self._adapter_parameters()]
+
+    def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The active LoRA adapter's matrices under PEFT's saved names (`lora_sync='adapter'`):
+        copies, gathered under ZeRO-3 (the adapter alone: a few MB, never the model). Every rank
+        iterates together: gathering is a collective."""
+        named = self._adapter_parameters()
+        with torch.no_grad(), import_deepspeed().zero.GatheredParameters(
+                [param for _, param in named], modifier_rank=None, enabled=self.zero_stage == 3):
+            copies = [(name, param.detach().clone()) for name, param in named]
+        yield from copies
 
     def _whole(self, param):
         # every rank holds the whole reference and gathers the policy's parameter (a collective:

@@ -64,12 +64,24 @@ class RankActor:
         self.close_weight_transport()
         self.sender = WeightSender(self.learner, engines, wire, self.weights)
 
-    def send_weights(self, published: bool = False) -> dict[str, float]:
+    def send_weights(self, published: bool = False, kind: str = "weights") -> dict[str, float]:
         """The live weights to the engines of the open transport, or (`published`) the version
-        sent last by a live send (kept only with `keep_published`)."""
+        sent last by a live send (kept only with `keep_published`). `kind`: "weights" (LoRA
+        merged in), "base" or "adapter" (`lora_sync='adapter'`: the base once, then adapters)."""
         if self.sender is None:
             raise RuntimeError(f"rank {self.learner.rank}: send_weights before open_weight_transport")
-        return self.sender.send(published=published)
+        return self.sender.send(published=published, kind=kind)
+
+    def lora_adapter(self) -> dict | None:
+        """The policy's LoRA adapter, None without one: its `adapter_config.json` (what an engine
+        needs to serve it) and why vLLM could not serve it (`refusal`, None if it can)."""
+        from odpo_vllm.weights.adapter import adapter_config, adapter_refusal
+
+        module = self.learner.model_engine.module
+        if not hasattr(module, "peft_config"):
+            return None
+        refusal = adapter_refusal(module)
+        return {"config": None if refusal else adapter_config(module), "refusal": refusal}
 
     def close_weight_transport(self) -> None:
         if self.sender is not None:

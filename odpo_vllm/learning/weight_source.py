@@ -24,29 +24,38 @@ class RankWeightSource:
     one), and while `send_published` is set it sends that copy instead of the live weights: a
     replacement engine must sample the batch it inherits with the version that batch was
     scheduled for, even when the learners have taken a step since (async_steps >= 1).
-    `bucket_bytes`: the cap of one ZeRO-3 gather (and of one odpo_gloo bucket)."""
+    `bucket_bytes`: the cap of one ZeRO-3 gather (and of one odpo_gloo bucket).
+
+    `kind`, set by each send: "weights" (LoRA merged in), "base" (LoRA training never changes
+    these: the published copy is the live one) or "adapter" (the LoRA matrices alone,
+    `lora_sync='adapter'`; the published copy is of the adapter)."""
 
     def __init__(self, learner: DeepSpeedRank, bucket_bytes: int, keep_published: bool = False):
         self.learner, self.bucket_bytes, self.keep_published = learner, bucket_bytes, keep_published
         self.send_published = False
+        self.kind = "weights"
         self.published: list[tuple[str, torch.Tensor]] | None = None
+        self.published_kind: str | None = None
         self.live = None  # the live iteration of the last send, until it ran to its end
+
+    def tensor_meta(self):
+        return self.learner.adapter_meta() if self.kind == "adapter" else self.learner.weights_meta()
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
 
-        return [ParamMeta(m.name, m.dtype, m.shape) for m in self.learner.weights_meta()]
+        return [ParamMeta(m.name, m.dtype, m.shape) for m in self.tensor_meta()]
 
     def __iter__(self):
-        if not (self.send_published and self.keep_published):
+        if not (self.send_published and self.keep_published) or self.kind == "base":
             # without a kept copy the live weights are the published ones: nothing is sampled
             # while the learners step (async_steps = 0)
             self.live = self._live()
             return self.live
         if self.learner.rank != 0:  # nothing to gather: rank 0 sends its copy alone
             return iter(())
-        if self.published is None:
-            raise RuntimeError("weight source: no published version was kept")
+        if self.published is None or self.published_kind != self.kind:
+            raise RuntimeError(f"weight source: no published version of the {self.kind} was kept")
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         return ((name, tensor.to(device)) for name, tensor in self.published)
 
@@ -54,13 +63,19 @@ class RankWeightSource:
         # filled as the tensors go out (a sender stops asking after the last one, so nothing
         # after this loop would run); a send that fails halfway leaves a partial copy, and the
         # publisher makes the push again, live, before anything asks for the copy
-        published = self.published = [] if self.keep_published and self.learner.rank == 0 else None
+        kept = self.keep_published and self.learner.rank == 0 and self.kind != "base"
+        if kept:
+            self.published, self.published_kind = [], self.kind
+        elif self.kind != "base":  # a base send leaves the kept adapter as it is
+            self.published = None
         copies: dict[int, torch.Tensor] = {}  # tied weights come under several names: one copy
-        for name, tensor in self.learner.named_weights(self.bucket_bytes):
-            if published is not None:
+        tensors = (self.learner.adapter_tensors() if self.kind == "adapter"
+                   else self.learner.named_weights(self.bucket_bytes, merge_lora=self.kind == "weights"))
+        for name, tensor in tensors:
+            if kept:
                 if id(tensor) not in copies:  # named_weights yields copies already: on CPU this copies nothing
                     copies[id(tensor)] = tensor.to("cpu")
-                published.append((name, copies[id(tensor)]))
+                self.published.append((name, copies[id(tensor)]))
             yield name, tensor
         self.live = None
 
@@ -77,6 +92,23 @@ class RankWeightSource:
                 pass
         except Exception:  # a broken iteration: the collective fails on every rank alike
             pass
+
+
+class TellingEngineClient:
+    """vLLM's Ray client to the engines, which also tells each engine, as an update starts, what it
+    receives (the source's `kind`): an engine serving the policy as a LoRA adapter loads an
+    adapter push as a new adapter version, and everything else into its weights."""
+
+    def __init__(self, client, source: RankWeightSource):
+        self.client, self.source = client, source
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    def start_weight_update(self) -> None:
+        import ray
+
+        ray.get([engine.start_weight_update.remote(self.source.kind) for engine in self.client.handles])
 
 
 class WeightSender:
@@ -97,12 +129,13 @@ class WeightSender:
         self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.source = source
         self.transfer = open_trainer_transport(
-            self.backend, info, rank=learner.rank, client=RayVLLMWeightSyncClient(list(engines)), source=self.source)
-        self.bytes = sum(m.nbytes for m in learner.weights_meta())
+            self.backend, info, rank=learner.rank, client=TellingEngineClient(RayVLLMWeightSyncClient(list(engines)),
+                                                                              self.source), source=self.source)
         self.in_flight: Future | None = None  # the last send's thread
 
-    def send(self, published: bool = False) -> dict[str, float]:
-        """Send the live weights, or (`published`) the copy of the published version the source kept."""
+    def send(self, published: bool = False, kind: str = "weights") -> dict[str, float]:
+        """Send the live weights, or (`published`) the copy of the published version the source
+        kept; `kind`: "weights", "base" or "adapter" (see `RankWeightSource`)."""
 
         def send():
             if self.device is not None:  # the current CUDA device is per thread
@@ -111,7 +144,8 @@ class WeightSender:
 
         start = time.perf_counter()
         self._wait_for_earlier_send()
-        self.source.send_published = published
+        self.source.send_published, self.source.kind = published, kind
+        nbytes = sum(m.nbytes for m in self.source.tensor_meta())
         timeout_s = self.info["timeout_s"]
         self.in_flight = in_daemon_thread(send)
         try:
@@ -127,7 +161,7 @@ class WeightSender:
         finally:
             if self.in_flight.done():
                 self.source.send_published = False
-        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(self.bytes)}
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(nbytes)}
 
     def _wait_for_earlier_send(self) -> None:
         """A send that timed out still runs in its thread until its peers are gone (the publisher

@@ -32,7 +32,7 @@ from odpo_vllm.runtime.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
-from odpo_vllm.weights.adapter import adapter_rank, choose_lora_sync
+from odpo_vllm.weights.adapter import adapter_rank, choose_lora_sync, decide_lora_sync
 from odpo_vllm.weights.wire import GLOO_BACKEND
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ def build_in_process_roles(spec: RunSpec) -> Roles:
         generator = vision_engine_or_none(model, spec)
     elif use_vllm:
         impl = engine_model_impl(model.config, args.vllm_model_impl, log=False)  # the engine says which
-        lora_sync = choose_lora_sync(args.lora_sync, model, torch.cuda.is_available() and not args.use_cpu,
-                                     in_process=True)
+        lora_sync = choose_lora_sync(args.lora_sync, model, torch.cuda.is_available() and not args.use_cpu)
         try:
             generator = VLLMGenerator(model, spec.tokenizer, args, spec.eos_token_ids, spec.max_model_len,
                                       probe_ids=spec.probe_ids, max_sequences=spec.prompts_per_step * args.num_samples,
@@ -316,6 +315,12 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             return roles
         num_engines = args.ray_learner_ranks if colocated else args.ray_num_engines
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
+        adapter = roles.learner.call("lora_adapter")[0]  # what the ranks built from peft_config
+        lora_sync = "merged" if adapter is None else decide_lora_sync(
+            args.lora_sync, adapter["refusal"] or ("a vision-language engine" if spec.processor is not None else None)
+            or ("vllm_tensor_parallel_size > 1 (each of an engine's workers would need the adapter)"
+                if args.vllm_tensor_parallel_size > 1 else None), on_gpu)
+        adapter_config = adapter["config"] if lora_sync == "adapter" else None
         Engine = ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)
         # each engine samples its share of the step's completions in one call
         max_sequences = -(-spec.prompts_per_step // num_engines) * args.num_samples
@@ -332,20 +337,22 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
             return Engine.options(**options).remote(
                 config, processing_class, args, spec.eos_token_ids, spec.max_model_len, probe_ids=spec.probe_ids,
                 name=name, weight_transfer_backend=transport, engine_index=index, max_sequences=max_sequences,
-                files_dir=files_dir, suppress_token_ids=sorted(multimodal.image_token_ids(spec.processor)))
+                files_dir=files_dir, suppress_token_ids=sorted(multimodal.image_token_ids(spec.processor)),
+                adapter_config=adapter_config)
 
         roles.engine_pool = EnginePool(start_engine, num_engines, args.ray_timeout_s, args.ray_max_engine_restarts,
                                        roles.faults, args.ray_start_timeout_s)
         roles.engine_pool.wait_started()
         roles.publisher = RayWeightPublisher(roles.learner, roles.engine_pool, transport, spec.probe_ids,
                                              args.vllm_sync_tolerance, _engine_dtype(args), args.ray_timeout_s,
-                                             args.vllm_tensor_parallel_size)
+                                             args.vllm_tensor_parallel_size, lora_sync)
         roles.generator = RemoteGenerator(roles.engine_pool, roles.publisher, args.ray_timeout_s)
     except BaseException:
         roles.close()
         raise
-    logger.info("%s placement: %d learner ranks (ZeRO-%d), %d engines, weights over %s", args.placement,
-                args.ray_learner_ranks, args.ray_zero_stage, num_engines, transport)
+    logger.info("%s placement: %d learner ranks (ZeRO-%d), %d engines, weights over %s%s", args.placement,
+                args.ray_learner_ranks, args.ray_zero_stage, num_engines, transport,
+                " (LoRA adapter pushes)" if lora_sync == "adapter" else "")
     return roles
 
 

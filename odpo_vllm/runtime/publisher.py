@@ -88,11 +88,17 @@ class LocalWeightPublisher:
 class RayWeightPublisher:
     """The engine pool's engines fed by a `LearnerGroup`: rank 0 sends (ZeRO-3: every rank joins
     the gathers). The pool replaces engines; this publisher gives a replacement the published
-    weights (`sync_replacement`), since it serves nothing before it has them."""
+    weights (`sync_replacement`), since it serves nothing before it has them.
+
+    `lora_sync="adapter"`: an engine gets the base weights once (its first push, or its sync as
+    a replacement) and the LoRA adapter's tensors alone at every push; which engine incarnations
+    hold the base is this publisher's record (`based`)."""
 
     def __init__(self, learner_group, pool, backend: str, probe_ids: list[int] | None, tolerance: float | None,
-                 dtype: torch.dtype, timeout_s: float, workers_per_engine: int = 1):
+                 dtype: torch.dtype, timeout_s: float, workers_per_engine: int = 1, lora_sync: str = "merged"):
         self.learner, self.pool = learner_group, pool
+        self.lora_sync = lora_sync
+        self.based: dict[str, int] = {}  # engine -> the incarnation that holds the base weights
         self.backend, self.probe_ids, self.timeout_s = backend, probe_ids, timeout_s
         self.tolerance = default_tolerance(tolerance, dtype)
         self.workers_per_engine = workers_per_engine
@@ -189,12 +195,25 @@ class RayWeightPublisher:
         if self.transport != {n: self.pool.incarnation(n) for n in names}:
             self._close_transport()
             self._open_transport(names)
-        # The driver waits longer than rank 0 does for its engines, so a hung engine is reported
-        # by the rank (which names the engines it sends to), not as a silent rank.
-        metrics = self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, stop=stop)[0]
+        if self.lora_sync != "adapter":
+            metrics = self._rank_send(stop=stop)
+        else:  # the base to engines that lack it (all of this transport's, which is harmless), then the adapter
+            metrics = {"sync/seconds": 0.0, "sync/bytes": 0.0}
+            if any(self.based.get(n) != self.pool.incarnation(n) for n in names):
+                metrics = self._rank_send(kind="base", stop=stop)
+                self.based.update({n: self.pool.incarnation(n) for n in names})
+            adapter = self._rank_send(kind="adapter", stop=stop)
+            metrics = {key: metrics[key] + adapter[key] for key in metrics}
         self._get([e.set_policy_version.remote(version) for e in self._engines(names)], names, "set_policy_version",
                   stop=stop)
         return metrics
+
+    def _rank_send(self, published: bool = False, kind: str = "weights", stop: list | None = None) -> dict:
+        """One send from the ranks to the open transport's engines; rank 0's metrics. The driver
+        waits longer than rank 0 does for its engines, so a hung engine is reported by the rank
+        (which names the engines it sends to), not as a silent rank."""
+        return self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, published, kind,
+                                              stop=stop)[0]
 
     def _abandon_push(self, names: list[str]) -> None:
         """A push given up for a stop signal: engines silent for `STOP_PING_S` are killed (rank 0's
@@ -261,7 +280,12 @@ class RayWeightPublisher:
     def _sync_alone(self, name: str) -> None:
         self._close_transport(idle=[])  # the others may be sampling
         self._open_transport([name])
-        self.learner.call_with_timeout("send_weights", self.timeout_s + RANK_MARGIN_S, True)
+        if self.lora_sync == "adapter":  # a fresh engine: the base (never changed by training), then the adapter
+            self._rank_send(kind="base")
+            self.based[name] = self.pool.incarnation(name)
+            self._rank_send(True, kind="adapter")
+        else:
+            self._rank_send(True)
         self._close_transport(idle=[name])
         self._get([self.pool.engines[name].set_policy_version.remote(self.version)], [name], "set_policy_version")
         if self.probe_ids is not None:  # against the learner's logprobs at the published version

@@ -5,6 +5,11 @@ LoRA name and integer id that this engine never used before: vLLM caches prefixe
 a new id per version keeps KV computed by an older adapter from being served. Loading happens at
 the push (a bad adapter fails the push, naming the engine, not a later sample); versions no longer
 sampled are unloaded and their folders removed.
+
+An engine in a Ray actor receives the adapter over the run's weight transport: `receive_adapter`
+points the engine's worker-side transfer engine (any backend: odpo_gloo, NCCL, CUDA IPC) at an
+`AdapterCollector` instead of the model for that one update, so the tensors arrive by the same
+wire as whole weights and land in host memory, never in the base weights.
 """
 
 from __future__ import annotations
@@ -13,6 +18,32 @@ import os
 import shutil
 
 from odpo_vllm.weights.adapter import AdapterWeights, write_adapter
+
+
+class AdapterCollector:
+    """Stands in for the model as the target of one weight update: keeps what arrives (copies in
+    host memory: the transfer's buffers are reused for the next bucket)."""
+
+    def __init__(self):
+        self.tensors: dict = {}
+
+    def load_weights(self, weights) -> set[str]:
+        for name, tensor in weights:
+            self.tensors[name] = tensor.detach().to("cpu", copy=True)
+        return set(self.tensors)
+
+
+def receive_adapter(worker, update_info: dict, collector: AdapterCollector) -> None:
+    """Run in the engine's worker (`collective_rpc`): one update of the open weight transport
+    received into `collector`, the model untouched."""
+    transfer = getattr(getattr(worker, "worker", worker), "weight_transfer_engine", None)
+    if transfer is None:
+        raise RuntimeError("an adapter push before init_weight_transfer_engine")
+    transfer.set_weight_update_target(collector, transfer.model_config)
+    try:
+        transfer.update_weights(update_info)
+    finally:
+        transfer.reset_weight_update_target()
 
 
 class EngineAdapters:

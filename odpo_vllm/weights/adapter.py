@@ -45,8 +45,13 @@ def adapter_refusal(model) -> str | None:
     adapters, config = _active_config(model)
     if len(adapters) != 1:
         return f"{len(adapters)} active adapters (vLLM serves one per request)"
+    return config_refusal(config)
+
+
+def config_refusal(config) -> str | None:
+    """`adapter_refusal` for a PEFT config alone (a Ray placement's driver holds no model)."""
     if getattr(config, "peft_type", None) is None or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
-        return f"a {config.peft_type} adapter, not LoRA"
+        return f"a {getattr(config, 'peft_type', type(config).__name__)} adapter, not LoRA"
     reasons = []
     if getattr(config, "use_dora", False):
         reasons.append("DoRA (use_dora)")
@@ -82,7 +87,21 @@ def adapter_weights(model, dtype: torch.dtype) -> AdapterWeights:
     with torch.no_grad():
         state = get_peft_model_state_dict(model, adapter_name=adapters[0])
         tensors = {name: t.detach().to(device="cpu", dtype=dtype).contiguous() for name, t in state.items()}
-    return AdapterWeights(tensors, json.loads(json.dumps(config.to_dict(), default=_jsonable)))
+    return AdapterWeights(tensors, adapter_config(model))
+
+
+def adapter_config(model) -> dict:
+    """The active adapter's `adapter_config.json`, as a dict."""
+    return json.loads(json.dumps(_active_config(model)[1].to_dict(), default=_jsonable))
+
+
+def saved_name(parameter_name: str, adapter: str) -> str | None:
+    """The name PEFT saves an adapter parameter under ("...q_proj.lora_A.default.weight" ->
+    "...q_proj.lora_A.weight"); None for a parameter of no LoRA matrix of `adapter`."""
+    for part in (".lora_A.", ".lora_B."):
+        if f"{part}{adapter}." in parameter_name:
+            return parameter_name.replace(f"{part}{adapter}.", part)
+    return None
 
 
 def _jsonable(value):
@@ -102,15 +121,21 @@ def write_adapter(directory: str, adapter: AdapterWeights) -> int:
     return adapter.nbytes
 
 
-def choose_lora_sync(requested: str, model, on_gpu: bool, in_process: bool, vision: bool = False) -> str:
-    """What the pushes send for `lora_sync=requested`: "merged" or "adapter". An impossible
-    "adapter" is refused naming the field; "auto" picks "adapter" only where it pays and works
-    (a GPU engine in process) and says in one line why not otherwise."""
-    if not hasattr(model, "peft_config"):
+def choose_lora_sync(requested: str, model, on_gpu: bool, where: str | None = None, vision: bool = False) -> str:
+    """What the pushes send for `lora_sync=requested`: "merged" or "adapter". `model`: the policy,
+    or its PEFT config; `where`: why this placement's engines cannot take adapter pushes (None:
+    they can)."""
+    if model is None or not (hasattr(model, "peft_config") or hasattr(model, "peft_type")):
         return "merged"  # a full policy: its whole weights are what changes
-    refusal = adapter_refusal(model) or (
-        "a vision-language engine" if vision else None) or (
-        None if in_process else "adapter pushes to Ray engine actors and servers are not built yet")
+    refusal = adapter_refusal(model) if hasattr(model, "peft_config") else config_refusal(model)
+    return decide_lora_sync(requested, refusal or ("a vision-language engine" if vision else None) or where, on_gpu)
+
+
+def decide_lora_sync(requested: str, refusal: str | None, on_gpu: bool) -> str:
+    """`choose_lora_sync` for a LoRA policy, given why its engines cannot serve the adapter
+    (`refusal`; None: they can). An impossible "adapter" is refused naming the field; "auto"
+    picks "adapter" only where it pays and works (GPU engines) and says in one line why not
+    otherwise."""
     if requested == "adapter":
         if refusal:
             raise ValueError(f"OnlineDPOConfig.lora_sync='adapter': {refusal}; use lora_sync='merged' (or 'auto')")
