@@ -1,12 +1,15 @@
 """What a LoRA push costs, merged against adapter (`lora_sync`), and what serving an adapter costs
 the engine's sampling: SmolLM2-135M-Instruct (the real demo's model and task), a LoRA adapter r 16
-on q_proj and v_proj, in process, the vLLM engine, 8 prompts x 2 completions of up to 40 tokens per
-step, `--steps` steps per run. The modes alternate (`--repeats` runs each, merged first) so that a
+on q_proj and v_proj, the vLLM engine, 8 prompts x 2 completions of up to 40 tokens per step,
+`--steps` steps per run; in process (default), or (`--placement dedicated`) one DeepSpeed rank and
+one vLLM engine actor on a local 2-CPU Ray cluster, one CPU each, `--async_steps` K (the adapter
+then goes over the odpo_gloo weight transport). The modes alternate (`--repeats` runs each, merged first) so that a
 machine's changing load falls on both alike. Per mode: the median over runs of the per-run medians
 (steps after the first) of `sync/bytes`, `sync/seconds` (the push: merge + load, or adapter write +
 load), `time/generate` (the engine's sampling) and `time/step`.
 
     python benchmarks/bench_lora_sync.py [--steps 6] [--repeats 2]
+    python benchmarks/bench_lora_sync.py --placement dedicated --async_steps 1
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ def run(cfg: dict) -> dict:
     from odpo_vllm import OnlineDPOConfig, OnlineDPOTrainer, real_task
     from odpo_vllm.models.packaged import smollm2
 
+    placement = {} if cfg.get("placement", "in_process") == "in_process" else dict(
+        placement=cfg["placement"], ray_learner_ranks=1, ray_num_engines=1, ray_cpus_per_actor=1,
+        async_steps=cfg["async_steps"], ray_timeout_s=600)
     args = OnlineDPOConfig(
         output_dir=cfg["output_dir"], per_device_train_batch_size=8, learning_rate=2e-4, lr_scheduler_type="constant",
         max_new_tokens=40, temperature=0.9, beta=0.1, max_steps=cfg["steps"], use_vllm=True,
         lora_sync=cfg["mode"], gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, plot_at_end=False)
+        disable_tqdm=True, plot_at_end=False, **placement)
     trainer = OnlineDPOTrainer(model=smollm2(), reward_funcs=real_task.vader_reward, args=args,
                                train_dataset=Dataset.from_list(real_task.train_prompts()),
                                peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
@@ -57,7 +63,8 @@ def summary(runs: list[dict]) -> dict[str, float]:
 
 def report(data: dict) -> list[str]:
     meta = data["meta"]
-    lines = [f"# LoRA pushes: merged vs adapter ({meta['date']}, {meta['cpus']} CPUs, vLLM {meta['vllm']})", "",
+    lines = [f"# LoRA pushes: merged vs adapter, {meta.get('where', 'in process')} ({meta['date']}, {meta['cpus']} CPUs, "
+             f"vLLM {meta['vllm']})", "",
              f"`{meta['command']}`; {meta['wall_s']:.0f} s in all. See the script's docstring for the task and "
              "what each column is; the machine was shared (other benchmarks ran), so seconds are indicative and "
              "the two modes alternated.", "",
@@ -78,21 +85,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "lora_sync_cpu.md"))
+    parser.add_argument("--placement", choices=["in_process", "dedicated"], default="in_process")
+    parser.add_argument("--async_steps", type=int, default=1, help="with --placement dedicated")
+    parser.add_argument("--out", default=None, help="default: results/lora_sync_cpu.md, or "
+                                                    "results/lora_sync_cpu_dedicated.md with --placement dedicated")
     options = parser.parse_args()
+    options.out = options.out or os.path.join(
+        HERE, "results", "lora_sync_cpu.md" if options.placement == "in_process" else "lora_sync_cpu_dedicated.md")
     import vllm
 
     folder = tempfile.mkdtemp(prefix="odpo_bench_lora_sync_")
     started = time.perf_counter()
     data = {"meta": {"command": "python benchmarks/bench_lora_sync.py " + " ".join(sys.argv[1:]),
-                     "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "vllm": vllm.__version__}, "runs": []}
+                     "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "vllm": vllm.__version__,
+                     "where": "in process" if options.placement == "in_process" else
+                     f"dedicated (1 rank + 1 engine actor), async_steps {options.async_steps}"}, "runs": []}
     env = {**os.environ, **WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for repeat in range(options.repeats):
         for mode in ("merged", "adapter"):
             name = f"{mode}_{repeat}"
             cfg = {"mode": mode, "steps": options.steps, "output_dir": os.path.join(folder, name), "result":
-                   os.path.join(folder, name + ".json")}
+                   os.path.join(folder, name + ".json"), "placement": options.placement,
+                   "async_steps": options.async_steps}
             result = run_worker(__file__, cfg, os.path.join(folder, name + ".log"), env, ROOT, 1800)
             data["runs"].append(dict(result, mode=mode))
             print(f"[{time.perf_counter() - started:5.0f}s] {name}: {'ok' if result.get('ok') else result.get('error')}",

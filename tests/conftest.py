@@ -310,13 +310,15 @@ def changed(before: dict[str, torch.Tensor], model) -> set[str]:
 def saved_weights(trainer, directory) -> dict[str, torch.Tensor]:
     """The policy's weights as the public save path writes them: `trainer.save_model` (or a
     LearnerGroup's `save_pretrained`, which save_model calls) into a fresh folder under
-    `directory`, read back from its model.safetensors. The trainer must still be open."""
+    `directory`, read back from its model.safetensors (a LoRA policy's: adapter_model.safetensors).
+    The trainer must still be open."""
     from safetensors.torch import load_file
 
     folder = tempfile.mkdtemp(prefix="saved-", dir=directory)
     save = trainer.save_model if hasattr(trainer, "save_model") else trainer.save_pretrained
     save(folder)
-    return load_file(os.path.join(folder, "model.safetensors"))
+    adapter = os.path.join(folder, "adapter_model.safetensors")
+    return load_file(adapter if os.path.exists(adapter) else os.path.join(folder, "model.safetensors"))
 
 
 def rank_logprobs(group, token_ids, ranks: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
     send, probe, sync_alone = trainer.roles.learner.call_with_timeout, publisher._probe, publisher._sync_alone
 
     def sending(method, *args, **kwargs):
-        if method == "send_weights" and not args[1:]:  # a live push (a replacement sync sends `published`)
+        if method == "send_weights" and not (args[1:] and args[1]):  # a live push (a replacement sync sends `published`)
             calls["send_weights"] += 1
             if moment == "push" and calls["send_weights"] == push and not killed:
                 killed.append(kill_engine(trainer, name, sig))
@@ -119,22 +119,28 @@ SHORT = dict(max_steps=6, ray_timeout_s=30)
 CLEAN: dict = {}  # the fault-free runs by setting, shared by the tests of this module
 
 
-def clean_run(model_path, tmp_path, common: dict):
+def clean_run(model_path, tmp_path, common: dict, peft_config=None):
     """The fault-free run of the setting `common` (run once per module)."""
-    key = tuple(sorted(common.items()))
+    key = tuple(sorted(common.items())) + (repr(peft_config),)
     if key not in CLEAN:
-        CLEAN[key] = run(model_path, settings(tmp_path, "clean", **common))
+        CLEAN[key] = run(model_path, settings(tmp_path, "clean", **common), peft_config=peft_config)
     return CLEAN[key]
 
 
-def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward, peft_config=None):
     """Train; the final weights, the logged rows, the pids of the killed engines and the engines' pids
     at the end. Checks that a replaced engine's folder went when it was replaced, and the folder of
     the run's engines when they were closed."""
     import ray
 
     with OnlineDPOTrainer(model=model_path, reward_funcs=reward_funcs, args=args,
-                          train_dataset=toy.prompt_dataset(24)) as trainer:
+                          train_dataset=toy.prompt_dataset(24), peft_config=peft_config) as trainer:
         killed = fault(trainer) if fault is not None else []
         trainer.train()
         weights = saved_weights(trainer, args.output_dir)
@@ -147,17 +153,23 @@ def run(model_path, args, fault=None, reward_funcs=toy.sentiment_reward):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("engines,async_steps,when", [(1, 0, "sampling"), (2, 0, "idle"), (2, 1, "in flight")],
-                         ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async-in-flight-between-pushes"])
+@pytest.mark.parametrize("engines,async_steps,when,lora_sync",
+                         [(1, 0, "sampling", None), (2, 0, "idle", None), (2, 1, "in flight", None),
+                          (2, 1, "in flight", "adapter")],
+                         ids=["1-engine-sync", "2-engines-sync-idle", "2-engines-async-in-flight-between-pushes",
+                              "lora-adapter-2-engines-async-in-flight"])
 def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_cluster, model_path, tmp_path, engines,
-                                                                          async_steps, when):
+                                                                          async_steps, when, lora_sync):
     """The async case also pushes every 2 steps only (weight_sync_steps=2): the batch of step 5 is
     scheduled for version 2, and the learners take steps 3 and 4 before it is sampled again, so the
-    replacement must serve the published version, not the learners' newest."""
+    replacement must serve the published version, not the learners' newest. With a LoRA policy
+    and lora_sync='adapter', that replacement gets the base weights and the published adapter."""
     # the fault-free run of each setting is shared with the other tests of this module (`CLEAN`)
     common = {**SHORT, **({} if engines == 1 else dict(ray_num_engines=engines)),
-              **({} if async_steps == 0 else dict(async_steps=async_steps, weight_sync_steps=2))}
-    expected, clean_rows, _, _ = clean_run(model_path, tmp_path, common)
+              **({} if async_steps == 0 else dict(async_steps=async_steps, weight_sync_steps=2)),
+              **({} if lora_sync is None else dict(lora_sync=lora_sync))}
+    peft_config = lora() if lora_sync else None
+    expected, clean_rows, _, _ = clean_run(model_path, tmp_path, common, peft_config)
     victim = f"vllm-engine-{engines - 1}"
 
     def fault(trainer):
@@ -169,7 +181,7 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
         trainer.add_callback(callback)
         return callback.killed
 
-    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault)
+    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault, peft_config=peft_config)
 
     assert len(killed) == 1 and pids[victim] != killed[0]  # a new process serves in its place
     assert [r["step"] for r in rows] == list(range(1, SHORT["max_steps"] + 1))
@@ -179,6 +191,9 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
     assert [r["async/staleness"] for r in rows] == [r["async/staleness"] for r in clean_rows]
     if when == "in flight":  # the staleness of weight_sync_steps=2 with async_steps=1
         assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 2.0, 1.0, 2.0, 1.0]
+    if lora_sync:  # every push carried the adapter alone (the replacement got the base in its own sync)
+        assert {r["sync/bytes"] for r in rows if "sync/bytes" in r} == {
+            float(sum(t.numel() * t.element_size() for t in weights.values()))}
     for key in ("loss", "objective/scores"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
     assert max((weights[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6

