@@ -56,9 +56,14 @@ def run(cfg: dict) -> dict:
 
 
 def summary(runs: list[dict]) -> dict[str, float]:
-    """Median over runs of each run's median over its steps after the first."""
-    per_run = [{k: statistics.median(r[k] for r in run["rows"][1:] if k in r) for k in KEYS} for run in runs]
-    return {k: statistics.median(p[k] for p in per_run) for k in KEYS}
+    """Median over runs of each run's median over its steps after the first (nan where no step has
+    the key: with async_steps >= 1 `sync/sample_logprob_gap` is logged on the first step only)."""
+    def median(values):
+        values = [v for v in values if v == v]  # a key missing from every step (nan) stays missing
+        return statistics.median(values) if values else float("nan")
+
+    per_run = [{k: median(r[k] for r in run["rows"][1:] if k in r) for k in KEYS} for run in runs]
+    return {k: median(p[k] for p in per_run) for k in KEYS}
 
 
 def report(data: dict) -> list[str]:

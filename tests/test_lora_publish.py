@@ -210,15 +210,20 @@ def test_lora_sync_choice_names_why_and_refuses_what_vllm_cannot_serve(model, ca
     assert LoraConfig.from_pretrained(str(tmp_path / "a")).r == 4
 
 
-def test_adapter_pushes_to_a_server_are_refused_before_anything_starts(model_path, tmp_path):
+@pytest.mark.parametrize("where,lora,why", [
+    (dict(vllm_mode="server"), {}, r"a vLLM server \(vllm_mode='server'\) takes whole weights only"),
+    (dict(placement="dedicated"), dict(use_dora=True), r"vLLM does not serve DoRA \(use_dora\)"),
+    (dict(placement="colocated", vllm_tensor_parallel_size=2), {}, r"vllm_tensor_parallel_size > 1")],
+    ids=["server", "dora-on-ray", "tensor-parallel-on-ray"])
+def test_adapter_pushes_vllm_cannot_take_are_refused_before_anything_starts(model_path, tmp_path, where, lora, why):
     from peft import LoraConfig
 
     from odpo_vllm import OnlineDPOTrainer, toy
 
-    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync='adapter': a vLLM server \(vllm_mode='server'\) "
-                                         r"takes whole weights only; use lora_sync='merged' or 'auto'"):
+    with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync='adapter': " + why + r".*lora_sync='merged'"):
         OnlineDPOTrainer(model_path, reward_funcs=toy.short_reward,
-                         args=make_args(tmp_path, lora_sync="adapter", vllm_mode="server", use_vllm=True), train_dataset=toy.prompt_dataset(4),
-                         peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+                         args=make_args(tmp_path, lora_sync="adapter", use_vllm=True, **where),
+                         train_dataset=toy.prompt_dataset(4),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM", **lora))
     with pytest.raises(ValueError, match=r"OnlineDPOConfig.lora_sync: 'adapters' is not supported; use one of auto"):
         make_args(tmp_path, lora_sync="adapters")
