@@ -82,11 +82,9 @@ class OnlineDPOTrainer:
             logger.info("lora_sync=auto: the server gets merged weights (a vLLM server takes whole weights only)")
         if args.lora_sync == "adapter" and args.placement != "in_process" and peft_config is not None:
             # refused here, before any actor starts, where the config alone says vLLM cannot serve it
-            from odpo_vllm.weights.adapter import choose_lora_sync
+            from odpo_vllm.weights.adapter import choose_lora_sync, engine_refusal
 
-            choose_lora_sync("adapter", peft_config, on_gpu=True, where=(
-                "vllm_tensor_parallel_size > 1 (each of an engine's workers would need the adapter)"
-                if args.vllm_tensor_parallel_size > 1 else None))
+            choose_lora_sync("adapter", peft_config, on_gpu=True, where=engine_refusal(args.vllm_tensor_parallel_size))
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self._set_reference_attributes(reward_funcs if reward_funcs is not None else args.reward_model_path)

@@ -92,7 +92,8 @@ def kill_engine_at(trainer, name: str, moment: str, push: int, sig: int = signal
     send, probe, sync_alone = trainer.roles.learner.call_with_timeout, publisher._probe, publisher._sync_alone
 
     def sending(method, *args, **kwargs):
-        if method == "send_weights" and not (args[1:] and args[1]):  # a live push (a replacement sync sends `published`)
+        # a live push (args[1], the published flag, is set by a replacement's sync)
+        if method == "send_weights" and not (args[1:] and args[1]):
             calls["send_weights"] += 1
             if moment == "push" and calls["send_weights"] == push and not killed:
                 killed.append(kill_engine(trainer, name, sig))
@@ -181,7 +182,8 @@ def test_killed_engine_is_replaced_and_the_run_ends_as_without_the_fault(ray_clu
         trainer.add_callback(callback)
         return callback.killed
 
-    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault, peft_config=peft_config)
+    weights, rows, killed, pids = run(model_path, settings(tmp_path, "faulty", **common), fault,
+                                      peft_config=peft_config)
 
     assert len(killed) == 1 and pids[victim] != killed[0]  # a new process serves in its place
     assert [r["step"] for r in rows] == list(range(1, SHORT["max_steps"] + 1))

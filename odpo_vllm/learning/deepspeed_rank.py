@@ -94,13 +94,14 @@ class DeepSpeedRank(Learner):
         return float(norm) if norm is not None else float("nan")
 
     # ---------------------------------------------------------------- weights for the engines
-    def named_weights(self, bucket_bytes: int = 256 << 20, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, bucket_bytes: int = 256 << 20,
+                      merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the engines load (`weights/names.py`'s definition: checkpoint names, tied weights
         under every name, LoRA merged out of place; `merge_lora=False`: the base weights as they
-        are, for an engine that serves the adapter itself). Under ZeRO-3 each size-capped group of parameters
-        is gathered, copied out and released before the next (never the whole model at once); a group
-        holding a LoRA-adapted weight also gathers that layer's adapter. Every rank must iterate in
-        lockstep: gathering is a collective."""
+        are, for an engine that serves the adapter itself). Under ZeRO-3 each size-capped group of
+        parameters is gathered, copied out and released before the next (never the whole model at
+        once); a group holding a LoRA-adapted weight also gathers that layer's adapter. Every rank
+        must iterate in lockstep: gathering is a collective."""
         deepspeed = import_deepspeed()
         names_of, params = _parameters_with_names(self.model_engine.module)
         targets = lora_targets(self.model_engine.module) if merge_lora else {}

@@ -32,7 +32,7 @@ from odpo_vllm.runtime.publisher import LocalWeightPublisher, RayWeightPublisher
 from odpo_vllm.runtime.roles import Roles
 from odpo_vllm.runtime.watchdog import Watchdog, cluster_roots
 from odpo_vllm.sampling.remote_generator import RemoteGenerator
-from odpo_vllm.weights.adapter import adapter_rank, choose_lora_sync, decide_lora_sync
+from odpo_vllm.weights.adapter import adapter_rank, choose_lora_sync, decide_lora_sync, engine_refusal
 from odpo_vllm.weights.wire import GLOO_BACKEND
 
 logger = logging.getLogger(__name__)
@@ -317,9 +317,8 @@ def _build_ray_roles(spec: RunSpec, colocated: bool) -> Roles:
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=args.trust_remote_code)
         adapter = roles.learner.call("lora_adapter")[0]  # what the ranks built from peft_config
         lora_sync = "merged" if adapter is None else decide_lora_sync(
-            args.lora_sync, adapter["refusal"] or ("a vision-language engine" if spec.processor is not None else None)
-            or ("vllm_tensor_parallel_size > 1 (each of an engine's workers would need the adapter)"
-                if args.vllm_tensor_parallel_size > 1 else None), on_gpu)
+            args.lora_sync, adapter["refusal"] or engine_refusal(args.vllm_tensor_parallel_size,
+                                                                 vision=spec.processor is not None), on_gpu)
         adapter_config = adapter["config"] if lora_sync == "adapter" else None
         Engine = ray.remote(**ENGINE_CONCURRENCY)(VLLMGenerator)
         # each engine samples its share of the step's completions in one call

@@ -128,7 +128,16 @@ def choose_lora_sync(requested: str, model, on_gpu: bool, where: str | None = No
     if model is None or not (hasattr(model, "peft_config") or hasattr(model, "peft_type")):
         return "merged"  # a full policy: its whole weights are what changes
     refusal = adapter_refusal(model) if hasattr(model, "peft_config") else config_refusal(model)
-    return decide_lora_sync(requested, refusal or ("a vision-language engine" if vision else None) or where, on_gpu)
+    return decide_lora_sync(requested, refusal or engine_refusal(vision=vision) or where, on_gpu)
+
+
+def engine_refusal(tensor_parallel_size: int = 1, vision: bool = False) -> str | None:
+    """Why engines of this kind cannot take adapter pushes over a weight transport (None: they can)."""
+    if vision:
+        return "a vision-language engine"
+    if tensor_parallel_size > 1:
+        return "vllm_tensor_parallel_size > 1 (each of an engine's workers would need the adapter)"
+    return None
 
 
 def decide_lora_sync(requested: str, refusal: str | None, on_gpu: bool) -> str:
