@@ -1,6 +1,6 @@
 """What a LoRA push costs, merged against adapter (`lora_sync`), and what serving an adapter costs
 the engine's sampling: SmolLM2-135M-Instruct (the real demo's model and task), a LoRA adapter r 16
-on q_proj and v_proj, the vLLM engine, 8 prompts x 2 completions of up to 40 tokens per step,
+on q_proj and v_proj (`--targets all-linear`: every linear layer but the output), the vLLM engine, 8 prompts x 2 completions of up to 40 tokens per step,
 `--steps` steps per run; in process (default), or (`--placement dedicated`) one DeepSpeed rank and
 one vLLM engine actor on a local 2-CPU Ray cluster, one CPU each, `--async_steps` K (the adapter
 then goes over the odpo_gloo weight transport). The modes alternate (`--repeats` runs each, merged first) so that a
@@ -10,6 +10,7 @@ load), `time/generate` (the engine's sampling) and `time/step`.
 
     python benchmarks/bench_lora_sync.py [--steps 6] [--repeats 2]
     python benchmarks/bench_lora_sync.py --placement dedicated --async_steps 1
+    python benchmarks/bench_lora_sync.py --targets all-linear
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from worker_launch import WORKER_ENV, run_worker, save_results, write_worker_res
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 KEYS = ("sync/bytes", "sync/seconds", "time/generate", "time/step", "sync/logprob_gap", "sync/sample_logprob_gap")
 
 
@@ -47,7 +49,8 @@ def run(cfg: dict) -> dict:
         disable_tqdm=True, plot_at_end=False, **placement)
     trainer = OnlineDPOTrainer(model=smollm2(), reward_funcs=real_task.vader_reward, args=args,
                                train_dataset=Dataset.from_list(real_task.train_prompts()),
-                               peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
+                               peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                      target_modules=TARGETS[cfg.get("targets", "q,v")]))
     with trainer:
         trainer.train()
     with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
@@ -68,8 +71,8 @@ def summary(runs: list[dict]) -> dict[str, float]:
 
 def report(data: dict) -> list[str]:
     meta = data["meta"]
-    lines = [f"# LoRA pushes: merged vs adapter, {meta.get('where', 'in process')} ({meta['date']}, {meta['cpus']} CPUs, "
-             f"vLLM {meta['vllm']})", "",
+    lines = [f"# LoRA pushes: merged vs adapter, {meta.get('where', 'in process')}, LoRA on "
+             f"{meta.get('targets', 'q,v')} ({meta['date']}, {meta['cpus']} CPUs, vLLM {meta['vllm']})", "",
              f"`{meta['command']}`; {meta['wall_s']:.0f} s in all. See the script's docstring for the task and "
              "what each column is; the machine was shared (other benchmarks ran), so seconds are indicative and "
              "the two modes alternated.", "",
@@ -92,17 +95,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--placement", choices=["in_process", "dedicated"], default="in_process")
     parser.add_argument("--async_steps", type=int, default=1, help="with --placement dedicated")
+    parser.add_argument("--targets", choices=list(TARGETS), default="q,v", help="the LoRA's target modules")
     parser.add_argument("--out", default=None, help="default: results/lora_sync_cpu.md, or "
-                                                    "results/lora_sync_cpu_dedicated.md with --placement dedicated")
+                                                    "results/lora_sync_cpu_dedicated.md with --placement dedicated "
+                                                    "(_all_linear before .md with --targets all-linear)")
     options = parser.parse_args()
-    options.out = options.out or os.path.join(
-        HERE, "results", "lora_sync_cpu.md" if options.placement == "in_process" else "lora_sync_cpu_dedicated.md")
+    options.out = options.out or os.path.join(HERE, "results", "lora_sync_cpu{}{}.md".format(
+        "" if options.placement == "in_process" else "_dedicated", "" if options.targets == "q,v" else "_all_linear"))
     import vllm
 
     folder = tempfile.mkdtemp(prefix="odpo_bench_lora_sync_")
     started = time.perf_counter()
     data = {"meta": {"command": "python benchmarks/bench_lora_sync.py " + " ".join(sys.argv[1:]),
-                     "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "vllm": vllm.__version__,
+                     "targets": options.targets, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "vllm": vllm.__version__,
                      "where": "in process" if options.placement == "in_process" else
                      f"dedicated (1 rank + 1 engine actor), async_steps {options.async_steps}"}, "runs": []}
     env = {**os.environ, **WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -112,7 +117,7 @@ def main() -> None:
             name = f"{mode}_{repeat}"
             cfg = {"mode": mode, "steps": options.steps, "output_dir": os.path.join(folder, name), "result":
                    os.path.join(folder, name + ".json"), "placement": options.placement,
-                   "async_steps": options.async_steps}
+                   "async_steps": options.async_steps, "targets": options.targets}
             result = run_worker(__file__, cfg, os.path.join(folder, name + ".log"), env, ROOT, 1800)
             data["runs"].append(dict(result, mode=mode))
             print(f"[{time.perf_counter() - started:5.0f}s] {name}: {'ok' if result.get('ok') else result.get('error')}",

@@ -73,7 +73,11 @@ SYSTEMS = {
     "ours-k1": "odpo_vllm in process, vLLM engine, async_steps=1",
     "ours-k2": "odpo_vllm in process, vLLM engine, async_steps=2",
     "ours-hf": "odpo_vllm in process, transformers sampler, async_steps=0",
+    "ours-k0-adapter": "odpo_vllm in process, vLLM engine, async_steps=0, lora_sync=adapter",
 }
+# Extra paired rows (system - baseline) beside every system - TRL: the same run but for one setting.
+# On CPU `lora_sync='auto'` resolves to merged, so `ours-k0` is the merged push of a LoRA task.
+PAIRED = {"ours-k0-adapter": "ours-k0"}
 HELD_OUT = dict(held_out=64, k=2, temperature=0.9, max_new_tokens=40, seed=1234)  # bench_real_learning's sampler
 TAIL = dict(k=4, seed=4321)  # the last fifth's training prompts scored again after training (`_held_out`)
 LOGGED = ("objective/scores", "val/contain_eos_token", "objective/entropy", "objective/kl", "loss")
@@ -212,7 +216,8 @@ def run_ours(cfg: dict) -> dict:
     args = OnlineDPOConfig(
         **cfg["settings"], seed=cfg["seed"], max_steps=cfg["steps"], output_dir=cfg["output_dir"],
         max_length=MAX_LENGTH, use_vllm=cfg["use_vllm"], async_steps=cfg["async_steps"], gradient_checkpointing=False,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, plot_at_end=False)
+        lora_sync=cfg.get("lora_sync", "auto"), logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, plot_at_end=False)
     trainer = OnlineDPOTrainer(model=cfg["model_path"], reward_funcs=task["reward"], args=args,
                                train_dataset=Dataset.from_list(task["prompts"]()),
                                peft_config=lora_config() if task["peft"] else None)
@@ -346,7 +351,8 @@ def launch(task: str, system: str, seed: int, args, steps: int, model_path: str,
     cfg = {"task": task, "system": system, "seed": seed, "steps": steps, "model_path": model_path,
            "settings": settings,
            "result": result_path, "output_dir": os.path.join(run_dir, name), "use_vllm": system != "ours-hf",
-           "async_steps": int(system[-1]) if system.startswith("ours-k") else 0}
+           "async_steps": int(system[len("ours-k")]) if system.startswith("ours-k") else 0,
+           "lora_sync": "adapter" if system.endswith("-adapter") else "auto"}
     if system == "trl":
         cfg["order"] = our_order(task, seed, steps)
     env = {**os.environ, **ENV}
@@ -439,6 +445,20 @@ def task_section(data: dict, task: str) -> list[str]:
             runs = summary[system]
             lines.append(f"| {system} - trl | " + " | ".join(
                 f"{runs[s][0] - trl[s][0]:+.3f}" if s in runs and s in trl else "-" for s in seeds) + " |")
+    notes = []
+    for system, base in _pairs(meta):
+        runs, other = summary[system], summary[base]
+        diffs, mean, se, _ = paired(runs, other)
+        lines.append(f"| {system} - {base} | " + " | ".join(
+            f"{runs[s][0] - other[s][0]:+.3f}" if s in runs and s in other else "-" for s in seeds) + " |")
+        if diffs:
+            same = [all(a == b for a, b in zip(*(data["runs"][run_name(task, name, s)]["logged"][key]
+                                                   for name in (system, base))))
+                    for s in sorted(set(runs) & set(other)) for key in LOGGED]
+            notes += ["", f"{system} - {base} (the same runs but for that one setting): mean {mean:+.3f} ± "
+                          f"{_fmt(se)} over {len(diffs)} seeds; the logged {', '.join(LOGGED)} of every step "
+                          f"are equal as logged in {sum(same)} of {len(same)} (seed, metric) pairs."]
+    lines += notes
     if TASKS[task].get("held_out"):
         lines += [""] + held_out_lines(data, task) + [""] + tail_lines(data, task)
     return lines
@@ -462,7 +482,7 @@ def tail_lines(data: dict, task: str) -> list[str]:
                  if (t := runs[(system, s)]) else "-" for s in seeds]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     for system in meta["systems"]:
-        if system == "trl":
+        if system == "trl" or "trl" not in meta["systems"]:
             continue
         cells = []
         for s in seeds:
@@ -506,7 +526,7 @@ def held_out_lines(data: dict, task: str) -> list[str]:
         lines.append(f"| {system} | " + " | ".join(
             f"{statistics.fmean(scored[system][s]):.3f}" if s in scored[system] else "-" for s in seeds) + " |")
     for system in meta["systems"]:
-        if system == "trl":
+        if system == "trl" or "trl" not in meta["systems"]:
             continue
         cells = []
         for s in seeds:
@@ -516,7 +536,27 @@ def held_out_lines(data: dict, task: str) -> list[str]:
             else:
                 cells.append("-")
         lines.append(f"| {system} - trl | " + " | ".join(cells) + " |")
-    return lines
+    notes = []
+    for system, base in _pairs(meta):
+        cells, means = [], []
+        for s in seeds:
+            if s in scored[system] and s in scored[base]:
+                d = [a - b for a, b in zip(scored[system][s], scored[base][s])]
+                means.append(statistics.fmean(d))
+                cells.append(f"{means[-1]:+.3f} ({statistics.stdev(d) / math.sqrt(len(d)):.3f})")
+            else:
+                cells.append("-")
+        lines.append(f"| {system} - {base} | " + " | ".join(cells) + " |")
+        if means:
+            se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+            notes += ["", f"Held-out, {system} - {base}: mean {statistics.fmean(means):+.3f} ± {_fmt(se)} over "
+                          f"{len(means)} seeds (same prompts and sampler random numbers)."]
+    return lines + notes
+
+
+def _pairs(meta: dict) -> list[tuple[str, str]]:
+    """The PAIRED comparisons whose two systems both ran."""
+    return [(s, b) for s, b in PAIRED.items() if s in meta["systems"] and b in meta["systems"]]
 
 
 def report(data: dict) -> list[str]:

@@ -290,15 +290,16 @@ def test_lora_policy_syncs_merged_weights(model_path, tmp_path):
     trainer.close()
 
 
-def _adapter_trainer(model_path, tmp_path, **overrides):
+def _adapter_trainer(model_path, tmp_path, target_modules=("q_proj", "v_proj"), **overrides):
     from peft import LoraConfig
 
     args = make_args(tmp_path, use_vllm=True, max_steps=3, learning_rate=5e-2, logging_steps=1, lora_sync="adapter",
                      **overrides)
     return OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
                             train_dataset=toy.prompt_dataset(16),
-                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                   task_type="CAUSAL_LM"))
+                            peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                                   target_modules=target_modules if isinstance(target_modules, str)
+                                                   else list(target_modules)))
 
 
 def _engine_base(engine) -> dict[str, torch.Tensor]:
@@ -308,10 +309,12 @@ def _engine_base(engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.vllm
-def test_lora_adapter_sync_sends_only_the_adapter_and_never_changes_the_base(model_path, tmp_path):
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"], ids=["q-v", "all-linear"])
+def test_lora_adapter_sync_sends_only_the_adapter_and_never_changes_the_base(model_path, tmp_path, targets):
     """lora_sync='adapter': after the first push (base + adapter) each push carries the adapter's
     tensors only; the engine samples and answers the probe through the newest adapter, holds no
-    older one, and its base weights stay bitwise those of the first push."""
+    older one, and its base weights stay bitwise those of the first push. With 'all-linear' the
+    adapter also covers the modules vLLM fuses (q, k, v into qkv_proj; gate, up into gate_up_proj)."""
     from peft import get_peft_model_state_dict
     from transformers import TrainerCallback
 
@@ -321,11 +324,13 @@ def test_lora_adapter_sync_sends_only_the_adapter_and_never_changes_the_base(mod
         def on_step_begin(self, args, state, control, **kwargs):
             bases.append(_engine_base(trainer.generator))
 
-    trainer = _adapter_trainer(model_path, tmp_path)
+    trainer = _adapter_trainer(model_path, tmp_path, targets)
     trainer.add_callback(BaseAtEachStep())
     trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r]
-    adapter_bytes = sum(t.numel() * 4 for t in get_peft_model_state_dict(trainer.model).values())
+    saved = get_peft_model_state_dict(trainer.model)
+    assert len(saved) == 2 * 2 * (2 if targets != "all-linear" else 7)  # 2 layers x modules x A, B
+    adapter_bytes = sum(t.numel() * 4 for t in saved.values())
     assert [r["sync/bytes"] for r in rows] == [float(adapter_bytes)] * 3  # 8 KiB against ~480 KiB merged
     assert max(r["sync/logprob_gap"] for r in rows) < 1e-4
     assert max(r["sync/sample_logprob_gap"] for r in rows) < 1e-4
