@@ -379,23 +379,36 @@ def test_lora_adapter_sync_an_engine_serving_the_previous_adapter_fails_the_prob
 
 
 @pytest.mark.vllm
-def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path):
+@pytest.mark.parametrize("lora_sync", [None, "adapter"], ids=["full", "lora-adapter"])
+def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path, lora_sync):
+    from peft import LoraConfig
+
     from odpo_vllm.run import checkpoint
 
+    lora = {} if lora_sync is None else {"lora_sync": lora_sync}
     args = make_args(tmp_path, use_vllm=True, max_steps=2, save_strategy="steps", save_steps=2,
-                     learning_rate=5e-2)
-    first = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
-                             train_dataset=toy.prompt_dataset(8))
+                     learning_rate=5e-2, **lora)
+
+    def trainer():
+        return OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
+                                train_dataset=toy.prompt_dataset(8),
+                                peft_config=None if lora_sync is None else LoraConfig(
+                                    r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+    first = trainer()
     first.train()
     first.close()
-    resumed = OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
-                               train_dataset=toy.prompt_dataset(8))
+    resumed = trainer()
+    trained = first.learner.sequence_logprobs(first.generator.probe_ids)
     # a fresh engine serves the initial model, which the checkpoint's weights differ from
+    initial = resumed.generator.sequence_logprobs(resumed.generator.probe_ids)
+    assert (initial - trained).abs().max() > 1e-3
     checkpoint.load(resumed, str(tmp_path / "out" / "checkpoint-2"))
     assert logprob_gap(resumed.generator, resumed.learner) < 1e-4
     assert resumed.generator.policy_version == 2
-    trained = first.learner.sequence_logprobs(first.generator.probe_ids)
     assert (resumed.generator.sequence_logprobs(resumed.generator.probe_ids) - trained).abs().max() < 1e-4
+    if lora_sync:  # the checkpoint's adapter is what the engine serves: the base and one adapter on it
+        assert resumed.generator.adapters.current is not None and len(resumed.generator.adapters.served_ids()) == 1
     resumed.close()
 
 
