@@ -1,11 +1,12 @@
 """What a LoRA push costs, merged against adapter (`lora_sync`), and what serving an adapter costs
 the engine's sampling: SmolLM2-135M-Instruct (the real demo's model and task), a LoRA adapter r 16
-on q_proj and v_proj (`--targets all-linear`: every linear layer but the output), the vLLM engine, 8 prompts x 2 completions of up to 40 tokens per step,
-`--steps` steps per run; in process (default), or (`--placement dedicated`) one DeepSpeed rank and
-one vLLM engine actor on a local 2-CPU Ray cluster, one CPU each, `--async_steps` K (the adapter
-then goes over the odpo_gloo weight transport). The modes alternate (`--repeats` runs each, merged first) so that a
-machine's changing load falls on both alike. Per mode: the median over runs of the per-run medians
-(steps after the first) of `sync/bytes`, `sync/seconds` (the push: merge + load, or adapter write +
+on q_proj and v_proj (`--targets all-linear`: every linear layer but the output), the vLLM engine,
+8 prompts x 2 completions of up to 40 tokens per step, `--steps` steps per run; in process
+(default), or (`--placement dedicated`) one DeepSpeed rank and one vLLM engine actor on a local
+2-CPU Ray cluster, one CPU each, `--async_steps` K (the adapter then goes over the odpo_gloo weight
+transport). The modes alternate (`--repeats` runs each, merged first) so that a machine's changing
+load falls on both alike. Per mode: the median over runs of the per-run medians (steps after the
+first) of `sync/bytes`, `sync/seconds` (the push: merge + load, or adapter write +
 load), `time/generate` (the engine's sampling) and `time/step`.
 
     python benchmarks/bench_lora_sync.py [--steps 6] [--repeats 2]
@@ -107,7 +108,8 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="odpo_bench_lora_sync_")
     started = time.perf_counter()
     data = {"meta": {"command": "python benchmarks/bench_lora_sync.py " + " ".join(sys.argv[1:]),
-                     "targets": options.targets, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "vllm": vllm.__version__,
+                     "targets": options.targets, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                     "vllm": vllm.__version__,
                      "where": "in process" if options.placement == "in_process" else
                      f"dedicated (1 rank + 1 engine actor), async_steps {options.async_steps}"}, "runs": []}
     env = {**os.environ, **WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
