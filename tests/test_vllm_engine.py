@@ -385,9 +385,8 @@ def test_resume_pushes_checkpoint_weights_before_generating(model_path, tmp_path
 
     from odpo_vllm.run import checkpoint
 
-    lora = {} if lora_sync is None else {"lora_sync": lora_sync}
     args = make_args(tmp_path, use_vllm=True, max_steps=2, save_strategy="steps", save_steps=2,
-                     learning_rate=5e-2, **lora)
+                     learning_rate=5e-2, lora_sync=lora_sync or "auto")
 
     def trainer():
         return OnlineDPOTrainer(model=model_path, reward_funcs=toy.sentiment_reward, args=args,
